@@ -1,0 +1,93 @@
+"""The procedural shapes dataset: determinism, captions, coverage, and pixels that match them."""
+
+import numpy as np
+import pytest
+
+from trainer.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, ShapesDataset,
+                            parse_caption)
+
+
+def test_items_depend_only_on_seed_and_index():
+    a, b = ShapesDataset(50, seed=7), ShapesDataset(50, seed=7)
+    for i in range(50):
+        assert np.array_equal(a[i].image, b[i].image) and a[i].caption == b[i].caption
+    # Regenerating one item alone, from a dataset of another length, gives the same item.
+    alone = ShapesDataset(1000, seed=7)[31]
+    assert np.array_equal(alone.image, a[31].image) and alone.caption == a[31].caption
+    other = ShapesDataset(50, seed=8)
+    assert sum(np.array_equal(a[i].image, other[i].image) for i in range(50)) < 5
+
+
+def test_captions_parse_back_and_name_the_fields():
+    dataset = ShapesDataset(200, seed=1)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item.caption == f"a {item.colour} {item.shape} at {item.position}"
+        assert parse_caption(item.caption) == (item.shape, item.colour, item.position)
+
+
+@pytest.mark.parametrize("text", ["", "a red circle", "a red circle at middle",
+                                  "a pink circle at center", "the red circle at center",
+                                  "a red blob at top left", "a red circle in top left"])
+def test_parse_caption_rejects_other_text(text):
+    with pytest.raises(ValueError):
+        parse_caption(text)
+
+
+def test_every_word_of_the_vocabulary_appears():
+    items = [ShapesDataset(2000, seed=0)[i] for i in range(2000)]
+    assert {item.shape for item in items} == set(SHAPES)
+    assert {item.colour for item in items} == set(COLOURS)
+    assert {item.position for item in items} == set(POSITIONS)
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128])
+def test_resolution_sets_the_image_size(resolution):
+    image = ShapesDataset(3, resolution=resolution)[2].image
+    assert image.shape == (resolution, resolution, 3) and image.dtype == np.uint8
+    assert tuple(image[0, 0]) == BACKGROUND  # corners stay clean background
+
+
+def test_index_out_of_range():
+    with pytest.raises(IndexError):
+        ShapesDataset(3)[3]
+
+
+def closest_colour(image: np.ndarray) -> tuple[str, np.ndarray]:
+    """Which caption colour explains the image best, and each pixel's coverage by it.
+
+    Each anti-aliased pixel is background + coverage * (colour - background); the right colour
+    leaves the smallest residual after projecting every pixel on that line.
+    """
+    offset = image.reshape(-1, 3).astype(float) - BACKGROUND
+    best = None
+    for name, rgb in COLOURS.items():
+        direction = np.subtract(rgb, BACKGROUND, dtype=float)
+        coverage = np.clip(offset @ direction / (direction @ direction), 0, 1)
+        residual = np.abs(offset - coverage[:, None] * direction).sum()
+        if best is None or residual < best[0]:
+            best = (residual, name, coverage)
+    return best[1], best[2].reshape(image.shape[:2])
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_pixels_show_the_captioned_colour_in_the_captioned_place(resolution):
+    dataset = ShapesDataset(120, seed=3, resolution=resolution)
+    half = resolution / 2
+    for i in range(len(dataset)):
+        item = dataset[i]
+        colour, coverage = closest_colour(item.image)
+        assert colour == item.colour, item.caption
+        assert coverage.max() > 0.9, f"{item.caption}: no pixel reaches the full colour"
+        ys, xs = np.mgrid[:resolution, :resolution]
+        cx, cy = (coverage * xs).sum() / coverage.sum(), (coverage * ys).sum() / coverage.sum()
+        if item.position == "center":
+            assert abs(cx - half) < resolution / 8 and abs(cy - half) < resolution / 8
+        else:
+            vertical, horizontal = item.position.split()
+            assert (cy < half) == (vertical == "top"), item.caption
+            assert (cx < half) == (horizontal == "left"), item.caption
+            # Clearly inside the quadrant: no coverage across the image's middle lines.
+            rows = slice(0, int(half)) if vertical == "top" else slice(int(half), None)
+            cols = slice(0, int(half)) if horizontal == "left" else slice(int(half), None)
+            assert coverage[rows, cols].sum() == pytest.approx(coverage.sum()), item.caption

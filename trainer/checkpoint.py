@@ -1,0 +1,112 @@
+"""Checkpoints that a crash cannot corrupt.
+
+Layout under a job's `ckpt/` folder:
+    samples-000000004096/        one complete checkpoint
+        student/state/...        DeepSpeed checkpoint of each engine (all ranks write their partitions)
+        ema.safetensors          extra fp32 tensors (e.g. the EMA weights), rank 0
+        trainer_state.json       samples seen, optimizer steps, loader position, job name
+    LATEST                       the name of the newest complete checkpoint
+
+A checkpoint is written under `<name>.tmp/` and renamed to `<name>/` only when every rank finished;
+`LATEST` is then replaced atomically, and only after that are old checkpoints pruned (keep_last).
+A crash at any point leaves LATEST naming a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+ENGINE_TAG = "state"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def latest(self) -> Optional[Path]:
+        marker = self.root / "LATEST"
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        if not (path / "trainer_state.json").is_file():
+            raise RuntimeError(f"{marker} names '{path.name}', which is not a complete checkpoint")
+        return path
+
+    def save(self, engines: dict, state: dict, tensors: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> Path:
+        """Collective: every rank calls it. `state` must be JSON-serialisable and identical on all ranks."""
+        name = f"samples-{state['samples_seen']:012d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        if _is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.tmp"):  # left by a crash mid-write
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+            tmp.mkdir()
+        _barrier()
+        for engine_name, engine in engines.items():
+            engine.save_checkpoint(str(tmp / engine_name), tag=ENGINE_TAG, save_latest=False)
+        if _is_main():
+            for file_name, tensor_dict in (tensors or {}).items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / file_name))
+            _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=1))
+        _barrier()
+        if _is_main():
+            if final.exists():  # the same point saved twice (e.g. final save right after a periodic one)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / "LATEST", name)
+            self._prune(keep=name)
+        _barrier()
+        return final
+
+    def _prune(self, keep: str) -> None:
+        complete = sorted(p for p in self.root.glob("samples-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in complete[:-self.keep_last]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, engines: dict) -> tuple[dict, Path]:
+        """Restores every engine (weights, optimizer moments, DeepSpeed counters) and returns the trainer
+        state; extra tensors are read with `load_tensors`."""
+        for engine_name, engine in engines.items():
+            load_path, _ = engine.load_checkpoint(str(path / engine_name), tag=ENGINE_TAG)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load '{path / engine_name}'")
+        return json.loads((path / "trainer_state.json").read_text()), path
+
+    @staticmethod
+    def load_tensors(path: Path, file_name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(path / file_name))
+
+
+def fp32_weights(checkpoint: Path, engine_name: str = "student") -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a ZeRO checkpoint, consolidated across ranks' partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / engine_name), tag=ENGINE_TAG)
+    return {k: v.float() for k, v in state.items()}

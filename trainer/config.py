@@ -1,0 +1,346 @@
+"""Typed configuration: YAML recipes loaded into dataclasses and validated before anything heavy starts.
+
+A recipe is a YAML file (see configs/). Every key maps onto a dataclass field below; an unknown key, a
+wrong type or an impossible stage chain stops the run with one line that names the file and the key.
+Single keys can be overridden from the command line: ``--set stages.0.lr=1e-5``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+OBJECTIVES = ("denoise", "mse")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and the key it concerns in its message."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/default"  # everything a run writes goes below this folder
+    seed: int = 0
+    # Stop (with a checkpoint, as if preempted) once this many samples were seen; 0 = never. For
+    # resume tests and for splitting a long job into several allocations.
+    stop_after_samples: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # "toy" builds the embedded shapes model (pixel codec, tiny text encoder, tiny UNet) from `unet`;
+    # anything else is a local diffusers folder (SDXL or SD 1.5 layout) holding the base model.
+    base: str = "toy"
+    prediction_type: str = "epsilon"
+    unet: dict = field(default_factory=dict)  # UNet2DConditionModel config overrides for the toy
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class ShapesDataConfig:
+    count: int = 20000
+    seed: int = 0
+    resolution: int = 32
+    samples_per_shard: int = 1000
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # a folder with index.json; empty means <out_dir>/shards (made by the pipeline)
+    num_workers: int = 1
+    max_bad_fraction: float = 0.01
+    dtype: str = "float16"
+    shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
+
+
+@dataclass
+class ScheduleConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    # The paper's fix: the input at t = T is pure noise in training (the schedule itself is kept).
+    pure_noise_at_T: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | cosine (to 0 at the end of the job)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TeacherConfig:
+    """Training the toy teacher (ordinary diffusion training) through the same engine and loop."""
+    init: str = ""  # a finished teacher export to start from (skips training when `samples` is 0)
+    samples: int = 0  # training length in samples seen; 0 = no teacher training
+    micro_batch: int = 32
+    grad_accum: int = 1
+    caption_dropout: float = 0.1  # so classifier-free guidance works
+    ema_decay: float = 0.999
+    gradient_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=150, decay="cosine"))
+    sample_steps: int = 32
+    guidance: float = 3.0
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    student_steps: int = 32
+    teacher_steps: int = 128
+    objective: str = "mse"
+    cfg_scale: float = 1.0  # classifier-free guidance in the teacher's jump (the paper: 6 in 128->32 only)
+    samples: int = 1000  # length in samples seen
+    micro_batch: int = 32
+    grad_accum: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10
+    sample_every_samples: int = 0  # 0 = only at the end of each job
+    checkpoint_every_samples: int = 2048
+    keep_last: int = 2
+    grid_prompts: list = field(default_factory=list)
+    grid_seed: int = 1234
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    deepspeed: str = "ds_configs/zero2_cpu.json"
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = ""  # the file it came from, for messages
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run.out_dir)
+
+    @property
+    def shard_dir(self) -> Path:
+        return Path(self.data.shards) if self.data.shards else self.out_dir / "shards"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with exact type checks and key names in every message
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key, where)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], key, where)
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads "1e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+            raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: {key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{full}'{hint}")
+        kwargs[key] = _convert(value, hints[key], full, where)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, assignment: str, where: str) -> None:
+    """`a.b.0.c=value`: value parsed as YAML; list items addressed by index."""
+    if "=" not in assignment:
+        raise ConfigError(f"{where}: override '{assignment}' is not KEY=VALUE")
+    dotted, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = dotted.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            node = node[_index(part, node, dotted, where)]
+        else:
+            node = node.setdefault(part, [] if nxt.isdigit() else {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(last, node, dotted, where)] = value
+    else:
+        node[last] = value
+
+
+def _index(part: str, node: list, dotted: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: override '{dotted}': no list item '{part}' (the list has {len(node)})")
+    return int(part)
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None, check_paths: bool = True) -> Config:
+    """Read a YAML recipe, apply `--set` overrides, build typed objects and validate them."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    for assignment in overrides or []:
+        _apply_override(data, assignment, where)
+    cfg = _build(Config, data, "", where)
+    cfg.source = where
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be checked before a model is built
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    where = cfg.source or "<config>"
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{where}: {key}: {msg}")
+
+    if cfg.model.prediction_type not in PREDICTION_TYPES:
+        fail("model.prediction_type", f"'{cfg.model.prediction_type}' is not one of {', '.join(PREDICTION_TYPES)}")
+    if cfg.schedule.beta_schedule != "scaled_linear":
+        fail("schedule.beta_schedule", "only 'scaled_linear' (SDXL's schedule) is supported")
+    if cfg.schedule.num_train_timesteps < 2:
+        fail("schedule.num_train_timesteps", "must be at least 2")
+    if not 0 <= cfg.data.max_bad_fraction < 1:
+        fail("data.max_bad_fraction", "must be in [0, 1)")
+    if cfg.data.dtype not in ("float16", "float32"):
+        fail("data.dtype", "must be float16 or float32")
+    if cfg.data.num_workers < 0:
+        fail("data.num_workers", "must be >= 0")
+    if not 0 <= cfg.teacher.caption_dropout < 1:
+        fail("teacher.caption_dropout", "must be in [0, 1)")
+    for key, value in (("teacher.samples", cfg.teacher.samples), ("teacher.micro_batch", cfg.teacher.micro_batch),
+                       ("teacher.grad_accum", cfg.teacher.grad_accum)):
+        if value < 0 or (value == 0 and key != "teacher.samples"):
+            fail(key, f"must be positive, got {value}")
+    _validate_optim(cfg.teacher.optim, "teacher.optim", fail)
+    if cfg.log.keep_last < 1:
+        fail("log.keep_last", "must be at least 1")
+
+    previous_student = None
+    for i, stage in enumerate(cfg.stages):
+        key = f"stages[{i}]"
+        if stage.objective not in OBJECTIVES:
+            fail(f"{key}.objective", f"'{stage.objective}' is not one of {', '.join(OBJECTIVES)}")
+        if stage.student_steps < 1 or stage.teacher_steps < 1:
+            fail(f"{key}.student_steps", "step counts must be positive")
+        if stage.teacher_steps % stage.student_steps:
+            fail(f"{key}.student_steps", f"{stage.student_steps} does not divide teacher_steps {stage.teacher_steps}")
+        if stage.teacher_steps > cfg.schedule.num_train_timesteps:
+            fail(f"{key}.teacher_steps", f"{stage.teacher_steps} exceeds schedule.num_train_timesteps")
+        if previous_student is not None and stage.teacher_steps != previous_student:
+            fail(f"{key}.teacher_steps", f"{stage.teacher_steps} must equal the previous stage's "
+                 f"student_steps {previous_student} (the previous student is this stage's teacher)")
+        for name in ("samples", "micro_batch", "grad_accum"):
+            if getattr(stage, name) < 1:
+                fail(f"{key}.{name}", f"must be positive, got {getattr(stage, name)}")
+        if stage.cfg_scale < 1.0:
+            fail(f"{key}.cfg_scale", "must be >= 1 (1 disables guidance)")
+        _validate_optim(stage.optim, f"{key}.optim", fail)
+        previous_student = stage.student_steps
+    names = [s.name or f"stage{i + 1}" for i, s in enumerate(cfg.stages)]
+    for i, stage in enumerate(cfg.stages):
+        stage.name = names[i]
+    if len(set(names)) != len(names):
+        fail("stages", f"stage names must be unique, got {names}")
+
+    if check_paths:
+        if cfg.model.base != "toy" and not Path(cfg.model.base).is_dir():
+            fail("model.base", f"model folder '{cfg.model.base}' does not exist")
+        if cfg.teacher.init and not Path(cfg.teacher.init).exists():
+            fail("teacher.init", f"teacher export '{cfg.teacher.init}' does not exist")
+        if not Path(cfg.deepspeed).is_file():
+            fail("deepspeed", f"DeepSpeed config '{cfg.deepspeed}' does not exist")
+        if cfg.data.shards and not (Path(cfg.data.shards) / "index.json").is_file():
+            fail("data.shards", f"'{cfg.data.shards}' has no index.json (make shards with python -m trainer.encode)")
+        if cfg.model.base == "toy" and not cfg.data.shards and cfg.data.shapes.count < 1:
+            fail("data.shapes.count", "must be positive")
+
+
+def _validate_optim(optim: OptimConfig, key: str, fail) -> None:
+    if optim.lr <= 0:
+        fail(f"{key}.lr", f"must be positive, got {optim.lr}")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        fail(f"{key}.betas", f"must be two numbers in [0, 1), got {optim.betas}")
+    if optim.decay not in ("constant", "cosine"):
+        fail(f"{key}.decay", f"'{optim.decay}' is not constant or cosine")
+    if optim.warmup_steps < 0:
+        fail(f"{key}.warmup_steps", "must be >= 0")
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """The resolved config next to a run's outputs, so every result says what made it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = cfg.to_dict()
+    data.pop("source", None)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def ds_config_from_file(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None

@@ -1,0 +1,107 @@
+"""DeepSpeed engines: the process group, the DeepSpeed config filled from the YAML, and one engine per
+trained network (ZeRO stage 2, bf16). The student and (later) the discriminator each get their own."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, OptimConfig, ds_config_from_file
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group. torchrun and our SLURM scripts set RANK/WORLD_SIZE/...; a
+    plain `python -m ...` gets a one-process group (DeepSpeed otherwise goes looking for MPI)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+# Keys the YAML owns; a DeepSpeed JSON that sets them differently contradicts the recipe.
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def build_ds_config(path: str, micro_batch: int, grad_accum: int, world_size: int, optim: OptimConfig,
+                    key_prefix: str) -> dict:
+    """The DeepSpeed JSON (ZeRO, precision, buckets) plus what the YAML decides (batch, optimizer)."""
+    ds = ds_config_from_file(path)
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+    }
+    for key in _BATCH_KEYS:
+        if key in ds and ds[key] != "auto" and ds[key] != wanted[key]:
+            raise ConfigError(f"{path}: {key}={ds[key]} contradicts the recipe ({key_prefix}.micro_batch x "
+                              f"grad_accum x world size gives {key}={wanted[key]}); remove it from the JSON")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"{path}: 'optimizer'/'scheduler' belong in the YAML ({key_prefix}.optim), not the JSON")
+    ds.update(wanted)
+    ds["optimizer"] = {
+        "type": "AdamW" if optim.weight_decay else "Adam",
+        # torch_adam: the fused CPU Adam op compiles for ~70 s on first use; torch's is as fast here.
+        "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                   "weight_decay": optim.weight_decay, "torch_adam": not torch.cuda.is_available()},
+    }
+    if optim.grad_clip > 0:
+        ds["gradient_clipping"] = optim.grad_clip
+    return ds
+
+
+def make_engine(model: torch.nn.Module, ds_config: dict):
+    """One DeepSpeed engine over the model's trainable parameters (frozen ones stay out of the optimizer)."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine
+
+
+def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up then constant or cosine decay; a pure function of the step, so resume is exact."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.decay == "cosine":
+        span = max(1, total_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        return optim.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.lr
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,106 @@
+"""Exports: a trained UNet as a diffusers model folder that loads without this project.
+
+    <export>/unet/                 UNet2DConditionModel (config.json + diffusion_pytorch_model.safetensors)
+    <export>/scheduler/            EulerDiscreteScheduler, trailing spacing, the model's prediction type
+    <export>/export.json           what it is: steps, prediction type, guidance, stage, base model
+    <export>/README.md             a short model card
+    + the base model's other parts (text encoders, tokenizers, VAE or the toy's latent codec): copied
+      when small (the toy), linked when large (SDXL), so the folder is a complete model either way.
+
+An export is written under a temporary name and renamed when complete: `is_complete` is true only for
+a finished one, which is what lets a re-run skip stages that are done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from .config import ScheduleConfig
+from .sampling import make_scheduler
+
+MANIFEST = "export.json"
+_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "latent_codec.json", "model_index.json")
+_COPY_LIMIT_BYTES = 64 << 20  # copy parts below this size, link bigger ones
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _bring_component(src: Path, dst: Path) -> None:
+    if _size(src) <= _COPY_LIMIT_BYTES:
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+    else:
+        os.symlink(src.resolve(), dst)
+
+
+def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Path, *, base_dir: Path,
+                schedule: ScheduleConfig, prediction_type: str, steps: int, guidance: float = 1.0,
+                stage: str = "", notes: Optional[dict] = None) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    unet = UNet2DConditionModel.from_config(unet_config)
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"export {out_dir}: weights do not match the UNet config "
+                           f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    make_scheduler(schedule, prediction_type).save_pretrained(tmp / "scheduler")
+    for name in _COMPONENTS:
+        if (base_dir / name).exists():
+            _bring_component(base_dir / name, tmp / name)
+
+    manifest = {
+        "format": "sdxl-lightning-export/1",
+        "stage": stage,
+        "steps": steps,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "trailing",
+        "guidance": guidance,
+        "base": str(Path(base_dir).resolve()),
+        **(notes or {}),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (tmp / "README.md").write_text(_model_card(manifest))
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def is_complete(export_dir: Path) -> bool:
+    export_dir = Path(export_dir)
+    return (export_dir / MANIFEST).is_file() and (export_dir / "unet" / "config.json").is_file()
+
+
+def read_manifest(export_dir: Path) -> dict:
+    return json.loads((Path(export_dir) / MANIFEST).read_text())
+
+
+def _model_card(m: dict) -> str:
+    return f"""# {m['stage'] or 'model'}: {m['steps']}-step model
+
+Made by the progressive adversarial distillation trainer (SDXL-Lightning method).
+
+- Sampling steps: **{m['steps']}**
+- Scheduler: `EulerDiscreteScheduler` with `timestep_spacing="trailing"`, `prediction_type="{m['prediction_type']}"`
+  (both already in `scheduler/scheduler_config.json`)
+- Guidance: {m['guidance']} ({'no classifier-free guidance' if m['guidance'] == 1.0 else 'classifier-free guidance scale'})
+
+```python
+from diffusers import UNet2DConditionModel, EulerDiscreteScheduler
+unet = UNet2DConditionModel.from_pretrained("<this folder>/unet")
+scheduler = EulerDiscreteScheduler.from_pretrained("<this folder>/scheduler")
+scheduler.set_timesteps({m['steps']})
+```
+"""

@@ -1,0 +1,205 @@
+"""The training loop: one handwritten loop for every job (teacher training, each distillation stage).
+
+It reads top to bottom: resume, then per optimizer step: learning rate, micro-batches (the objective
+does forward, backward and the engines' steps), EMA, logs, sample grid, checkpoint. Progress is counted
+in samples seen; every micro-step draws its randomness from a generator seeded by
+(seed, rank, samples seen, micro-step), so a resumed run continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import CheckpointManager
+from .config import Config, OptimConfig
+from .engines import DistInfo, device, learning_rate, set_learning_rate
+from .loader import make_loader
+from .objectives import Objective
+from .sampling import save_png
+from .tracking import Tracker
+
+
+@dataclass
+class Job:
+    name: str
+    out_dir: Path
+    total_samples: int
+    micro_batch: int
+    grad_accum: int
+    optim: OptimConfig
+    objective: Objective
+    ema_decay: float = 0.0
+    # module -> uint8 grid image (rank 0 only); None: no grids
+    make_grid: Optional[Callable[[torch.nn.Module], np.ndarray]] = None
+    extra_state: dict = field(default_factory=dict)
+
+
+class EMA:
+    """Exponential moving average of a module's weights, kept in fp32 (the engine's module is bf16)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
+
+
+class Preemption:
+    """SIGUSR2 (SLURM's warning before preemption or time limit) and SIGTERM ask for a checkpoint at the
+    next step boundary and a clean exit; the job is then requeued and resumes from it."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner's worker)
+                pass
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """All ranks must stop at the same step; the signal may reach them at different times."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint is written; the launcher requeues the job."""
+
+
+def step_generator(seed: int, rank: int, samples_seen: int, micro: int) -> torch.Generator:
+    words = np.random.SeedSequence([seed, rank, samples_seen, micro]).generate_state(2)
+    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+
+
+def _to_device(batch: dict, dev: torch.device) -> dict:
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return every > 0 and before // every != after // every
+
+
+def train(job: Job, cfg: Config, info: DistInfo) -> Path:
+    """Runs `job` to its end (or to a preemption) and returns its final checkpoint folder."""
+    engines = job.objective.engines
+    student = engines["student"]
+    ckpt = CheckpointManager(job.out_dir / "ckpt", cfg.log.keep_last)
+    global_batch = job.micro_batch * job.grad_accum * info.world_size
+    total_steps = math.ceil(job.total_samples / global_batch)
+    ema = EMA(student.module, job.ema_decay) if job.ema_decay else None
+
+    # -- resume ---------------------------------------------------------------------------------
+    state = {"job": job.name, "step": 0, "samples_seen": 0, "done": False, **job.extra_state}
+    latest = ckpt.latest()
+    if latest is not None:
+        state, _ = ckpt.load(latest, engines)
+        if state["job"] != job.name:
+            raise RuntimeError(f"{latest} belongs to job '{state['job']}', not '{job.name}'")
+        if ema is not None:
+            ema.shadow = CheckpointManager.load_tensors(latest, "ema.safetensors")
+        if info.is_main:
+            print(f"[{job.name}] resumed from {latest} at {state['samples_seen']} samples", flush=True)
+    if state["done"]:
+        return latest
+
+    def save(done: bool = False) -> Path:
+        state["done"] = done
+        tensors = {"ema.safetensors": ema.shadow} if ema is not None else None
+        return ckpt.save(engines, dict(state), tensors)
+
+    # -- the loop -------------------------------------------------------------------------------
+    dev = device()
+    loader = make_loader(cfg.shard_dir, job.micro_batch, cfg.run.seed, info.rank, info.world_size,
+                         start_batch=state["step"] * job.grad_accum, num_workers=cfg.data.num_workers,
+                         max_bad_fraction=cfg.data.max_bad_fraction)
+    batches = iter(loader)
+    tracker = Tracker(job.out_dir / "tb", enabled=info.is_main)
+    preemption = Preemption()
+    stop_after = cfg.run.stop_after_samples
+    window: dict[str, list] = {}
+    window_start, window_samples = time.perf_counter(), 0
+    bar = tqdm(total=total_steps, initial=state["step"], desc=job.name, disable=not info.is_main, mininterval=5)
+
+    while state["step"] < total_steps:
+        lr = learning_rate(job.optim, state["step"], total_steps)
+        for engine in engines.values():
+            set_learning_rate(engine, lr)
+        for micro in range(job.grad_accum):
+            batch = _to_device(next(batches), dev)
+            gen = step_generator(cfg.run.seed, info.rank, state["samples_seen"], micro)
+            for key, value in job.objective.micro_step(batch, gen).items():
+                window.setdefault(key, []).append(value)
+        before = state["samples_seen"]
+        state["step"] += 1
+        state["samples_seen"] += global_batch
+        window_samples += global_batch
+        if ema is not None:
+            ema.update(student.module)
+        bar.update(1)
+
+        if state["step"] % cfg.log.every_steps == 0 or state["step"] == total_steps:
+            # .item() only here: no host-device sync on the other steps
+            logs = {f"{job.name}/{k}": float(torch.stack(v).float().mean()) for k, v in window.items()}
+            logs = _mean_across_ranks(logs)
+            elapsed = time.perf_counter() - window_start
+            logs[f"{job.name}/lr"] = lr
+            logs[f"{job.name}/samples_per_s"] = window_samples / max(elapsed, 1e-9)
+            tracker.scalars(logs, state["samples_seen"])
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
+            window, window_start, window_samples = {}, time.perf_counter(), 0
+        if job.make_grid is not None and info.is_main and _crossed(before, state["samples_seen"], cfg.log.sample_every_samples):
+            _log_grid(job, tracker, student.module, state["samples_seen"])
+
+        finished = state["step"] == total_steps
+        stop_now = bool(stop_after) and state["samples_seen"] >= stop_after and not finished
+        if finished:
+            break
+        if preemption.agreed() or stop_now:
+            save()
+            bar.close()
+            tracker.close()
+            raise Preempted(f"[{job.name}] stopped at {state['samples_seen']} samples; checkpoint written")
+        if _crossed(before, state["samples_seen"], cfg.log.checkpoint_every_samples):
+            save()
+
+    bar.close()
+    final = save(done=True)
+    if job.make_grid is not None and info.is_main:
+        _log_grid(job, tracker, student.module, state["samples_seen"])
+    tracker.close()
+    return final
+
+
+def _log_grid(job: Job, tracker: Tracker, module: torch.nn.Module, samples_seen: int) -> None:
+    was_training = module.training
+    module.eval()
+    grid = job.make_grid(module)
+    module.train(was_training)
+    tracker.image(f"{job.name}/samples", grid, samples_seen)
+    save_png(grid, job.out_dir / "grids" / f"samples-{samples_seen:09d}.png")

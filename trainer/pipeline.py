@@ -1,0 +1,265 @@
+"""The progression, job by job: base model -> shards -> teacher -> stage 1 -> ... -> exports.
+
+Every rank runs this; work that only one process should do (writing the toy base model, encoding
+shards, exporting) happens on rank 0 between barriers. Each step is skipped when its output is
+already complete, so re-running a finished or interrupted progression only does what is missing.
+"""
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointManager, fp32_weights
+from .config import Config, dump_config
+from .engines import DistInfo, build_ds_config, device, make_engine
+from .export import export_unet, is_complete, read_manifest
+from .loop import Job, train
+from .models import Conditioning, build_toy_unet, freeze, load_unet
+from .objectives import DenoiseObjective, MSEDistillObjective
+from .sampling import make_grid, make_scheduler, sample_latents, save_png, to_uint8
+from .schedule import NoiseSchedule
+
+DEFAULT_GRID_PROMPTS = [
+    "a red circle at top left", "a green square at top right", "a blue triangle at bottom left",
+    "a yellow cross at bottom right", "a magenta ring at center", "a cyan frame at top left",
+    "a blue circle at bottom right", "a red frame at center",
+]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def prepare_base(cfg: Config, info: DistInfo) -> Path:
+    """The base model folder: the user's (SDXL, SD 1.5) or the toy's, written once from seeds."""
+    if cfg.model.base != "toy":
+        return Path(cfg.model.base)
+    from .encoders import create_toy_encoders
+
+    base = cfg.out_dir / "base"
+    if info.is_main and not (base / "unet" / "config.json").is_file():
+        create_toy_encoders(base, seed=cfg.run.seed, resolution=cfg.data.shapes.resolution)
+        build_toy_unet(cfg.model.unet, seed=cfg.run.seed).save_pretrained(base / "unet", safe_serialization=True)
+        make_scheduler(cfg.schedule, cfg.model.prediction_type).save_pretrained(base / "scheduler")
+    _barrier()
+    return base
+
+
+def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
+    """Shards of the shapes dataset for the toy (user data is encoded beforehand with trainer.encode)."""
+    shard_dir = cfg.shard_dir
+    if cfg.data.shards or (shard_dir / "index.json").is_file():
+        return shard_dir
+    if info.is_main:
+        from .encode import encode_to_shards, iter_shapes
+        from .encoders import load_encoders
+
+        shapes = cfg.data.shapes
+        encode_to_shards(load_encoders(base), iter_shapes(shapes.count, shapes.seed, shapes.resolution), shard_dir,
+                         resolution=shapes.resolution, samples_per_shard=shapes.samples_per_shard,
+                         dtype=cfg.data.dtype, total=shapes.count)
+    _barrier()
+    return shard_dir
+
+
+def load_codec(model_dir: Path):
+    """Only the latent codec (no text encoders): what sampling needs to turn latents into pixels."""
+    from .encoders import LATENT_CODEC_FILE, PixelUnshuffleCodec, VaeCodec
+
+    codec_file = Path(model_dir) / LATENT_CODEC_FILE
+    if codec_file.is_file():
+        return PixelUnshuffleCodec(int(json.loads(codec_file.read_text()).get("factor", 2)))
+    from diffusers import AutoencoderKL
+
+    return VaeCodec(AutoencoderKL.from_pretrained(Path(model_dir) / "vae", local_files_only=True).eval())
+
+
+def grid_conditioning(cfg: Config, base: Path) -> Conditioning:
+    """Text conditioning of the fixed grid prompts, encoded once and cached beside the run."""
+    cache = cfg.out_dir / "grid_prompts.safetensors"
+    if not cache.is_file():
+        from .encoders import load_encoders
+
+        encoders = load_encoders(base)
+        prompts = cfg.log.grid_prompts or DEFAULT_GRID_PROMPTS
+        with torch.no_grad():
+            text = encoders.text.encode(list(prompts))
+        res = encoders.resolution
+        tensors = {"prompt_embeds": text.prompt_embeds.float().contiguous()}
+        time_ids = encoders.time_ids((res, res), (0, 0), (res, res))
+        if text.pooled is not None:
+            tensors["pooled"] = text.pooled.float().contiguous()
+            tensors["time_ids"] = time_ids.expand(len(prompts), -1).contiguous()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(cache))
+    t = load_file(str(cache))
+    return Conditioning(t["prompt_embeds"], t.get("pooled"), t.get("time_ids"))
+
+
+def latent_shape(cfg: Config) -> list[int]:
+    return json.loads((cfg.shard_dir / "index.json").read_text())["shapes"]["latent"]
+
+
+class GridMaker:
+    """Fixed prompts x fixed noise -> a uint8 image grid, for any UNet at any step count."""
+
+    def __init__(self, cfg: Config, base: Path):
+        self.cfg = cfg
+        self.cond = grid_conditioning(cfg, base)
+        self.codec = load_codec(base)
+        n = self.cond.prompt_embeds.shape[0]
+        gen = torch.Generator().manual_seed(cfg.log.grid_seed)
+        self.noise = torch.randn([n, *latent_shape(cfg)], generator=gen)
+
+    @torch.no_grad()
+    def __call__(self, unet: torch.nn.Module, steps: int, prediction_type: str, guidance: float = 1.0) -> np.ndarray:
+        return make_grid(self.images(unet, steps, prediction_type, guidance), ncols=len(self.noise), scale=2)
+
+    @torch.no_grad()
+    def images(self, unet: torch.nn.Module, steps: int, prediction_type: str, guidance: float = 1.0) -> np.ndarray:
+        dtype = next(unet.parameters()).dtype
+        dev = next(unet.parameters()).device
+        latents = sample_latents(unet, make_scheduler(self.cfg.schedule, prediction_type), self.cond.to(dev),
+                                 self.noise.to(dev), steps, guidance, dtype)
+        return to_uint8(self.codec.decode(latents.cpu().float()))
+
+    def bind(self, steps: int, prediction_type: str, guidance: float = 1.0) -> Callable[[torch.nn.Module], np.ndarray]:
+        return lambda unet: self(unet, steps, prediction_type, guidance)
+
+
+def teacher_prediction_type(cfg: Config, model_dir: Path) -> str:
+    """An export says what it predicts; a base model's scheduler config does; else the recipe."""
+    if (model_dir / "export.json").is_file():
+        return read_manifest(model_dir)["prediction_type"]
+    sched = model_dir / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        return json.loads(sched.read_text()).get("prediction_type", cfg.model.prediction_type)
+    return cfg.model.prediction_type
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def run_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> Path:
+    """The toy teacher: ordinary diffusion training of the base UNet, EMA weights exported."""
+    if cfg.teacher.init:
+        return Path(cfg.teacher.init)
+    export_dir = cfg.out_dir / "exports" / "teacher"
+    if cfg.teacher.samples == 0:
+        return base
+    if is_complete(export_dir):
+        return export_dir
+    tc = cfg.teacher
+    unet = load_unet(base)
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    engine = make_engine(unet, build_ds_config(cfg.deepspeed, tc.micro_batch, tc.grad_accum, info.world_size, tc.optim, "teacher"))
+    objective = DenoiseObjective(engine, NoiseSchedule.from_config(cfg.schedule), cfg.model.prediction_type, tc.caption_dropout)
+    job = Job("teacher", cfg.out_dir / "jobs" / "teacher", tc.samples, tc.micro_batch, tc.grad_accum, tc.optim,
+              objective, ema_decay=tc.ema_decay, make_grid=grids.bind(tc.sample_steps, cfg.model.prediction_type, tc.guidance))
+    final = train(job, cfg, info)
+    if info.is_main:
+        export_unet(CheckpointManager.load_tensors(final, "ema.safetensors"), dict(engine.module.config), export_dir,
+                    base_dir=base, schedule=cfg.schedule, prediction_type=cfg.model.prediction_type,
+                    steps=tc.sample_steps, guidance=tc.guidance, stage="teacher")
+    _barrier()
+    del engine, objective, job
+    _release()
+    return export_dir
+
+
+def run_stage(cfg: Config, info: DistInfo, index: int, teacher_dir: Path, base: Path, grids: GridMaker) -> Path:
+    """One progressive stage: the student starts from the teacher's weights and learns its jumps."""
+    stage = cfg.stages[index]
+    export_dir = cfg.out_dir / "exports" / stage.name
+    if is_complete(export_dir):
+        return export_dir
+    dev = device()
+    prediction_type = teacher_prediction_type(cfg, teacher_dir)
+    teacher = freeze(load_unet(teacher_dir)).to(dev)
+    student = load_unet(teacher_dir)
+    if cfg.model.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    ds = build_ds_config(cfg.deepspeed, stage.micro_batch, stage.grad_accum, info.world_size, stage.optim, f"stages[{index}]")
+    engine = make_engine(student, ds)
+    if stage.objective != "mse":
+        raise NotImplementedError(f"stages[{index}].objective={stage.objective!r} is not available yet")
+    objective = MSEDistillObjective(engine, teacher, NoiseSchedule.from_config(cfg.schedule), prediction_type,
+                                    prediction_type, stage.student_steps, stage.teacher_steps, stage.cfg_scale)
+    job = Job(stage.name, cfg.out_dir / "jobs" / stage.name, stage.samples, stage.micro_batch, stage.grad_accum,
+              stage.optim, objective, make_grid=grids.bind(stage.student_steps, prediction_type))
+    final = train(job, cfg, info)
+    if info.is_main:
+        export_unet(fp32_weights(final, "student"), dict(engine.module.config), export_dir, base_dir=base,
+                    schedule=cfg.schedule, prediction_type=prediction_type, steps=stage.student_steps,
+                    stage=stage.name, notes={"teacher": str(Path(teacher_dir).resolve()),
+                                             "teacher_steps": stage.teacher_steps, "objective": stage.objective,
+                                             "teacher_cfg_scale": stage.cfg_scale})
+    _barrier()
+    del engine, objective, job, teacher
+    _release()
+    return export_dir
+
+
+def comparison_grid(cfg: Config, grids: GridMaker, rows: list[tuple[str, Path, int, float]]) -> Path:
+    """Side by side: one row per model (same prompts, same noise)."""
+    images = []
+    for _, model_dir, steps, guidance in rows:
+        unet = load_unet(model_dir).eval()
+        images.extend(grids.images(unet, steps, teacher_prediction_type(cfg, model_dir), guidance))
+    grid = make_grid(images, ncols=len(grids.noise), scale=3)
+    path = save_png(grid, cfg.out_dir / "grids" / "progression.png")
+    (path.with_suffix(".txt")).write_text("rows, top to bottom:\n" + "\n".join(
+        f"{name}: {steps} steps, guidance {g}" for name, _, steps, g in rows) + "\n")
+    return path
+
+
+def run_progression(cfg: Config, info: DistInfo, only: Optional[list[str]] = None) -> dict:
+    """Everything the recipe asks for, in order; returns the paths a user wants to look at."""
+    if info.is_main:
+        dump_config(cfg, cfg.out_dir / "config.yaml")
+    base = prepare_base(cfg, info)
+    prepare_shards(cfg, base, info)
+    grids = GridMaker(cfg, base)
+    wanted = lambda name: only is None or name in only
+
+    teacher_dir = run_teacher(cfg, info, base, grids) if wanted("teacher") else (
+        Path(cfg.teacher.init) if cfg.teacher.init else cfg.out_dir / "exports" / "teacher")
+    rows = [("teacher", teacher_dir, cfg.teacher.sample_steps, cfg.teacher.guidance)]
+    exports = {"teacher": teacher_dir}
+    previous = teacher_dir
+    for i, stage in enumerate(cfg.stages):
+        if wanted(stage.name):
+            if not is_complete(previous) and previous != base:
+                raise FileNotFoundError(f"stage '{stage.name}' needs its teacher at {previous}: run the earlier jobs first")
+            previous = run_stage(cfg, info, i, previous, base, grids)
+        else:
+            previous = cfg.out_dir / "exports" / stage.name
+        exports[stage.name] = previous
+        rows.append((stage.name, previous, stage.student_steps, 1.0))
+
+    result = {"exports": {k: str(v) for k, v in exports.items()}, "tensorboard": str(cfg.out_dir / "jobs"),
+              "grids": str(cfg.out_dir / "grids")}
+    if info.is_main:
+        done = [r for r in rows if is_complete(r[1])]
+        if done:
+            result["comparison_grid"] = str(comparison_grid(cfg, grids, done))
+    _barrier()
+    return result

@@ -1,0 +1,68 @@
+"""`python -m trainer.run --config configs/shapes.yaml`: run a recipe's progression (or some of its jobs).
+
+    python -m trainer.run --config configs/shapes.yaml                      # everything
+    python -m trainer.run --config configs/shapes.yaml --jobs stage1        # one job (needs its teacher)
+    python -m trainer.run --config configs/shapes.yaml --set stages.0.samples=512
+    torchrun --standalone --nproc_per_node 2 -m trainer.run --config ...    # 2 ranks
+
+Exit codes: 0 done; 2 bad configuration (nothing started); 75 stopped with a checkpoint (preempted,
+or run.stop_after_samples): run the same command again to resume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EXIT_CONFIG = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. stages.0.optim.lr=1e-5 (repeatable)")
+    p.add_argument("--jobs", default="", help="comma-separated job names to run (teacher, stage names); default all")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    import torch
+
+    from .engines import init_distributed
+    from .loop import Preempted
+    from .pipeline import run_progression
+
+    torch.backends.cudnn.benchmark = True
+    info = init_distributed()
+    start = time.time()
+    only = [j for j in args.jobs.split(",") if j] or None
+    try:
+        result = run_progression(cfg, info, only)
+    except Preempted as stop:
+        if info.is_main:
+            print(str(stop), flush=True)
+        return EXIT_PREEMPTED
+    if info.is_main:
+        result["wall_seconds"] = round(time.time() - start, 1)
+        print("\n=== done ===")
+        print(json.dumps(result, indent=1))
+        print(f"TensorBoard: tensorboard --logdir {cfg.out_dir / 'jobs'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

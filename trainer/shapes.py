@@ -1,0 +1,142 @@
+"""Procedural captioned-shapes dataset: the embedded default data.
+
+Every item is a coloured shape on a flat dark background with a caption that names its shape,
+colour and position ("a red ring at top left"). An item depends only on (seed, index), so any
+item can be regenerated on its own, by any worker, in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Ring and frame are outlined shapes: their thin strokes are the fine detail that a blurry
+# few-step student loses, so detail-sensitive metrics have something to measure.
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "frame")
+COLOURS = {
+    "red": (235, 50, 50),
+    "green": (50, 205, 50),
+    "blue": (60, 90, 245),
+    "yellow": (240, 220, 40),
+    "magenta": (220, 50, 220),
+    "cyan": (40, 210, 220),
+}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+BACKGROUND = (30, 30, 30)
+
+# Geometry as fractions of the image side, so every resolution draws the same picture.
+SIZE_RANGE = (0.34, 0.42)
+EDGE_MARGIN = 0.02  # gap kept between the shape and its quadrant's border
+MAX_JITTER = 0.06
+# A 1-px stroke at a sub-pixel offset splits into two half-strength pixels and washes out at
+# 32 px; 1.5 px keeps at least one pixel close to the full colour.
+MIN_OUTLINE_PX = 1.5
+SUPERSAMPLE = 4
+
+_POSITION_CENTRES = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "center": (0.5, 0.5),
+}
+
+
+@dataclass(frozen=True)
+class ShapeSample:
+    """One rendered item: the image (uint8, HxWx3) and what its caption says."""
+
+    image: np.ndarray
+    caption: str
+    shape: str
+    colour: str
+    position: str
+
+
+def make_caption(shape: str, colour: str, position: str) -> str:
+    """The one caption template: "a {colour} {shape} at {position}"."""
+    return f"a {colour} {shape} at {position}"
+
+
+def parse_caption(caption: str) -> tuple[str, str, str]:
+    """Invert make_caption; raise ValueError on any other text."""
+    words = caption.split(" ")
+    if len(words) < 5 or words[0] != "a" or words[3] != "at":
+        raise ValueError(f"not a shapes caption: {caption!r}")
+    colour, shape, position = words[1], words[2], " ".join(words[4:])
+    if colour not in COLOURS or shape not in SHAPES or position not in POSITIONS:
+        raise ValueError(f"not a shapes caption: {caption!r}")
+    return shape, colour, position
+
+
+def render_shape(shape: str, colour: str, position: str, resolution: int,
+                 size_fraction: float, jitter: tuple[float, float]) -> np.ndarray:
+    """Draw one anti-aliased shape; size and jitter are fractions of the image side."""
+    canvas_side = resolution * SUPERSAMPLE
+    image = Image.new("RGB", (canvas_side, canvas_side), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    fill = COLOURS[colour]
+
+    centre_x, centre_y = _POSITION_CENTRES[position]
+    cx = (centre_x + jitter[0]) * canvas_side
+    cy = (centre_y + jitter[1]) * canvas_side
+    half = size_fraction * canvas_side / 2
+    box = [round(cx - half), round(cy - half), round(cx + half), round(cy + half)]
+    outline = round(max(MIN_OUTLINE_PX, size_fraction * resolution / 12) * SUPERSAMPLE)
+
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        left, top, right, bottom = box
+        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
+    elif shape == "cross":
+        bar = half / 3  # half the bar width: bars are a third of the shape wide
+        draw.rectangle([box[0], round(cy - bar), box[2], round(cy + bar)], fill=fill)
+        draw.rectangle([round(cx - bar), box[1], round(cx + bar), box[3]], fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=outline)
+    elif shape == "frame":
+        draw.rectangle(box, outline=fill, width=outline)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+    # Box filtering an integer supersample is an exact area average: edges get the same
+    # partial coverage at every resolution.
+    small = image.resize((resolution, resolution), Image.Resampling.BOX)
+    return np.array(small, dtype=np.uint8)
+
+
+class ShapesDataset:
+    """`count` captioned shapes; item i depends only on (seed, i)."""
+
+    def __init__(self, count: int, seed: int = 0, resolution: int = 32):
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        if resolution < 16:
+            raise ValueError(f"resolution must be >= 16 px, got {resolution}")
+        self.count = count
+        self.seed = seed
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> ShapeSample:
+        if index < 0:
+            index += self.count
+        if not 0 <= index < self.count:
+            raise IndexError(f"index {index} out of range for {self.count} items")
+        rng = np.random.default_rng([self.seed, index])
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        position = POSITIONS[rng.integers(len(POSITIONS))]
+        size_fraction = rng.uniform(*SIZE_RANGE)
+        # Jitter only as far as keeps the shape clearly inside its quadrant.
+        room = min(MAX_JITTER, 0.25 - size_fraction / 2 - EDGE_MARGIN)
+        jitter = (rng.uniform(-room, room), rng.uniform(-room, room))
+        image = render_shape(shape, colour, position, self.resolution, size_fraction, jitter)
+        return ShapeSample(image, make_caption(shape, colour, position), shape, colour, position)

@@ -1,0 +1,46 @@
+"""Metrics out of the training process: TensorBoard event files (scalars, sample grids) and a JSON-lines
+copy of every scalar (easy to diff between runs, read by the tests). Only rank 0 writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+class Tracker:
+    def __init__(self, log_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.log_dir = Path(log_dir)
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(str(self.log_dir))
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self._tb.add_scalar(key, value, step)
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        if self.enabled:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def read_metrics(log_dir: Path, key: Optional[str] = None) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(log_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in rows if key is None or key in r]

@@ -70,7 +70,8 @@ def test_toy_tokenizer_covers_every_shapes_caption():
     captions = [ShapesDataset(60, seed=3)[i].caption for i in range(60)]
     assert not (tokenizer(captions) == unk).any()
     empty = tokenizer([""])[0].tolist()
-    assert empty[:3] == [tokenizer.token_id("<bos>"), tokenizer.token_id("<eos>"), tokenizer.token_id("<pad>")]
+    bos, eos, pad = (tokenizer.token_id(t) for t in ("<bos>", "<eos>", "<pad>"))
+    assert empty == [bos, eos] + [pad] * 14
     assert tokenizer(["a purple blob"])[0, 2].item() == unk
 
 
@@ -97,7 +98,8 @@ def test_tiny_sdxl_folder_loads_as_sdxl_with_penultimate_layers(sdxl_dir):
     # The same thing by hand: penultimate hidden states (not the final, layer-normed output).
     parts = []
     for tokenizer, model in [(text.tokenizer, text.text_encoder), (text.tokenizer_2, text.text_encoder_2)]:
-        ids = tokenizer(CAPTIONS, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(CAPTIONS, padding="max_length", max_length=16, truncation=True,
+                        return_tensors="pt").input_ids
         hidden = model(ids, output_hidden_states=True)
         parts.append(hidden.hidden_states[-2])
         assert not torch.allclose(hidden.hidden_states[-2], hidden.last_hidden_state)

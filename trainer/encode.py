@@ -97,7 +97,8 @@ def expand_shard_pattern(pattern: str) -> list[str]:
         urls = [pattern]
     if not urls:
         raise FileNotFoundError(f"no tar shards match {pattern}")
-    absent = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+    local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
+    absent = [url for url in local if not Path(url).is_file()]
     if absent:
         raise FileNotFoundError(f"shard files not found: {', '.join(absent[:5])}")
     return urls
@@ -294,8 +295,13 @@ def encode_to_shards(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.encode", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model folder (diffusers SDXL / SD 1.5 layout, or the toy)")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.encode",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),  # the summary and the examples
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True,
+                        help="model folder: diffusers SDXL / SD 1.5 layout, or the toy")
     parser.add_argument("--out", required=True, help="folder for the shards and index.json")
     parser.add_argument("--source", choices=("shapes", "folder", "wds"), default="shapes")
     parser.add_argument("--input", help="folder of image + .txt pairs, or tar path/glob/brace pattern")

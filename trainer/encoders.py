@@ -17,7 +17,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -409,34 +409,34 @@ def load_encoders(
     """Load the codec and text encoder(s) of a model folder, frozen and in eval mode."""
     model_dir = Path(model_dir)
     kind = detect_kind(model_dir)
+
     # dtype goes to from_pretrained (not a later .to()) so that diffusers can keep the modules
     # that must stay float32 in float32.
-    load_kwargs = dict(local_files_only=True)
-    place: Callable = lambda m: _frozen(m.to(device=device))  # noqa: E731
+    def load_model(cls, sub: str, dtype_key: str = "dtype"):
+        model = cls.from_pretrained(model_dir / sub, local_files_only=True, **{dtype_key: dtype})
+        return _frozen(model.to(device=device))
 
     if kind == "toy":
         from transformers import CLIPTextModelWithProjection
 
         codec_config = json.loads((model_dir / LATENT_CODEC_FILE).read_text())
         if codec_config.get("type") != "pixel_unshuffle":
-            raise ValueError(f"{model_dir / LATENT_CODEC_FILE}: unknown codec type {codec_config.get('type')!r}")
-        text_model = CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder", dtype=dtype, **load_kwargs)
-        text = ToyTextEncoder(WordTokenizer.load(model_dir / "tokenizer"), place(text_model))
+            raise ValueError(f"{model_dir / LATENT_CODEC_FILE}: unknown codec {codec_config.get('type')!r}")
+        text_model = load_model(CLIPTextModelWithProjection, "text_encoder")
+        text = ToyTextEncoder(WordTokenizer.load(model_dir / "tokenizer"), text_model)
         codec = PixelUnshuffleCodec(int(codec_config.get("factor", 2)))
         return Encoders(codec, text, kind, int(codec_config.get("resolution", 32)))
 
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    vae = place(AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype, **load_kwargs))
+    vae = load_model(AutoencoderKL, "vae", dtype_key="torch_dtype")  # diffusers' name for it
     codec = VaeCodec(vae)
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer", **load_kwargs)
-    text_encoder = place(CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtype, **load_kwargs))
+    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
+    text_encoder = load_model(CLIPTextModel, "text_encoder")
     if kind == "sdxl":
-        tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir / "tokenizer_2", **load_kwargs)
-        text_encoder_2 = place(
-            CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder_2", dtype=dtype, **load_kwargs)
-        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(model_dir / "tokenizer_2", local_files_only=True)
+        text_encoder_2 = load_model(CLIPTextModelWithProjection, "text_encoder_2")
         text = SDXLTextEncoder(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
     else:
         text = SD15TextEncoder(tokenizer, text_encoder)
@@ -578,7 +578,9 @@ def make_tiny_sdxl_folder(path: str | Path, seed: int = 0) -> Path:
         tokenizer_2 = tiny_clip_tokenizer()
         tokenizer_2.pad_token = "!"
         text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, hidden_size=32, projection_dim=32))
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, hidden_size=64, projection_dim=32))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _tiny_clip_config(tokenizer_2, hidden_size=64, projection_dim=32)
+        )
         pipe = StableDiffusionXLPipeline(
             vae=_tiny_vae(),
             text_encoder=text_encoder,

@@ -14,8 +14,9 @@ and the batch is refilled by repeating its good samples, so every batch has B sa
 with no good sample at all is stood in for by the next window that has one.
 
 Workers. DataLoader hands out worker batches round-robin: batch b of a rank came from worker
-b % W. So a rank resuming after `start_batch` batches has worker w skip
-count_for_worker(start_batch, w, W) of its own batches.
+b % W, and a fresh DataLoader starts again at worker 0. So a rank resuming after `start_batch`
+batches gives worker w the role r = (start_batch + w) % W of the uninterrupted run: stream
+rank * W + r, skipping count_for_worker(start_batch, r, W) batches of that stream.
 """
 
 from __future__ import annotations
@@ -223,8 +224,12 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self.check_enough_shards(num_workers)
-        stream = self.rank * num_workers + worker
-        skip_batches = count_for_worker(self.start_batch, worker, num_workers)
+        # A fresh DataLoader starts its round-robin at worker 0, but batch `start_batch` came
+        # from worker start_batch % W: so worker w takes over the role (stream and position)
+        # of the worker that produced batch start_batch + w in the uninterrupted run.
+        role = (self.start_batch + worker) % num_workers
+        stream = self.rank * num_workers + role
+        skip_batches = count_for_worker(self.start_batch, role, num_workers)
         slots = self._slots(stream, self.world_size * num_workers, skip_batches * self.batch_size)
         return self._batches(slots)
 

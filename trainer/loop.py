@@ -83,6 +83,26 @@ class Preempted(Exception):
     """Raised after the checkpoint is written; the launcher requeues the job."""
 
 
+def replica_digest(module: torch.nn.Module) -> str:
+    """A hash of a rank's copy of the weights. ZeRO-2 keeps full replicas on every rank; if they ever
+    differ, training is silently wrong, so the final checkpoint records every rank's digest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _gather_strings(value: str) -> list[str]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def step_generator(seed: int, rank: int, samples_seen: int, micro: int) -> torch.Generator:
     words = np.random.SeedSequence([seed, rank, samples_seen, micro]).generate_state(2)
     return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
@@ -189,6 +209,9 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             save()
 
     bar.close()
+    state["replica_digests"] = _gather_strings(replica_digest(student.module))
+    if len(set(state["replica_digests"])) != 1:
+        raise RuntimeError(f"[{job.name}] ranks ended with different weights: {state['replica_digests']}")
     final = save(done=True)
     if job.make_grid is not None and info.is_main:
         _log_grid(job, tracker, student.module, state["samples_seen"])

@@ -128,7 +128,8 @@ class ShardWriter:
         arrays = {name: to_numpy(value) for name, value in arrays.items() if value is not None}
         for name in arrays:
             dtype = "float32" if name in FLOAT32_FIELDS else self.dtype
-            arrays[name] = arrays[name].astype(dtype)
+            with np.errstate(over="ignore"):  # overflow is reported just below, with the key
+                arrays[name] = arrays[name].astype(dtype)
             # Checked after the cast: float32 values past 65504 become inf in float16.
             if not np.isfinite(arrays[name]).all():
                 raise ValueError(f"sample {key}: {name} is not finite as {dtype}")

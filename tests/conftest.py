@@ -1,0 +1,38 @@
+"""Shared helpers: run the real CLI in a subprocess (DeepSpeed wants its own process group)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], timeout: int = 600, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "-m", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One uninterrupted smoke progression (teacher + stage 1), shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("smoke")
+    run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}"])
+    return out

@@ -1,0 +1,77 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import ConfigError, load_config
+
+from conftest import ROOT, cli_env
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base_recipe() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text()) | {"deepspeed": str(ROOT / "ds_configs/zero2_cpu.json")}
+
+
+def test_shipped_recipes_load():
+    for name in ("shapes.yaml", "smoke.yaml"):
+        cfg = load_config(ROOT / "configs" / name)
+        assert cfg.stages and cfg.stages[0].teacher_steps == 128 and cfg.stages[0].student_steps == 32
+
+
+@pytest.mark.parametrize("mutate, key, words", [
+    (lambda d: d["teacher"].update(lrr=1), "teacher.lrr", "unknown key"),
+    (lambda d: d["stages"][0].update(student_steps="many"), "stages[0].student_steps", "expected int"),
+    (lambda d: d["stages"][0].update(student_steps=5), "stages[0].student_steps", "does not divide"),
+    (lambda d: d["stages"].append({"name": "s2", "student_steps": 4, "teacher_steps": 16}), "stages[1].teacher_steps", "previous stage"),
+    (lambda d: d["model"].update(base="/no/such/folder"), "model.base", "does not exist"),
+    (lambda d: d["model"].update(prediction_type="x0"), "model.prediction_type", "not one of"),
+    (lambda d: d.update(deepspeed="/no/such.json"), "deepspeed", "does not exist"),
+    (lambda d: d["stages"][0].update(objective="gan"), "stages[0].objective", "not one of"),
+    (lambda d: d["data"].update(shards="/no/shards"), "data.shards", "index.json"),
+])
+def test_bad_config_names_key_and_file(tmp_path, mutate, key, words):
+    data = base_recipe()
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and key in msg and words in msg and "\n" not in msg
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    data = base_recipe()
+    data["log"]["keep_lats"] = 3
+    with pytest.raises(ConfigError, match=r"did you mean 'log.keep_last'"):
+        load_config(write(tmp_path, data))
+
+
+def test_overrides_set_single_keys(tmp_path):
+    path = write(tmp_path, base_recipe())
+    cfg = load_config(path, ["stages.0.optim.lr=3e-5", "run.seed=7", "teacher.optim.betas=[0.0, 0.99]"])
+    assert cfg.stages[0].optim.lr == 3e-5 and cfg.run.seed == 7 and cfg.teacher.optim.betas == [0.0, 0.99]
+    with pytest.raises(ConfigError, match="no list item '3'"):
+        load_config(path, ["stages.3.samples=1"])
+    with pytest.raises(ConfigError, match="unknown key 'stages\\[0\\].sample'"):
+        load_config(path, ["stages.0.sample=1"])
+
+
+def test_cli_bad_config_is_one_line_and_starts_nothing(tmp_path):
+    data = base_recipe()
+    data["run"]["out_dir"] = str(tmp_path / "out")
+    data["stages"][0]["student_steps"] = 3
+    path = write(tmp_path, data)
+    proc = subprocess.run([sys.executable, "-m", "trainer.run", "--config", str(path)], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "stages[0].student_steps" in lines[0] and str(path) in lines[0]
+    assert not (tmp_path / "out").exists()

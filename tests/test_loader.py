@@ -1,0 +1,311 @@
+"""Shard format (writer, plain-webdataset readback, sample checks) and the resumable loader."""
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+import trainer.loader as loader_module
+from trainer.loader import ShardStream, count_for_worker, make_loader, read_raw_samples
+from trainer.shards import (BadSample, ShardWriter, decode_sample, encode_npy, list_shards,
+                            read_index)
+
+LATENT, EMBEDS, POOLED = (12, 16, 16), (8, 32), (32,)
+SHAPES = {"latent": list(LATENT), "prompt_embeds": list(EMBEDS), "pooled": list(POOLED),
+          "time_ids": [6]}
+
+
+def arrays_for(i: int) -> dict:
+    """Small random arrays; latent[0, 0, 0] holds i so a batch row can be traced to its sample."""
+    rng = np.random.default_rng(i)
+    latent = rng.standard_normal(LATENT).astype(np.float32)
+    latent[0, 0, 0] = i
+    return {"latent": latent, "prompt_embeds": rng.standard_normal(EMBEDS).astype(np.float32),
+            "pooled": rng.standard_normal(POOLED).astype(np.float32),
+            "time_ids": np.array([1024, 1024, 0, 3, 1024, 1024], dtype=np.float32)}
+
+
+def write_shards(out_dir: Path, num_samples: int = 80, per_shard: int = 10, **kwargs) -> Path:
+    with ShardWriter(out_dir, samples_per_shard=per_shard, **kwargs) as writer:
+        for i in range(num_samples):
+            writer.write(f"{i:06d}", caption=f"caption {i}", **arrays_for(i))
+    return out_dir
+
+
+def take(stream_or_loader, count: int) -> list[dict]:
+    iterator = iter(stream_or_loader)
+    return [next(iterator) for _ in range(count)]
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [key for batch in batches for key in batch["keys"]]
+
+
+# -- shards ------------------------------------------------------------------------------
+
+
+def test_writer_output_reads_with_plain_webdataset(tmp_path):
+    write_shards(tmp_path, num_samples=25, per_shard=10)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index == {
+        "format": "sdxl-lightning-shards/1",
+        "shards": [{"name": "train-000000.tar", "count": 10}, {"name": "train-000001.tar",
+                   "count": 10}, {"name": "train-000002.tar", "count": 5}],
+        "keys": ["latent.npy", "prompt_embeds.npy", "pooled.npy", "time_ids.npy", "txt"],
+        "shapes": SHAPES, "dtype": "float16", "num_samples": 25}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "index.json", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+    seen = []
+    for path in list_shards(tmp_path):
+        for sample in wds.WebDataset(path, shardshuffle=False).decode():
+            i = int(sample["__key__"])
+            seen.append(i)
+            expected = arrays_for(i)
+            assert sample["txt"] == f"caption {i}"
+            for name in ("latent", "prompt_embeds", "pooled"):
+                array = sample[f"{name}.npy"]
+                assert array.dtype == np.float16 and list(array.shape) == SHAPES[name]
+                assert np.array_equal(array, expected[name].astype(np.float16))
+            # Pixel sizes and crops stay exact: time_ids are always float32.
+            assert sample["time_ids.npy"].dtype == np.float32
+            assert np.array_equal(sample["time_ids.npy"], expected["time_ids"])
+    assert seen == list(range(25))
+
+
+def test_writer_float32_tensors_and_optional_fields(tmp_path):
+    with ShardWriter(tmp_path, prefix="val", dtype="float32") as writer:
+        writer.write("a", torch.ones(LATENT, dtype=torch.bfloat16), torch.zeros(EMBEDS))
+    index = read_index(tmp_path)
+    assert index["keys"] == ["latent.npy", "prompt_embeds.npy", "txt"]
+    assert index["shards"] == [{"name": "val-000000.tar", "count": 1}]
+    sample = next(iter(wds.WebDataset(str(tmp_path / "val-000000.tar"),
+                                      shardshuffle=False).decode()))
+    assert sample["latent.npy"].dtype == np.float32 and sample["latent.npy"].sum() == np.prod(LATENT)
+    assert "pooled.npy" not in sample and sample["txt"] == ""
+
+
+def test_writer_rejects_mismatched_shapes_and_non_finite(tmp_path):
+    with pytest.raises(ValueError, match="latent"):
+        with ShardWriter(tmp_path) as writer:
+            writer.write("a", np.zeros(LATENT), np.zeros(EMBEDS))
+            writer.write("b", np.zeros((12, 16, 15)), np.zeros(EMBEDS))
+    with ShardWriter(tmp_path / "x") as writer:
+        writer.write("a", np.zeros(LATENT), np.zeros(EMBEDS), pooled=np.zeros(POOLED))
+        with pytest.raises(ValueError, match="pooled"):
+            writer.write("b", np.zeros(LATENT), np.zeros(EMBEDS))
+        with pytest.raises(ValueError, match="not finite"):  # 1e6 overflows float16
+            writer.write("c", np.full(LATENT, 1e6), np.zeros(EMBEDS), pooled=np.zeros(POOLED))
+        with pytest.raises(ValueError, match="twice"):
+            writer.write("a", np.zeros(LATENT), np.zeros(EMBEDS), pooled=np.zeros(POOLED))
+
+
+def test_crashed_writer_leaves_complete_shards_only(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(tmp_path, samples_per_shard=4) as writer:
+            for i in range(6):
+                writer.write(f"{i}", **{k: v for k, v in arrays_for(i).items()})
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        read_index(tmp_path)
+
+
+def raw_sample(i: int) -> dict:
+    arrays = arrays_for(i)
+    raw = {f"{name}.npy": encode_npy(array) for name, array in arrays.items()}
+    return {"__key__": f"{i:06d}", "txt": b"caption", **raw}
+
+
+def test_decode_sample_checks_every_field():
+    sample = decode_sample(raw_sample(5), SHAPES, "train-000000.tar")
+    assert sample["latent"].dtype == torch.float32 and sample["latent"][0, 0, 0] == 5
+    assert sample["key"] == "000005" and sample["caption"] == "caption"
+    assert set(sample) == {"latent", "prompt_embeds", "pooled", "time_ids", "caption", "key"}
+
+    cases = [
+        ("latent.npy", encode_npy(np.full(LATENT, np.nan, np.float16)), "contains NaN"),
+        ("pooled.npy", encode_npy(np.full(POOLED, np.inf, np.float32)), "contains Inf"),
+        ("latent.npy", encode_npy(np.zeros((12, 16, 15), np.float16)),
+         "expected shape [12,16,16] got [12,16,15]"),
+        ("prompt_embeds.npy", b"garbage", "cannot decode .npy"),
+        ("prompt_embeds.npy", None, "missing"),
+        ("txt", b"\xff\xfe", "not utf-8"),
+    ]
+    for field, value, reason in cases:
+        raw = raw_sample(123)
+        if value is None:
+            del raw[field]
+        else:
+            raw[field] = value
+        with pytest.raises(BadSample) as caught:
+            decode_sample(raw, SHAPES, "train-000003.tar")
+        assert caught.value.field == field and caught.value.key == "000123"
+        assert str(caught.value).startswith(f"shard train-000003.tar sample 000123: {field}: ")
+        assert reason in str(caught.value)
+
+
+# -- loader order ------------------------------------------------------------------------
+
+
+def test_count_for_worker():
+    assert [count_for_worker(7, w, 3) for w in range(3)] == [3, 2, 2]
+    assert [count_for_worker(0, w, 2) for w in range(2)] == [0, 0]
+    assert count_for_worker(5, 0, 0) == 5  # in-process: one stream takes every batch
+
+
+def test_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path):
+    write_shards(tmp_path)  # 8 shards x 10; 4 streams x 2 shards x 10 = 4 batches of 5 each
+    keys = []
+    for rank in range(2):
+        loader = make_loader(tmp_path, batch_size=5, seed=3, rank=rank, world_size=2,
+                             num_workers=2)
+        batches = take(loader, 8)
+        for batch in batches:
+            assert batch["latent"].shape == (5, *LATENT) and batch["time_ids"].shape == (5, 6)
+            assert batch["latent"].dtype == torch.float32
+            # Each row is the sample its key names.
+            assert [int(v) for v in batch["latent"][:, 0, 0, 0]] == [int(k) for k in batch["keys"]]
+            assert batch["caption"] == [f"caption {int(k)}" for k in batch["keys"]]
+        keys += keys_of(batches)
+    assert sorted(keys) == [f"{i:06d}" for i in range(80)]
+
+
+def test_order_follows_seed_and_epoch(tmp_path):
+    write_shards(tmp_path)
+    first = keys_of(take(ShardStream(tmp_path, batch_size=8, seed=1), 20))
+    again = keys_of(take(ShardStream(tmp_path, batch_size=8, seed=1), 20))
+    other = keys_of(take(ShardStream(tmp_path, batch_size=8, seed=2), 20))
+    assert first == again and first != other
+    epoch_0, epoch_1 = first[:80], first[80:160]
+    assert sorted(epoch_0) == sorted(epoch_1) == [f"{i:06d}" for i in range(80)]
+    assert epoch_0 != epoch_1
+
+
+def assert_same_batches(left: list[dict], right: list[dict]) -> None:
+    assert len(left) == len(right)
+    for a, b in zip(left, right):
+        assert a["keys"] == b["keys"] and a["caption"] == b["caption"]
+        for name in ("latent", "prompt_embeds", "pooled", "time_ids"):
+            assert torch.equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("num_workers, total, start", [(0, 30, 11), (2, 24, 7)])
+def test_resume_gives_the_uninterrupted_batches(tmp_path, num_workers, total, start):
+    write_shards(tmp_path)
+    # batch 3 does not divide the shards: batches straddle shards and epochs.
+    for rank in range(2):
+        def loader(start_batch):
+            return make_loader(tmp_path, batch_size=3, seed=5, rank=rank, world_size=2,
+                               start_batch=start_batch, num_workers=num_workers)
+        assert_same_batches(take(loader(0), total)[start:], take(loader(start), total - start))
+
+
+def test_resume_skips_whole_shards_unread(tmp_path, monkeypatch):
+    write_shards(tmp_path)
+    reads = []
+
+    def recording_read(path):
+        reads.append(Path(path).name)
+        return read_raw_samples(path)
+
+    monkeypatch.setattr(loader_module, "read_raw_samples", recording_read)
+    full = take(ShardStream(tmp_path, batch_size=4, seed=0), 12)
+    reads_full = list(reads)
+    reads.clear()
+    # Batch 7 starts at slot 28: shards 1 and 2 of the epoch are skipped, the 3rd is read.
+    assert_same_batches(full[7:], take(ShardStream(tmp_path, batch_size=4, seed=0,
+                                                   start_batch=7), 5))
+    assert reads == reads_full[2:]
+
+
+# -- bad data ----------------------------------------------------------------------------
+
+
+def corrupt_shard(path: Path) -> list[str]:
+    """Rewrite a shard with a NaN latent, a wrong-shaped latent and a missing prompt_embeds."""
+    samples, error = read_raw_samples(str(path))
+    assert error is None
+    samples[0]["latent.npy"] = encode_npy(np.full(LATENT, np.nan, np.float16))
+    samples[1]["latent.npy"] = encode_npy(np.zeros((12, 16, 15), np.float16))
+    del samples[2]["prompt_embeds.npy"]
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return [sample["__key__"] for sample in samples[:3]]
+
+
+def truncate_shard(path: Path) -> int:
+    """Cut the file at half; return how many samples are still readable."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    samples, error = read_raw_samples(str(path))
+    assert error is not None or len(samples) < 10
+    return len(samples)
+
+
+def test_bad_samples_and_truncated_shard_are_reported_skipped_counted(tmp_path, caplog):
+    write_shards(tmp_path)
+    bad_keys = corrupt_shard(tmp_path / "train-000001.tar")
+    kept = truncate_shard(tmp_path / "train-000002.tar")
+    assert 0 < kept < 10
+    stream = ShardStream(tmp_path, batch_size=5, seed=0, max_bad_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="trainer.loader"):
+        batches = take(stream, 32)  # two epochs of 80 slots
+
+    messages = [record.getMessage() for record in caplog.records]
+    for reason in ("latent.npy: contains NaN", "latent.npy: expected shape [12,16,16] got [12,16,15]",
+                   "prompt_embeds.npy: missing"):
+        hits = [m for m in messages if reason in m]
+        assert len(hits) == 1, (reason, messages)  # reported once, not once per epoch
+        assert "train-000001.tar" in hits[0]
+    truncated = [m for m in messages if "train-000002.tar" in m]
+    assert len(truncated) == 1 and str(tmp_path) in truncated[0]
+    assert f"read {kept} of 10 samples" in truncated[0] and "Error" in truncated[0]
+
+    bad_per_epoch = 3 + (10 - kept)
+    assert stream.stats()["samples_bad"] == 2 * bad_per_epoch
+    assert stream.stats()["samples_ok"] == 2 * (80 - bad_per_epoch)
+    # Data still flows: full-size, finite batches, and no bad sample in them.
+    seen = set()
+    for batch in batches:
+        assert batch["latent"].shape == (5, *LATENT) and torch.isfinite(batch["latent"]).all()
+        seen.update(batch["keys"])
+    assert not seen & set(bad_keys) and len(seen) == 80 - bad_per_epoch
+
+
+def test_resume_over_bad_data_gives_the_same_batches(tmp_path):
+    write_shards(tmp_path)
+    corrupt_shard(tmp_path / "train-000004.tar")
+    truncate_shard(tmp_path / "train-000006.tar")
+
+    def stream(start_batch):
+        return ShardStream(tmp_path, batch_size=6, seed=2, start_batch=start_batch,
+                           max_bad_fraction=0.5)
+    assert_same_batches(take(stream(0), 30)[13:], take(stream(13), 17))
+
+
+def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path):
+    write_shards(tmp_path, num_samples=200, per_shard=20)
+    truncate_shard(tmp_path / "train-000003.tar")
+    with pytest.raises(RuntimeError, match=r"too many bad samples: \d+ of \d+ \(\d+\.\d%\) > "
+                                           r"data\.max_bad_fraction=1%"):
+        take(ShardStream(tmp_path, batch_size=10, seed=0), 40)
+
+
+def test_too_few_shards_for_the_streams(tmp_path, monkeypatch):
+    write_shards(tmp_path, num_samples=30, per_shard=10)
+    with pytest.raises(ValueError, match=r"3 shards .* 4 streams .*samples_per_shard"):
+        ShardStream(tmp_path, batch_size=4, seed=0, world_size=2, num_workers=2)
+    # The worker count in effect is DataLoader's, and it is checked too (seen from inside a
+    # worker; faked here rather than forking processes that outlive the test).
+    stream = ShardStream(tmp_path, batch_size=4, seed=0, world_size=2, num_workers=0)
+    monkeypatch.setattr(loader_module, "get_worker_info",
+                        lambda: SimpleNamespace(id=1, num_workers=2))
+    with pytest.raises(ValueError, match="4 streams"):
+        iter(stream)

@@ -240,10 +240,10 @@ def corrupt_shard(path: Path) -> list[str]:
     return [sample["__key__"] for sample in samples[:3]]
 
 
-def truncate_shard(path: Path) -> int:
-    """Cut the file at half; return how many samples are still readable."""
+def truncate_shard(path: Path, keep_fraction: float = 0.5) -> int:
+    """Cut the file (at half by default); return how many samples are still readable."""
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
     samples, error = read_raw_samples(str(path))
     assert error is not None or len(samples) < 10
     return len(samples)
@@ -288,6 +288,22 @@ def test_resume_over_bad_data_gives_the_same_batches(tmp_path):
         return ShardStream(tmp_path, batch_size=6, seed=2, start_batch=start_batch,
                            max_bad_fraction=0.5)
     assert_same_batches(take(stream(0), 30)[13:], take(stream(13), 17))
+
+
+def test_batches_with_no_good_sample_keep_positions(tmp_path):
+    write_shards(tmp_path)
+    assert truncate_shard(tmp_path / "train-000003.tar", keep_fraction=0.1) <= 1
+    # With batch 2, the shard's 9-10 lost slots leave whole windows without a good sample.
+
+    def stream(start_batch):
+        return ShardStream(tmp_path, batch_size=2, seed=4, start_batch=start_batch,
+                           max_bad_fraction=0.5)
+    full = take(stream(0), 60)
+    assert all(len(batch["keys"]) == 2 for batch in full)
+    # Some batch is stood in for by the next one with data.
+    assert any(a["keys"] == b["keys"] for a, b in zip(full, full[1:]))
+    for start in range(0, 56, 3):
+        assert_same_batches(full[start:start + 4], take(stream(start), 4))
 
 
 def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path):

@@ -30,8 +30,8 @@ class RunConfig:
     name: str = "run"
     out_dir: str = "runs/default"  # everything a run writes goes below this folder
     seed: int = 0
-    # Stop (with a checkpoint, as if preempted) once this many samples were seen; 0 = never. For
-    # resume tests and for splitting a long job into several allocations.
+    # Stop (with a checkpoint, as if preempted) once this process has trained this many samples in a
+    # job; 0 = never. For resume tests and for splitting a long job over several allocations.
     stop_after_samples: int = 0
 
 

@@ -217,7 +217,7 @@ class ShardStream(IterableDataset):
                 continue
             batch = collate([good[i % len(good)] for i in range(self.batch_size)])
             for _ in range(empty_windows + 1):
-                yield batch
+                yield dict(batch)  # stand-ins are separate dicts, sharing the tensors
             empty_windows = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

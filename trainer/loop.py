@@ -161,7 +161,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     batches = iter(loader)
     tracker = Tracker(job.out_dir / "tb", enabled=info.is_main)
     preemption = Preemption()
-    stop_after = cfg.run.stop_after_samples
+    stop_at = state["samples_seen"] + cfg.run.stop_after_samples if cfg.run.stop_after_samples else None
     window: dict[str, list] = {}
     window_start, window_samples = time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=state["step"], desc=job.name, disable=not info.is_main, mininterval=5)
@@ -197,7 +197,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             _log_grid(job, tracker, student.module, state["samples_seen"])
 
         finished = state["step"] == total_steps
-        stop_now = bool(stop_after) and state["samples_seen"] >= stop_after and not finished
+        stop_now = stop_at is not None and state["samples_seen"] >= stop_at
         if finished:
             break
         if preemption.agreed() or stop_now:

@@ -207,7 +207,7 @@ class ShardStream(IterableDataset):
 
     # -- batches -------------------------------------------------------------------------
 
-    def _batches(self, slots: Iterator[Optional[dict]]) -> Iterator[dict[str, Any]]:
+    def _batches(self, slots: Iterator[Optional[dict]], stream: int) -> Iterator[dict[str, Any]]:
         empty_windows = 0
         while True:
             window = [next(slots) for _ in range(self.batch_size)]
@@ -216,6 +216,9 @@ class ShardStream(IterableDataset):
                 empty_windows += 1
                 continue
             batch = collate([good[i % len(good)] for i in range(self.batch_size)])
+            # The counters live in the worker process; they travel with the batch so that the
+            # training process can log them (cumulative per stream).
+            batch["data_stats"] = {"stream": stream, "ok": self.samples_ok, "bad": self.samples_bad}
             for _ in range(empty_windows + 1):
                 yield dict(batch)  # stand-ins are separate dicts, sharing the tensors
             empty_windows = 0
@@ -231,7 +234,7 @@ class ShardStream(IterableDataset):
         stream = self.rank * num_workers + role
         skip_batches = count_for_worker(self.start_batch, role, num_workers)
         slots = self._slots(stream, self.world_size * num_workers, skip_batches * self.batch_size)
-        return self._batches(slots)
+        return self._batches(slots, stream)
 
 
 def make_loader(shard_dir: Union[str, Path], batch_size: int, seed: int, rank: int = 0,

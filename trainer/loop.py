@@ -163,6 +163,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     preemption = Preemption()
     stop_at = state["samples_seen"] + cfg.run.stop_after_samples if cfg.run.stop_after_samples else None
     window: dict[str, list] = {}
+    data_stats: dict[int, dict] = {}  # latest cumulative counters of each loader stream
     window_start, window_samples = time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=state["step"], desc=job.name, disable=not info.is_main, mininterval=5)
 
@@ -172,6 +173,9 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             set_learning_rate(engine, lr)
         for micro in range(job.grad_accum):
             batch = _to_device(next(batches), dev)
+            stats = batch.pop("data_stats", None)
+            if stats is not None:
+                data_stats[stats["stream"]] = stats
             gen = step_generator(cfg.run.seed, info.rank, state["samples_seen"], micro)
             for key, value in job.objective.micro_step(batch, gen).items():
                 window.setdefault(key, []).append(value)
@@ -189,6 +193,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             logs = _mean_across_ranks(logs)
             elapsed = time.perf_counter() - window_start
             logs[f"{job.name}/lr"] = lr
+            logs[f"{job.name}/data_bad_samples"] = float(sum(s["bad"] for s in data_stats.values()))
             logs[f"{job.name}/samples_per_s"] = window_samples / max(elapsed, 1e-9)
             tracker.scalars(logs, state["samples_seen"])
             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})

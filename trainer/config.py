@@ -18,7 +18,8 @@ from typing import Any, Optional
 import yaml
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-OBJECTIVES = ("denoise", "mse")
+OBJECTIVES = ("mse", "adv_cond", "adv_uncond", "adv_cond+adv_uncond")
+VARIANTS = ("full", "lora", "lora+full")
 
 
 class ConfigError(ValueError):
@@ -99,16 +100,46 @@ class TeacherConfig:
 
 
 @dataclass
+class DiscConfig:
+    """The discriminator of the adversarial phases: a trainable copy of the base UNet's encoder + head."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, betas=[0.0, 0.99], grad_clip=0.0))
+    head_blocks: Optional[int] = None  # None: as many stride-2 blocks as bring the mid map to 4x4
+    # Multi-timestep D (the paper's 1- and 2-step stages): both landings re-noised to t* drawn with these
+    # weights; `t_star_late_weights` take over halfway through each phase (the paper: 1:1:1:1, then 5:1:1:1).
+    t_star: list[int] = field(default_factory=list)
+    t_star_weights: list[float] = field(default_factory=list)
+    t_star_late_weights: list[float] = field(default_factory=list)
+    warmup_samples: int = 0  # D-only training at the start of each adversarial phase
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64  # the paper (like LCM-LoRA): 64 on every conv and linear but conv_in/out and time embeddings
+    alpha: Optional[float] = None  # None = rank
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, betas=[0.0, 0.99], grad_clip=0.0))
+
+
+@dataclass
 class StageConfig:
     name: str = ""
     student_steps: int = 32
     teacher_steps: int = 128
+    # mse | adv_cond | adv_uncond | adv_cond+adv_uncond (the paper's adversarial stages)
     objective: str = "mse"
+    # full | lora | lora+full: the paper trains a LoRA under each objective, merges it, then trains the
+    # full UNet further with the unconditional objective (lora+full).
+    variant: str = "full"
     cfg_scale: float = 1.0  # classifier-free guidance in the teacher's jump (the paper: 6 in 128->32 only)
-    samples: int = 1000  # length in samples seen
+    samples: int = 1000  # length of each objective phase, in samples seen
+    full_samples: int = 0  # lora+full: length of the final full-UNet phase (0 = samples)
+    x0_samples: int = 0  # the one-step stage: conversion to x0 prediction first (0 = none)
+    mse_weight: float = 0.0  # an extra MSE term in adversarial phases (the paper: none)
     micro_batch: int = 32
     grad_accum: int = 1
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the student (full UNet) optimizer
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
 
 
 @dataclass
@@ -299,7 +330,27 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                 fail(f"{key}.{name}", f"must be positive, got {getattr(stage, name)}")
         if stage.cfg_scale < 1.0:
             fail(f"{key}.cfg_scale", "must be >= 1 (1 disables guidance)")
+        if stage.variant not in VARIANTS:
+            fail(f"{key}.variant", f"'{stage.variant}' is not one of {', '.join(VARIANTS)}")
+        if stage.student_steps == 1 and stage.variant != "full":
+            fail(f"{key}.variant", "the one-step model is trained as a full UNet (x0 prediction: no 1-step LoRA)")
+        if stage.objective == "mse" and stage.variant == "lora+full":
+            fail(f"{key}.variant", "lora+full is for adversarial objectives (its last phase is adv_uncond)")
+        for name in ("full_samples", "x0_samples", "mse_weight"):
+            if getattr(stage, name) < 0:
+                fail(f"{key}.{name}", "must be >= 0")
+        disc = stage.disc
+        if disc.t_star and any(not 0 <= t < cfg.schedule.num_train_timesteps for t in disc.t_star):
+            fail(f"{key}.disc.t_star", f"timesteps must be in [0, {cfg.schedule.num_train_timesteps})")
+        for wname in ("t_star_weights", "t_star_late_weights"):
+            weights = getattr(disc, wname)
+            if weights and (len(weights) != len(disc.t_star) or any(w < 0 for w in weights) or not sum(weights)):
+                fail(f"{key}.disc.{wname}", f"needs one non-negative weight per t_star ({len(disc.t_star)}), not all zero")
+        if stage.lora.rank < 1:
+            fail(f"{key}.lora.rank", "must be positive")
         _validate_optim(stage.optim, f"{key}.optim", fail)
+        _validate_optim(stage.lora.optim, f"{key}.lora.optim", fail)
+        _validate_optim(disc.optim, f"{key}.disc.optim", fail)
         previous_student = stage.student_steps
     names = [s.name or f"stage{i + 1}" for i, s in enumerate(cfg.stages)]
     for i, stage in enumerate(cfg.stages):

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -42,7 +42,9 @@ def _bring_component(src: Path, dst: Path) -> None:
 
 def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Path, *, base_dir: Path,
                 schedule: ScheduleConfig, prediction_type: str, steps: int, guidance: float = 1.0,
-                stage: str = "", notes: Optional[dict] = None) -> Path:
+                stage: str = "", notes: Optional[dict] = None,
+                extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Writes the export under a temporary name; `extra(tmp_dir)` adds files before it is published."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,6 +73,8 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     (tmp / "README.md").write_text(_model_card(manifest))
+    if extra is not None:
+        extra(tmp)
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -85,6 +89,17 @@ def is_complete(export_dir: Path) -> bool:
 
 def read_manifest(export_dir: Path) -> dict:
     return json.loads((Path(export_dir) / MANIFEST).read_text())
+
+
+def prediction_type_of(model_dir: Path, fallback: str) -> str:
+    """An export says what it predicts; a base model's scheduler config does; else `fallback`."""
+    model_dir = Path(model_dir)
+    if (model_dir / MANIFEST).is_file():
+        return read_manifest(model_dir)["prediction_type"]
+    sched = model_dir / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        return json.loads(sched.read_text()).get("prediction_type", fallback)
+    return fallback
 
 
 def _model_card(m: dict) -> str:

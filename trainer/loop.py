@@ -38,6 +38,8 @@ class Job:
     optim: OptimConfig
     objective: Objective
     ema_decay: float = 0.0
+    # learning-rate schedules of the other engines (e.g. "disc"); the student follows `optim`
+    other_optims: dict = field(default_factory=dict)
     # module -> uint8 grid image (rank 0 only); None: no grids
     make_grid: Optional[Callable[[torch.nn.Module], np.ndarray]] = None
     extra_state: dict = field(default_factory=dict)
@@ -113,12 +115,13 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Averages each key over the ranks that logged it (ranks may differ, e.g. per-t* terms)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    keys = sorted({k for g in gathered for k in g})
+    return {k: sum(g[k] for g in gathered if k in g) / sum(1 for g in gathered if k in g) for k in keys}
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -168,9 +171,12 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     bar = tqdm(total=total_steps, initial=state["step"], desc=job.name, disable=not info.is_main, mininterval=5)
 
     while state["step"] < total_steps:
+        if hasattr(job.objective, "set_progress"):  # e.g. D warm-up, multi-timestep weight switch
+            job.objective.set_progress(state["step"], total_steps)
         lr = learning_rate(job.optim, state["step"], total_steps)
-        for engine in engines.values():
-            set_learning_rate(engine, lr)
+        for name, engine in engines.items():
+            optim = job.other_optims.get(name)
+            set_learning_rate(engine, lr if optim is None else learning_rate(optim, state["step"], total_steps))
         for micro in range(job.grad_accum):
             batch = _to_device(next(batches), dev)
             stats = batch.pop("data_stats", None)

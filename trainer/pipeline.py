@@ -16,13 +16,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointManager, fp32_weights
+from .checkpoint import CheckpointManager
 from .config import Config, dump_config
 from .engines import DistInfo, build_ds_config, device, make_engine
-from .export import export_unet, is_complete, read_manifest
+from .export import export_unet, is_complete, prediction_type_of
 from .loop import Job, train
 from .models import Conditioning, build_toy_unet, freeze, load_unet
-from .objectives import DenoiseObjective, MSEDistillObjective
+from .objectives import DenoiseObjective
+from .stages import StageRunner
 from .sampling import make_grid, make_scheduler, sample_latents, save_png, to_uint8
 from .schedule import NoiseSchedule
 
@@ -138,16 +139,6 @@ class GridMaker:
         return lambda unet: self(unet, steps, prediction_type, guidance)
 
 
-def teacher_prediction_type(cfg: Config, model_dir: Path) -> str:
-    """An export says what it predicts; a base model's scheduler config does; else the recipe."""
-    if (model_dir / "export.json").is_file():
-        return read_manifest(model_dir)["prediction_type"]
-    sched = model_dir / "scheduler" / "scheduler_config.json"
-    if sched.is_file():
-        return json.loads(sched.read_text()).get("prediction_type", cfg.model.prediction_type)
-    return cfg.model.prediction_type
-
-
 def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -185,45 +176,12 @@ def run_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> Pa
     return export_dir
 
 
-def run_stage(cfg: Config, info: DistInfo, index: int, teacher_dir: Path, base: Path, grids: GridMaker) -> Path:
-    """One progressive stage: the student starts from the teacher's weights and learns its jumps."""
-    stage = cfg.stages[index]
-    export_dir = cfg.out_dir / "exports" / stage.name
-    if is_complete(export_dir):
-        return export_dir
-    dev = device()
-    prediction_type = teacher_prediction_type(cfg, teacher_dir)
-    teacher = freeze(load_unet(teacher_dir)).to(dev)
-    student = load_unet(teacher_dir)
-    if cfg.model.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    ds = build_ds_config(cfg.deepspeed, stage.micro_batch, stage.grad_accum, info.world_size, stage.optim, f"stages[{index}]")
-    engine = make_engine(student, ds)
-    if stage.objective != "mse":
-        raise NotImplementedError(f"stages[{index}].objective={stage.objective!r} is not available yet")
-    objective = MSEDistillObjective(engine, teacher, NoiseSchedule.from_config(cfg.schedule), prediction_type,
-                                    prediction_type, stage.student_steps, stage.teacher_steps, stage.cfg_scale)
-    job = Job(stage.name, cfg.out_dir / "jobs" / stage.name, stage.samples, stage.micro_batch, stage.grad_accum,
-              stage.optim, objective, make_grid=grids.bind(stage.student_steps, prediction_type))
-    final = train(job, cfg, info)
-    if info.is_main:
-        export_unet(fp32_weights(final, "student"), dict(engine.module.config), export_dir, base_dir=base,
-                    schedule=cfg.schedule, prediction_type=prediction_type, steps=stage.student_steps,
-                    stage=stage.name, notes={"teacher": str(Path(teacher_dir).resolve()),
-                                             "teacher_steps": stage.teacher_steps, "objective": stage.objective,
-                                             "teacher_cfg_scale": stage.cfg_scale})
-    _barrier()
-    del engine, objective, job, teacher
-    _release()
-    return export_dir
-
-
 def comparison_grid(cfg: Config, grids: GridMaker, rows: list[tuple[str, Path, int, float]]) -> Path:
     """Side by side: one row per model (same prompts, same noise)."""
     images = []
     for _, model_dir, steps, guidance in rows:
         unet = load_unet(model_dir).eval()
-        images.extend(grids.images(unet, steps, teacher_prediction_type(cfg, model_dir), guidance))
+        images.extend(grids.images(unet, steps, prediction_type_of(model_dir, cfg.model.prediction_type), guidance))
     grid = make_grid(images, ncols=len(grids.noise), scale=3)
     path = save_png(grid, cfg.out_dir / "grids" / "progression.png")
     (path.with_suffix(".txt")).write_text("rows, top to bottom:\n" + "\n".join(
@@ -244,12 +202,15 @@ def run_progression(cfg: Config, info: DistInfo, only: Optional[list[str]] = Non
         Path(cfg.teacher.init) if cfg.teacher.init else cfg.out_dir / "exports" / "teacher")
     rows = [("teacher", teacher_dir, cfg.teacher.sample_steps, cfg.teacher.guidance)]
     exports = {"teacher": teacher_dir}
+    # D is re-initialised from "the base model" at every stage: the original teacher here (the toy's
+    # trained teacher, or the user's SDXL), not the previous stage's student.
+    disc_base = teacher_dir
     previous = teacher_dir
     for i, stage in enumerate(cfg.stages):
         if wanted(stage.name):
             if not is_complete(previous) and previous != base:
                 raise FileNotFoundError(f"stage '{stage.name}' needs its teacher at {previous}: run the earlier jobs first")
-            previous = run_stage(cfg, info, i, previous, base, grids)
+            previous = StageRunner(cfg, info, i, previous, disc_base, base, grids).run()
         else:
             previous = cfg.out_dir / "exports" / stage.name
         exports[stage.name] = previous

@@ -1,0 +1,211 @@
+"""One progressive stage as a sequence of phases, each a job of the loop.
+
+A stage's objective and variant expand into phases (`stage_phases`):
+    mse                          -> [mse]
+    adv_cond / adv_uncond        -> [adv_cond] / [adv_uncond]
+    adv_cond+adv_uncond          -> [adv_cond, adv_uncond]
+    variant lora                 -> the same phases, each training a LoRA
+    variant lora+full (paper)    -> LoRA phases, merge, then [adv_uncond] on the full UNet
+    x0_samples > 0 (one step)    -> [x0] first: the network learns to predict x0 directly
+
+Each phase starts from the previous phase's result (a diffusers UNet folder; LoRA phases also leave
+their LoRA file) and ends with one, so an interrupted stage resumes at the phase it was in. The
+teacher stays the stage's teacher throughout; the discriminator is a fresh copy of the base model's
+encoder at the start of every adversarial phase (the paper re-initialises D at every stage; the
+unconditional D' is a different function, so it starts afresh too).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import fp32_weights
+from .config import Config, StageConfig
+from .discriminator import discriminator_from_unet
+from .engines import DistInfo, build_ds_config, device, make_engine
+from .export import export_unet, is_complete, prediction_type_of, read_manifest
+from .loop import Job, train
+from .models import freeze, load_unet
+from .objectives import AdversarialObjective, MSEDistillObjective, X0Objective
+from .schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class Phase:
+    kind: str  # mse | x0 | adv_cond | adv_uncond
+    train: str  # full | lora
+    samples: int
+
+    def job_name(self, stage: str, index: int) -> str:
+        return f"{stage}.{index}_{self.kind}" + ("_lora" if self.train == "lora" else "")
+
+
+def stage_phases(stage: StageConfig) -> list[Phase]:
+    phases = [Phase("x0", "full", stage.x0_samples)] if stage.x0_samples else []
+    train = "lora" if stage.variant in ("lora", "lora+full") else "full"
+    kinds = ["mse"] if stage.objective == "mse" else stage.objective.split("+")
+    phases += [Phase(kind, train, stage.samples) for kind in kinds]
+    if stage.variant == "lora+full":
+        phases.append(Phase("adv_uncond", "full", stage.full_samples or stage.samples))
+    return phases
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class StageRunner:
+    def __init__(self, cfg: Config, info: DistInfo, index: int, teacher_dir: Path, disc_base: Path, base: Path, grids):
+        self.cfg, self.info = cfg, info
+        self.stage = cfg.stages[index]
+        self.key = f"stages[{index}]"
+        self.teacher_dir, self.disc_base, self.base = Path(teacher_dir), Path(disc_base), Path(base)
+        self.grids = grids
+        self.schedule = NoiseSchedule.from_config(cfg.schedule)
+        self.stage_dir = cfg.out_dir / "jobs" / self.stage.name
+
+    def run(self) -> Path:
+        """Runs the phases that are not done; returns the stage's export (the full UNet)."""
+        export_dir = self.cfg.out_dir / "exports" / self.stage.name
+        if is_complete(export_dir):
+            return export_dir
+        student_dir, lora_dir = self.teacher_dir, None
+        for i, phase in enumerate(stage_phases(self.stage)):
+            name = phase.job_name(self.stage.name, i)
+            result = self.stage_dir / name / "result"
+            if not is_complete(result):
+                self._run_phase(phase, name, student_dir, result)
+            student_dir = result
+            if phase.train == "lora":
+                lora_dir = result
+        if self.info.is_main:
+            self._publish(student_dir, export_dir)
+            if lora_dir is not None:
+                self._publish(lora_dir, self.cfg.out_dir / "exports" / f"{self.stage.name}_lora", lora=True)
+        _barrier()
+        return export_dir
+
+    # -- one phase ------------------------------------------------------------------------------
+
+    def _run_phase(self, phase: Phase, name: str, student_dir: Path, result: Path) -> None:
+        cfg, stage, info = self.cfg, self.stage, self.info
+        dev = device()
+        student_pred = prediction_type_of(student_dir, cfg.model.prediction_type)
+        teacher_pred = prediction_type_of(self.teacher_dir, cfg.model.prediction_type)
+        out_pred = "sample" if phase.kind == "x0" else student_pred
+
+        student = load_unet(student_dir)
+        unet_config = dict(student.config)
+        optim = stage.optim
+        if phase.train == "lora":
+            from .lora import add_lora
+
+            add_lora(student, rank=stage.lora.rank, alpha=stage.lora.alpha, init_seed=cfg.run.seed)
+            optim = stage.lora.optim
+        if cfg.model.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        ds = lambda o: build_ds_config(cfg.deepspeed, stage.micro_batch, stage.grad_accum, info.world_size, o, self.key)
+        engine = make_engine(student, ds(optim))
+
+        if phase.kind == "mse":
+            teacher = freeze(load_unet(self.teacher_dir)).to(dev)
+            objective = MSEDistillObjective(engine, teacher, self.schedule, student_pred, teacher_pred,
+                                            stage.student_steps, stage.teacher_steps, stage.cfg_scale)
+        elif phase.kind == "x0":
+            frozen = freeze(load_unet(student_dir)).to(dev)
+            objective = X0Objective(engine, frozen, self.schedule, student_pred, stage.student_steps)
+        else:
+            teacher = freeze(load_unet(self.teacher_dir)).to(dev)
+            disc = discriminator_from_unet(load_unet(self.disc_base), conditional=phase.kind == "adv_cond",
+                                           head_blocks=stage.disc.head_blocks, seed=cfg.run.seed)
+            if stage.disc.gradient_checkpointing:
+                disc.enable_gradient_checkpointing()
+            disc_engine = make_engine(disc, ds(stage.disc.optim))
+            objective = PhasedAdversarial(
+                AdversarialObjective(engine, disc_engine, teacher, self.schedule, student_pred, teacher_pred,
+                                     stage.student_steps, stage.teacher_steps, conditional=phase.kind == "adv_cond",
+                                     t_star=stage.disc.t_star, t_star_weights=stage.disc.t_star_weights,
+                                     mse_weight=stage.mse_weight),
+                warmup_steps=stage.disc.warmup_samples // (stage.micro_batch * stage.grad_accum * info.world_size),
+                late_weights=stage.disc.t_star_late_weights)
+
+        job = Job(name, self.stage_dir / name, phase.samples, stage.micro_batch, stage.grad_accum, optim, objective,
+                  make_grid=self.grids.bind(stage.student_steps, out_pred),
+                  other_optims={"disc": stage.disc.optim} if "disc" in objective.engines else {})
+        final = train(job, cfg, info)
+        if info.is_main:
+            weights, extra = fp32_weights(final, "student"), None
+            if phase.train == "lora":
+                weights, extra = self._lora_result(student_dir, weights)
+            export_unet(weights, unet_config, result, base_dir=self.base, schedule=cfg.schedule,
+                        prediction_type=out_pred, steps=stage.student_steps, stage=name,
+                        notes={"phase": phase.kind, "train": phase.train}, extra=extra)
+        _barrier()
+        del engine, objective, job
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _lora_result(self, student_dir: Path, trained: dict[str, torch.Tensor]):
+        """(merged fp32 weights, writer of the LoRA file). The checkpoint holds the frozen base weights in
+        bf16, so the base comes from its fp32 folder and only the LoRA weights from the checkpoint."""
+        from .lora import add_lora, merge_lora, save_lora
+
+        unet = add_lora(load_unet(student_dir), rank=self.stage.lora.rank, alpha=self.stage.lora.alpha,
+                        init_seed=self.cfg.run.seed)
+        lora = {k: v for k, v in trained.items() if ".lora_" in k}
+        missing = [k for k in unet.state_dict() if ".lora_" in k and k not in lora]
+        if not lora or missing:
+            raise RuntimeError(f"the LoRA phase's checkpoint lacks LoRA weights (e.g. {missing[:2]})")
+        unet.load_state_dict(lora, strict=False)
+        lora_file = Path(tempfile.mkdtemp()) / "pytorch_lora_weights.safetensors"
+        save_lora(unet, lora_file)  # before merging, which removes the adapter
+        merged = {k: v.float() for k, v in merge_lora(unet).state_dict().items()}
+
+        def write_lora(export_tmp: Path) -> None:
+            (export_tmp / "lora").mkdir()
+            shutil.move(str(lora_file), export_tmp / "lora" / lora_file.name)
+
+        return merged, write_lora
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    def _publish(self, result: Path, export_dir: Path, lora: bool = False) -> None:
+        """The stage's export: the last phase's result under the stage's name (plus the LoRA file)."""
+        import json
+
+        tmp = export_dir.with_name(export_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(result, tmp, symlinks=True)
+        manifest = read_manifest(tmp)
+        manifest.update(stage=self.stage.name, variant="lora" if lora else "full", teacher=str(self.teacher_dir.resolve()),
+                        teacher_steps=self.stage.teacher_steps, objective=self.stage.objective)
+        (tmp / "export.json").write_text(json.dumps(manifest, indent=1))
+        if export_dir.exists():
+            shutil.rmtree(export_dir)
+        tmp.rename(export_dir)
+
+
+class PhasedAdversarial:
+    """Wraps the adversarial objective with what changes along a phase: D-only warm-up steps, then the
+    multi-timestep weights' switch halfway (both pure functions of the step, so resume is exact)."""
+
+    def __init__(self, inner: AdversarialObjective, warmup_steps: int, late_weights: list[float]):
+        self.inner = inner
+        self.engines = inner.engines
+        self.warmup_steps = warmup_steps
+        self.early_weights = inner.t_star_weights.clone()
+        self.late_weights = torch.tensor(late_weights, dtype=torch.float) if late_weights else None
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self.inner.d_only = step < self.warmup_steps
+        if self.late_weights is not None:
+            self.inner.t_star_weights = self.late_weights if step >= total_steps // 2 else self.early_weights
+
+    def micro_step(self, batch, gen):
+        return self.inner.micro_step(batch, gen)

@@ -9,7 +9,16 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 
-JOBS = ("teacher", "stage1_32")
+EXPORTS = ("teacher", "stage1_32", "stage2_8", "stage2_8_lora", "stage5_1")
+JOBS = {  # job -> its folder under jobs/
+    "teacher": "teacher",
+    "stage1_32.0_mse": "stage1_32/stage1_32.0_mse",
+    "stage2_8.0_adv_cond_lora": "stage2_8/stage2_8.0_adv_cond_lora",
+    "stage2_8.1_adv_uncond_lora": "stage2_8/stage2_8.1_adv_uncond_lora",
+    "stage2_8.2_adv_uncond": "stage2_8/stage2_8.2_adv_uncond",
+    "stage5_1.0_x0": "stage5_1/stage5_1.0_x0",
+    "stage5_1.1_adv_uncond": "stage5_1/stage5_1.1_adv_uncond",
+}
 
 
 def export_weights(out: Path, job: str) -> dict:
@@ -17,40 +26,63 @@ def export_weights(out: Path, job: str) -> dict:
 
 
 def final_state(out: Path, job: str) -> dict:
-    ckpt = out / "jobs" / job / "ckpt"
+    ckpt = out / "jobs" / JOBS[job] / "ckpt"
     return json.loads((ckpt / (ckpt / "LATEST").read_text() / "trainer_state.json").read_text())
 
 
 def test_progression_writes_exports_grids_and_tensorboard(smoke_run):
-    for job in JOBS:
-        assert (smoke_run / "exports" / job / "export.json").is_file()
-        assert list((smoke_run / "jobs" / job / "tb").glob("events.out.tfevents.*"))
-        assert list((smoke_run / "jobs" / job / "grids").glob("*.png"))
+    for job, folder in JOBS.items():
+        assert list((smoke_run / "jobs" / folder / "tb").glob("events.out.tfevents.*")), job
+        assert list((smoke_run / "jobs" / folder / "grids").glob("*.png")), job
+    for name in EXPORTS:
+        assert (smoke_run / "exports" / name / "export.json").is_file(), name
     assert (smoke_run / "grids" / "progression.png").is_file()
     manifest = json.loads((smoke_run / "exports" / "stage1_32" / "export.json").read_text())
     assert manifest["steps"] == 32 and manifest["teacher_steps"] == 128 and manifest["prediction_type"] == "v_prediction"
 
 
+def test_exports_declare_steps_and_prediction_types(smoke_run):
+    from diffusers import EulerDiscreteScheduler
+
+    expected = {"stage1_32": (32, "v_prediction"), "stage2_8": (8, "v_prediction"), "stage2_8_lora": (8, "v_prediction"),
+                "stage5_1": (1, "sample")}  # the toy's teacher predicts v; SDXL's would be epsilon
+    for name, (steps, pred) in expected.items():
+        manifest = json.loads((smoke_run / "exports" / name / "export.json").read_text())
+        sched = EulerDiscreteScheduler.from_pretrained(smoke_run / "exports" / name / "scheduler")
+        assert (manifest["steps"], manifest["prediction_type"]) == (steps, pred), name
+        assert sched.config.prediction_type == pred and sched.config.timestep_spacing == "trailing", name
+    assert (smoke_run / "exports" / "stage2_8_lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((smoke_run / "exports" / "stage2_8" / "export.json").read_text())["teacher"].endswith("stage1_32")
+
+
 def test_tensorboard_holds_losses_and_grids(smoke_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(smoke_run / "jobs" / "stage1_32" / "tb"))
+    acc = EventAccumulator(str(smoke_run / "jobs" / JOBS["stage1_32.0_mse"] / "tb"))
     acc.Reload()
-    assert {"stage1_32/loss", "stage1_32/lr", "stage1_32/samples_per_s"} <= set(acc.Tags()["scalars"])
-    losses = [e.value for e in acc.Scalars("stage1_32/loss")]
+    tag = "stage1_32.0_mse"
+    assert {f"{tag}/loss", f"{tag}/lr", f"{tag}/samples_per_s", f"{tag}/data_bad_samples"} <= set(acc.Tags()["scalars"])
+    losses = [e.value for e in acc.Scalars(f"{tag}/loss")]
     assert len(losses) >= 2 and all(np.isfinite(losses))
-    assert "stage1_32/samples" in acc.Tags()["images"]
+    assert f"{tag}/samples" in acc.Tags()["images"]
+
+    acc = EventAccumulator(str(smoke_run / "jobs" / JOBS["stage5_1.1_adv_uncond"] / "tb"))
+    acc.Reload()
+    tag = "stage5_1.1_adv_uncond"
+    scalars = set(acc.Tags()["scalars"])
+    assert {f"{tag}/{k}" for k in ("d_loss", "g_loss", "d_acc_real", "d_acc_fake", "mse", "lr")} <= scalars
+    assert any(k.startswith(f"{tag}/d_acc_fake_t") for k in scalars)  # multi-timestep terms
 
 
 def test_export_loads_and_samples_with_diffusers_alone(smoke_run):
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
-    export = smoke_run / "exports" / "stage1_32"
+    export = smoke_run / "exports" / "stage2_8"
     unet = UNet2DConditionModel.from_pretrained(export / "unet")
     sched = EulerDiscreteScheduler.from_pretrained(export / "scheduler")
     assert sched.config.timestep_spacing == "trailing" and sched.config.prediction_type == "v_prediction"
-    sched.set_timesteps(4)
-    assert [int(t) for t in sched.timesteps] == [999, 749, 499, 249]
+    sched.set_timesteps(8)
+    assert [int(t) for t in sched.timesteps] == [999, 874, 749, 624, 499, 374, 249, 124]
     x = torch.randn(2, 12, 16, 16) * sched.init_noise_sigma
     cond = torch.randn(2, 16, 32)
     added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2).float()}
@@ -70,20 +102,22 @@ def test_stage_student_starts_from_teacher_and_moves(smoke_run):
 
 
 def test_stop_and_resume_ends_bit_identical(smoke_run, tmp_path):
-    """Stop mid-teacher, stop mid-stage, resume: the same weights as the uninterrupted run."""
+    """Stopped mid-teacher, mid-MSE stage and mid-adversarial phase, then resumed: the same weights as the
+    uninterrupted run, every job."""
     out = tmp_path / "resumed"
     args = ["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}"]
-    first = run_cli(args + ["--set", "run.stop_after_samples=24"], check=False)
-    assert first.returncode == 75, first.stderr[-3000:]
-    assert "stopped at 24 samples" in first.stdout
-    second = run_cli(args + ["--set", "run.stop_after_samples=40"], check=False)  # finishes teacher, stops stage 1
-    assert second.returncode == 75, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and (out / "exports" / "teacher").is_dir()
-    assert not (out / "exports" / "stage1_32").exists()
-    run_cli(args)
+    for stop, where in ((24, "[teacher] stopped at 24"), (48, "[stage1_32.0_mse] stopped at 48"),
+                        (16, "[stage2_8.0_adv_cond_lora] stopped at 16")):
+        proc = run_cli(args + ["--set", f"run.stop_after_samples={stop}"], check=False)
+        assert proc.returncode == 75, proc.stderr[-3000:]
+        assert where in proc.stdout, proc.stdout[-2000:]
+    assert not (out / "exports" / "stage2_8").exists()
+    proc = run_cli(args)
+    assert "[stage2_8.0_adv_cond_lora] resumed from" in proc.stdout
+    for name in EXPORTS:
+        a, b = export_weights(smoke_run, name), export_weights(out, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: resumed weights differ"
     for job in JOBS:
-        a, b = export_weights(smoke_run, job), export_weights(out, job)
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{job}: resumed weights differ"
         assert final_state(smoke_run, job)["replica_digests"] == final_state(out, job)["replica_digests"]
 
 
@@ -97,7 +131,7 @@ def test_rerun_of_a_finished_progression_does_nothing(smoke_run):
 def test_two_ranks_end_bit_identical(tmp_path):
     out = tmp_path / "two"
     run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}"], ranks=2)
-    for job in JOBS:
+    for job in JOBS:  # teacher, MSE, LoRA and full adversarial phases (two engines), x0
         digests = final_state(out, job)["replica_digests"]
-        assert len(digests) == 2 and digests[0] == digests[1]
-    assert (out / "exports" / "stage1_32" / "unet" / "config.json").is_file()
+        assert len(digests) == 2 and digests[0] == digests[1], job
+    assert (out / "exports" / "stage5_1" / "unet" / "config.json").is_file()

@@ -166,7 +166,8 @@ class AdversarialObjective:
         for p in self.disc.module.parameters():
             p.requires_grad_(flag)
 
-    def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def prepare(self, batch: dict, gen: torch.Generator) -> dict:
+        """Teacher's jump (real) and the student's move (fake, with grad unless D warms up) from one x_t."""
         x0 = batch["latent"]
         dev, b = x0.device, x0.shape[0]
         eps = _randn_like(x0, gen)
@@ -180,41 +181,48 @@ class AdversarialObjective:
         with torch.set_grad_enabled(not self.d_only):
             out = unet_forward(self.student, x_t, t.to(dev), cond)
         fake = move(self.schedule, out, x_t, t, t_next, self.prediction_type)
-
         d_t = t_next
         if len(self.t_star):
-            # Multi-timestep D: same fresh noise on both, at a t* drawn per sample.
+            # Multi-timestep D: both landings to their x0, re-noised with the same fresh noise to a t*
+            # drawn per sample.
             pick = torch.multinomial(self.t_star_weights, b, replacement=True, generator=gen)
             d_t = self.t_star[pick]
             noise = _randn_like(x0, gen)
             real = self.schedule.renoise(implied_x0(self.schedule, x_t, real, t, t_next), noise, d_t)
             fake = self.schedule.renoise(implied_x0(self.schedule, x_t, fake, t, t_next), noise, d_t)
-        d_t = d_t.to(dev)
+        return {"x_t": x_t, "t": t.to(dev), "cond": cond, "real": real, "fake": fake, "d_t": d_t.to(dev)}
 
-        # D step: real vs the student's (detached) fake.
-        real_logits = self._judge(real, d_t, cond, x_t, t.to(dev))
-        fake_logits = self._judge(fake.detach(), d_t, cond, x_t, t.to(dev))
+    def d_step(self, p: dict) -> dict[str, torch.Tensor]:
+        """L_D = -log p(real) - log(1 - p(fake)); the fake is detached (the student is not touched)."""
+        real_logits = self._judge(p["real"], p["d_t"], p["cond"], p["x_t"], p["t"])
+        fake_logits = self._judge(p["fake"].detach(), p["d_t"], p["cond"], p["x_t"], p["t"])
         loss_d = d_loss(real_logits, fake_logits)
-        self.disc.backward(loss_d)
+        self.disc.backward(loss_d)  # one backward per engine per step: real and fake terms summed
         self.disc.step()
         acc_real, acc_fake = d_accuracy(real_logits, fake_logits)
         logs = {"d_loss": loss_d.detach(), "d_acc_real": acc_real, "d_acc_fake": acc_fake}
-        if len(self.t_star):
-            for i, ts in enumerate(self.t_star.tolist()):
-                sel = (d_t.cpu() == ts)
-                if sel.any():
-                    logs[f"d_acc_fake_t{ts}"] = d_accuracy(real_logits[sel.to(dev)], fake_logits[sel.to(dev)])[1]
+        for ts in self.t_star.tolist():  # per-t* terms: can D still tell them apart at this t*?
+            sel = p["d_t"] == ts
+            if sel.any():
+                logs[f"d_acc_real_t{ts}"], logs[f"d_acc_fake_t{ts}"] = d_accuracy(real_logits[sel], fake_logits[sel])
+        return logs
 
-        if self.d_only:
-            return logs
-        # G step: through the updated D, whose parameters must not collect gradients here.
+    def g_step(self, p: dict) -> dict[str, torch.Tensor]:
+        """L_G = -log p(fake) through the (just updated) D, whose parameters must not collect gradients:
+        ZeRO-2 asserts "gradient computed twice" otherwise."""
         self._set_disc_trainable(False)
         try:
-            loss_g = g_loss(self._judge(fake, d_t, cond, x_t, t.to(dev)))
-            loss_mse = F.mse_loss(fake, real)
+            loss_g = g_loss(self._judge(p["fake"], p["d_t"], p["cond"], p["x_t"], p["t"]))
+            loss_mse = F.mse_loss(p["fake"], p["real"])
             self.student.backward(loss_g + self.mse_weight * loss_mse if self.mse_weight else loss_g)
             self.student.step()
         finally:
             self._set_disc_trainable(True)
-        logs.update(g_loss=loss_g.detach(), mse=loss_mse.detach())
+        return {"g_loss": loss_g.detach(), "mse": loss_mse.detach()}
+
+    def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        p = self.prepare(batch, gen)
+        logs = self.d_step(p)
+        if not self.d_only:
+            logs.update(self.g_step(p))
         return logs

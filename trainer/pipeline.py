@@ -46,6 +46,9 @@ def prepare_base(cfg: Config, info: DistInfo) -> Path:
     """The base model folder: the user's (SDXL, SD 1.5) or the toy's, written once from seeds."""
     if cfg.model.base != "toy":
         return Path(cfg.model.base)
+    if cfg.teacher.init:
+        # A finished toy teacher carries the text encoder and codec it was trained with: they are the base.
+        return Path(cfg.teacher.init)
     from .encoders import create_toy_encoders
 
     base = cfg.out_dir / "base"

@@ -1,0 +1,108 @@
+"""The adversarial step on two real DeepSpeed engines (ZeRO-2, bf16), in this process."""
+import copy
+
+import pytest
+import torch
+
+from trainer.config import OptimConfig, ScheduleConfig
+from trainer.discriminator import discriminator_from_unet
+from trainer.engines import build_ds_config, init_distributed, make_engine
+from trainer.models import build_toy_unet, freeze
+from trainer.objectives import AdversarialObjective, implied_x0
+from trainer.schedule import NoiseSchedule, move, next_timestep
+
+from conftest import ROOT
+
+SCHED = NoiseSchedule.from_config(ScheduleConfig())
+ADAM = OptimConfig(lr=1e-3, betas=[0.0, 0.99], grad_clip=0.0)
+
+
+@pytest.fixture(scope="module")
+def dist():
+    return init_distributed()
+
+
+def batch(b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"latent": torch.randn(b, 12, 16, 16, generator=g), "prompt_embeds": torch.randn(b, 16, 32, generator=g),
+            "pooled": torch.randn(b, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * b)}
+
+
+def make_objective(dist, conditional=False, t_star=(), weights=()):
+    teacher_net = build_toy_unet(seed=0)
+    ds = build_ds_config(str(ROOT / "ds_configs/zero2_cpu.json"), 4, 1, dist.world_size, ADAM, "test")
+    student = make_engine(copy.deepcopy(teacher_net), ds)
+    disc = make_engine(discriminator_from_unet(teacher_net, conditional=conditional), ds)
+    teacher = freeze(teacher_net)
+    return AdversarialObjective(student, disc, teacher, SCHED, "v_prediction", "v_prediction", 4, 8,
+                                conditional=conditional, t_star=list(t_star), t_star_weights=list(weights))
+
+
+def snapshot(engine):
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def changed(before, engine):
+    after = engine.module.state_dict()
+    return sum(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_d_step_moves_only_d_and_g_step_only_the_student(dist, conditional):
+    obj = make_objective(dist, conditional)
+    p = obj.prepare(batch(), torch.Generator().manual_seed(1))
+    s0, d0 = snapshot(obj.student), snapshot(obj.disc)
+    logs = obj.d_step(p)
+    assert changed(s0, obj.student) == 0 and changed(d0, obj.disc) > 0
+    assert 0 <= float(logs["d_acc_real"]) <= 1 and torch.isfinite(logs["d_loss"])
+    s1, d1 = snapshot(obj.student), snapshot(obj.disc)
+    obj.g_step(p)
+    assert changed(d1, obj.disc) == 0 and changed(s1, obj.student) > 0
+    assert all(q.requires_grad for q in obj.disc.module.parameters())  # restored after the G step
+
+
+def test_student_learns_only_through_d(dist):
+    """With mse_weight 0 the student's only gradient comes through D: a D whose output ignores its input
+    (zero last projection) gives the student no gradient, and Adam then does not move it;
+    the same step through a normal D does. (D steps first, as in the loop: DeepSpeed sets up its
+    gradient buckets on the first backward.)"""
+    for zero_head, expect_moved in ((True, False), (False, True)):
+        obj = make_objective(dist)
+        p = obj.prepare(batch(), torch.Generator().manual_seed(2))
+        obj.d_step(p)
+        if zero_head:  # after D's step, which rewrites the bf16 module weights from its fp32 master copy
+            with torch.no_grad():
+                [m for m in obj.disc.module.head.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.zero_()
+        s0 = snapshot(obj.student)
+        obj.g_step(p)
+        assert (changed(s0, obj.student) > 0) == expect_moved
+
+
+def test_multi_timestep_renoises_both_to_t_star(dist):
+    obj = make_objective(dist, t_star=(10, 250, 500, 750), weights=(5, 1, 1, 1))
+    p = obj.prepare(batch(b=32), torch.Generator().manual_seed(3))
+    assert set(p["d_t"].tolist()) <= {10, 250, 500, 750}
+    assert (p["d_t"] == 10).sum() > 8  # weight 5 of 8
+    logs = obj.d_step(p)
+    assert any(k.startswith("d_acc_fake_t") for k in logs)
+
+
+def test_d_warmup_does_not_touch_the_student(dist):
+    obj = make_objective(dist)
+    obj.d_only = True
+    s0, d0 = snapshot(obj.student), snapshot(obj.disc)
+    logs = obj.micro_step(batch(), torch.Generator().manual_seed(4))
+    assert "g_loss" not in logs and changed(s0, obj.student) == 0 and changed(d0, obj.disc) > 0
+
+
+def test_implied_x0_inverts_a_ddim_move():
+    g = torch.Generator().manual_seed(5)
+    x_t, out = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([999, 749, 499])
+    t_next = next_timestep(t, 4)
+    x_next = move(SCHED, out, x_t, t, t_next, "epsilon")
+    x0, _ = SCHED.to_x0_eps(out, x_t, t, "epsilon")
+    assert torch.allclose(implied_x0(SCHED, x_t, x_next, t, t_next), x0, atol=1e-3)
+    last = torch.tensor([249])
+    x_last = move(SCHED, out[:1], x_t[:1], last, next_timestep(last, 4), "epsilon")
+    assert torch.allclose(implied_x0(SCHED, x_t[:1], x_last, last, torch.tensor([-1])), x_last)

@@ -87,7 +87,8 @@ class OptimConfig:
 @dataclass
 class TeacherConfig:
     """Training the toy teacher (ordinary diffusion training) through the same engine and loop."""
-    init: str = ""  # a finished teacher export to start from (skips training when `samples` is 0)
+    init: str = ""  # a finished teacher export to use instead of training one
+    deepspeed: str = ""  # its own DeepSpeed JSON (e.g. fp32, faster than bf16 on CPUs); "" = the recipe's
     samples: int = 0  # training length in samples seen; 0 = no teacher training
     micro_batch: int = 32
     grad_accum: int = 1
@@ -365,6 +366,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             fail("teacher.init", f"teacher export '{cfg.teacher.init}' does not exist")
         if not Path(cfg.deepspeed).is_file():
             fail("deepspeed", f"DeepSpeed config '{cfg.deepspeed}' does not exist")
+        if cfg.teacher.deepspeed and not Path(cfg.teacher.deepspeed).is_file():
+            fail("teacher.deepspeed", f"DeepSpeed config '{cfg.teacher.deepspeed}' does not exist")
         if cfg.data.shards and not (Path(cfg.data.shards) / "index.json").is_file():
             fail("data.shards", f"'{cfg.data.shards}' has no index.json (make shards with python -m trainer.encode)")
         if cfg.model.base == "toy" and not cfg.data.shards and cfg.data.shapes.count < 1:

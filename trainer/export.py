@@ -33,11 +33,13 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _bring_component(src: Path, dst: Path) -> None:
+def _bring_component(src: Path, dst: Path) -> bool:
+    """Copies a small part, links a large one; True if it linked."""
     if _size(src) <= _COPY_LIMIT_BYTES:
-        shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
-    else:
-        os.symlink(src.resolve(), dst)
+        shutil.copytree(src, dst, symlinks=False) if src.is_dir() else shutil.copy2(src, dst)
+        return False
+    os.symlink(src.resolve(), dst)
+    return True
 
 
 def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Path, *, base_dir: Path,
@@ -57,9 +59,7 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
                            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     make_scheduler(schedule, prediction_type).save_pretrained(tmp / "scheduler")
-    for name in _COMPONENTS:
-        if (base_dir / name).exists():
-            _bring_component(base_dir / name, tmp / name)
+    linked = [name for name in _COMPONENTS if (base_dir / name).exists() and _bring_component(base_dir / name, tmp / name)]
 
     manifest = {
         "format": "sdxl-lightning-export/1",
@@ -68,7 +68,8 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
         "prediction_type": prediction_type,
         "timestep_spacing": "trailing",
         "guidance": guidance,
-        "base": str(Path(base_dir).resolve()),
+        # where the linked parts live; "." when the export holds copies of everything it needs
+        "base": str(Path(base_dir).resolve()) if linked else ".",
         **(notes or {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

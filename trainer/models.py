@@ -87,8 +87,10 @@ def load_unet(path: str | Path) -> UNet2DConditionModel:
 
 
 def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Calls the UNet in `dtype` (DeepSpeed bf16 engines need the caller to cast) and returns float32."""
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Calls the UNet with inputs cast to `dtype` (default: its weights' dtype; DeepSpeed engines do not
+    cast inputs themselves) and returns float32."""
+    dtype = dtype or next(unet.parameters()).dtype
     added = None
     if cond.pooled is not None:
         added = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
@@ -97,7 +99,7 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     return out.float()
 
 
-def guided_denoiser(unet: torch.nn.Module, cond: Conditioning, guidance: float, dtype=torch.bfloat16):
+def guided_denoiser(unet: torch.nn.Module, cond: Conditioning, guidance: float, dtype: Optional[torch.dtype] = None):
     """(x, t) -> network output with classifier-free guidance computed as one doubled batch.
     Guidance is applied to the raw output; for epsilon and v predictions that is the usual CFG."""
     if guidance == 1.0:

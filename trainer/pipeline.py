@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import CheckpointManager
 from .config import Config, dump_config
-from .engines import DistInfo, build_ds_config, device, make_engine
+from .engines import DistInfo, build_ds_config, make_engine
 from .export import export_unet, is_complete, prediction_type_of
 from .loop import Job, train
-from .models import Conditioning, build_toy_unet, freeze, load_unet
+from .models import Conditioning, build_toy_unet, load_unet
 from .objectives import DenoiseObjective
 from .stages import StageRunner
 from .sampling import make_grid, make_scheduler, sample_latents, save_png, to_uint8
@@ -164,7 +164,7 @@ def run_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> Pa
     unet = load_unet(base)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    engine = make_engine(unet, build_ds_config(cfg.deepspeed, tc.micro_batch, tc.grad_accum, info.world_size, tc.optim, "teacher"))
+    engine = make_engine(unet, build_ds_config(tc.deepspeed or cfg.deepspeed, tc.micro_batch, tc.grad_accum, info.world_size, tc.optim, "teacher"))
     objective = DenoiseObjective(engine, NoiseSchedule.from_config(cfg.schedule), cfg.model.prediction_type, tc.caption_dropout)
     job = Job("teacher", cfg.out_dir / "jobs" / "teacher", tc.samples, tc.micro_batch, tc.grad_accum, tc.optim,
               objective, ema_decay=tc.ema_decay, make_grid=grids.bind(tc.sample_steps, cfg.model.prediction_type, tc.guidance))

@@ -1,0 +1,107 @@
+"""Transparent pixel-level scores for generated shapes images (no learned model involved):
+
+- colour accuracy: the mean colour of the saturated pixels is nearest to the caption's colour,
+- position accuracy: the saturated pixels' centroid lies in the caption's region,
+- background grain: the standard deviation of the unsaturated (background) pixels, in 0..255 units
+  (the dataset's background is a constant, so 0 is perfect),
+- edge sharpness: mean gradient magnitude over the shape's boundary band (blur lowers it).
+
+`python eval/pixel_scores.py --model runs/shapes/exports/stage3_4 --count 64` samples the model with its
+own steps from fixed noise and prints the scores as JSON. The learned shapes classifier with FID and
+FID-Patch is eval/fid_patch.py's job (the evaluation issue); these scores need nothing trained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.shapes import COLOURS, ShapesDataset, parse_caption  # noqa: E402
+
+SATURATION = 60  # max - min channel above this: shape pixel (the background is grey)
+
+
+def _region(cx: float, cy: float) -> str:
+    if abs(cx - 0.5) < 0.17 and abs(cy - 0.5) < 0.17:
+        return "center"
+    return f"{'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'}"
+
+
+def score_images(images: np.ndarray, captions: list[str]) -> dict:
+    """images: uint8 [N, H, W, 3]."""
+    colours = np.array(list(COLOURS.values()), dtype=float)
+    names = list(COLOURS)
+    colour_ok = position_ok = 0
+    grain, sharp = [], []
+    for image, caption in zip(images.astype(float), captions):
+        _, colour, position = parse_caption(caption)
+        h, w, _ = image.shape
+        mask = image.max(-1) - image.min(-1) > SATURATION
+        background = image[~mask]
+        if background.size:
+            grain.append(float(background.std()))
+        if mask.sum() < 3:
+            continue
+        mean = image[mask].mean(0)
+        colour_ok += names[int(np.argmin(((colours - mean) ** 2).sum(1)))] == colour
+        ys, xs = np.nonzero(mask)
+        position_ok += _region((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h) == position
+        lum = image.mean(-1)
+        gy, gx = np.gradient(lum)
+        edge = mask ^ np.roll(mask, 1, 0) | mask ^ np.roll(mask, 1, 1)
+        if edge.any():
+            sharp.append(float(np.hypot(gx, gy)[edge].mean()))
+    n = len(captions)
+    return {"colour_acc": colour_ok / n, "position_acc": position_ok / n,
+            "background_grain": float(np.mean(grain)) if grain else float("nan"),
+            "edge_sharpness": float(np.mean(sharp)) if sharp else float("nan"), "count": n}
+
+
+def sample_model(model_dir: Path, count: int, steps: int | None, guidance: float | None, seed: int) -> tuple[np.ndarray, list[str]]:
+    import torch
+
+    from trainer.config import ScheduleConfig
+    from trainer.encoders import load_encoders
+    from trainer.export import read_manifest
+    from trainer.models import Conditioning, load_unet
+    from trainer.sampling import make_scheduler, sample_latents, to_uint8
+
+    manifest = read_manifest(model_dir)
+    steps = steps or manifest["steps"]
+    guidance = guidance if guidance is not None else manifest.get("guidance", 1.0)
+    captions = [ShapesDataset(count, seed=seed + 1)[i].caption for i in range(count)]
+    enc = load_encoders(model_dir)
+    text = enc.text.encode(captions)
+    res = enc.resolution
+    cond = Conditioning(text.prompt_embeds, text.pooled,
+                        enc.time_ids((res, res), (0, 0), (res, res)).expand(count, -1) if text.pooled is not None else None)
+    unet = load_unet(model_dir).eval()
+    c = unet.config
+    latent = [c.in_channels, c.sample_size, c.sample_size]
+    noise = torch.randn([count, *latent], generator=torch.Generator().manual_seed(seed))
+    scheduler = make_scheduler(ScheduleConfig(), manifest["prediction_type"])
+    with torch.no_grad():
+        latents = sample_latents(unet, scheduler, cond, noise, steps, guidance)
+    return to_uint8(enc.codec.decode(latents)), captions
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="an export folder (export.json, unet/, scheduler/)")
+    p.add_argument("--count", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="default: the export's steps")
+    p.add_argument("--guidance", type=float, default=None, help="default: the export's guidance")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    images, captions = sample_model(args.model, args.count, args.steps, args.guidance, args.seed)
+    print(json.dumps({"model": str(args.model), **score_images(images, captions)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,9 @@ class RunConfig:
     # Stop (with a checkpoint, as if preempted) once this process has trained this many samples in a
     # job; 0 = never. For resume tests and for splitting a long job over several allocations.
     stop_after_samples: int = 0
+    # A step whose gradients hold NaN/Inf is skipped by the engine (no update, optimizer moments untouched;
+    # DeepSpeed's check_grad_overflow); this many in a row stops the run with a message.
+    max_consecutive_skips: int = 5
 
 
 @dataclass
@@ -309,6 +312,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if value < 0 or (value == 0 and key != "teacher.samples"):
             fail(key, f"must be positive, got {value}")
     _validate_optim(cfg.teacher.optim, "teacher.optim", fail)
+    if cfg.run.max_consecutive_skips < 1:
+        fail("run.max_consecutive_skips", "must be at least 1")
     if cfg.log.keep_last < 1:
         fail("log.keep_last", "must be at least 1")
 

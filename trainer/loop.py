@@ -81,6 +81,10 @@ class Preemption:
         return bool(flag.item())
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with NaN/Inf gradients."""
+
+
 class Preempted(Exception):
     """Raised after the checkpoint is written; the launcher requeues the job."""
 
@@ -167,16 +171,17 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     stop_at = state["samples_seen"] + cfg.run.stop_after_samples if cfg.run.stop_after_samples else None
     window: dict[str, list] = {}
     data_stats: dict[int, dict] = {}  # latest cumulative counters of each loader stream
+    skipped = {name: engine.skipped_steps for name, engine in engines.items()}
+    consecutive_skips = 0
     window_start, window_samples = time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=state["step"], desc=job.name, disable=not info.is_main, mininterval=5)
 
     while state["step"] < total_steps:
         if hasattr(job.objective, "set_progress"):  # e.g. D warm-up, multi-timestep weight switch
             job.objective.set_progress(state["step"], total_steps)
-        lr = learning_rate(job.optim, state["step"], total_steps)
+        lrs = {name: learning_rate(job.other_optims.get(name, job.optim), state["step"], total_steps) for name in engines}
         for name, engine in engines.items():
-            optim = job.other_optims.get(name)
-            set_learning_rate(engine, lr if optim is None else learning_rate(optim, state["step"], total_steps))
+            set_learning_rate(engine, lrs[name])
         for micro in range(job.grad_accum):
             batch = _to_device(next(batches), dev)
             stats = batch.pop("data_stats", None)
@@ -185,6 +190,19 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             gen = step_generator(cfg.run.seed, info.rank, state["samples_seen"], micro)
             for key, value in job.objective.micro_step(batch, gen).items():
                 window.setdefault(key, []).append(value)
+        # Engines skip a step whose gradients are not finite (check_grad_overflow): nothing is updated.
+        now_skipped = {name: engine.skipped_steps for name, engine in engines.items()}
+        bad = [name for name in engines if now_skipped[name] > skipped[name]]
+        skipped = now_skipped
+        consecutive_skips = consecutive_skips + 1 if bad else 0
+        if bad:
+            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+            if info.is_main:
+                print(f"[{job.name}] step {state['step']}: non-finite gradients in {', '.join(bad)}; step skipped", flush=True)
+            if consecutive_skips >= cfg.run.max_consecutive_skips:
+                raise NonFiniteError(f"[{job.name}] {consecutive_skips} consecutive steps with NaN/Inf gradients "
+                                     f"(run.max_consecutive_skips={cfg.run.max_consecutive_skips}) at "
+                                     f"{state['samples_seen']} samples; the last checkpoint is intact")
         before = state["samples_seen"]
         state["step"] += 1
         state["samples_seen"] += global_batch
@@ -198,7 +216,9 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             logs = {f"{job.name}/{k}": float(torch.stack(v).float().mean()) for k, v in window.items()}
             logs = _mean_across_ranks(logs)
             elapsed = time.perf_counter() - window_start
-            logs[f"{job.name}/lr"] = lr
+            logs[f"{job.name}/lr"] = lrs["student"]
+            logs.update({f"{job.name}/lr_{name}": lr for name, lr in lrs.items() if name != "student"})
+            logs[f"{job.name}/skipped_steps"] = float(state.get("skipped_steps", 0))
             logs[f"{job.name}/data_bad_samples"] = float(sum(s["bad"] for s in data_stats.values()))
             logs[f"{job.name}/samples_per_s"] = window_samples / max(elapsed, 1e-9)
             tracker.scalars(logs, state["samples_seen"])

@@ -5,7 +5,7 @@
     python -m trainer.run --config configs/shapes.yaml --set stages.0.samples=512
     torchrun --standalone --nproc_per_node 2 -m trainer.run --config ...    # 2 ranks
 
-Exit codes: 0 done; 2 bad configuration (nothing started); 75 stopped with a checkpoint (preempted,
+Exit codes: 0 done; 2 bad configuration (nothing started); 3 too many non-finite steps; 75 stopped with a checkpoint (preempted,
 or run.stop_after_samples): run the same command again to resume.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 import time
 
 EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
 
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     import torch
 
     from .engines import init_distributed
-    from .loop import Preempted
+    from .loop import NonFiniteError, Preempted
     from .pipeline import run_progression
 
     torch.backends.cudnn.benchmark = True
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
         if info.is_main:
             print(str(stop), flush=True)
         return EXIT_PREEMPTED
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
     if info.is_main:
         result["wall_seconds"] = round(time.time() - start, 1)
         print("\n=== done ===")

@@ -21,16 +21,33 @@ def base_recipe() -> dict:
 
 
 def test_shipped_recipes_load():
-    for name in ("shapes.yaml", "smoke.yaml"):
-        cfg = load_config(ROOT / "configs" / name)
+    for name in ("shapes.yaml", "smoke.yaml", "sdxl.yaml"):
+        cfg = load_config(ROOT / "configs" / name, check_paths=name != "sdxl.yaml")  # sdxl: user's paths
         assert cfg.stages and cfg.stages[0].teacher_steps == 128 and cfg.stages[0].student_steps == 32
+
+
+def test_sdxl_recipe_is_the_papers():
+    cfg = load_config(ROOT / "configs" / "sdxl.yaml", check_paths=False)
+    steps = [(s.teacher_steps, s.student_steps) for s in cfg.stages]
+    assert steps == [(128, 32), (32, 8), (8, 4), (4, 2), (2, 1)]
+    assert [s.cfg_scale for s in cfg.stages] == [6.0, 1.0, 1.0, 1.0, 1.0]
+    assert cfg.stages[0].optim.lr == 1e-5 and cfg.stages[0].optim.betas == [0.9, 0.999]
+    for s in cfg.stages[1:]:
+        assert s.objective == "adv_cond+adv_uncond" and s.optim.lr == 5e-7 and s.optim.betas == [0.0, 0.99]
+        assert s.disc.optim.betas == [0.0, 0.99] and s.mse_weight == 0.0
+    assert [s.variant for s in cfg.stages[1:]] == ["lora+full"] * 3 + ["full"]
+    assert all(s.lora.optim.lr == 1e-6 and s.lora.rank == 64 for s in cfg.stages[1:4])
+    assert cfg.stages[4].x0_samples > 0 and cfg.stages[4].disc.t_star == [10, 250, 500, 750]
+    assert cfg.stages[4].disc.t_star_late_weights == [5, 1, 1, 1] and cfg.model.prediction_type == "epsilon"
+    for s in cfg.stages:  # the paper's global batch on 64 GPUs
+        assert s.micro_batch * s.grad_accum * 64 == 512
 
 
 @pytest.mark.parametrize("mutate, key, words", [
     (lambda d: d["teacher"].update(lrr=1), "teacher.lrr", "unknown key"),
     (lambda d: d["stages"][0].update(student_steps="many"), "stages[0].student_steps", "expected int"),
     (lambda d: d["stages"][0].update(student_steps=5), "stages[0].student_steps", "does not divide"),
-    (lambda d: d["stages"].append({"name": "s2", "student_steps": 4, "teacher_steps": 16}), "stages[1].teacher_steps", "previous stage"),
+    (lambda d: d["stages"].insert(1, {"name": "s2", "student_steps": 4, "teacher_steps": 16}), "stages[1].teacher_steps", "previous stage"),
     (lambda d: d["model"].update(base="/no/such/folder"), "model.base", "does not exist"),
     (lambda d: d["model"].update(prediction_type="x0"), "model.prediction_type", "not one of"),
     (lambda d: d.update(deepspeed="/no/such.json"), "deepspeed", "does not exist"),

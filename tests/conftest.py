@@ -36,3 +36,11 @@ def smoke_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smoke")
     run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}"])
     return out
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory) -> Path:
+    """One uninterrupted 2-rank smoke progression."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}"], ranks=2)
+    return out

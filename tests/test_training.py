@@ -127,10 +127,8 @@ def test_rerun_of_a_finished_progression_does_nothing(smoke_run):
     assert before == {p: p.stat().st_mtime for p in (smoke_run / "exports").rglob("*.safetensors")}
 
 
-def test_two_ranks_end_bit_identical(tmp_path):
-    out = tmp_path / "two"
-    run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}"], ranks=2)
+def test_two_ranks_end_bit_identical(two_rank_run):
     for job in JOBS:  # teacher, MSE, LoRA and full adversarial phases (two engines), x0
-        digests = final_state(out, job)["replica_digests"]
+        digests = final_state(two_rank_run, job)["replica_digests"]
         assert len(digests) == 2 and digests[0] == digests[1], job
-    assert (out / "exports" / "stage5_1" / "unet" / "config.json").is_file()
+    assert (two_rank_run / "exports" / "stage5_1" / "unet" / "config.json").is_file()

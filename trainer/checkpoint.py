@@ -1,7 +1,7 @@
 """Checkpoints that a crash cannot corrupt.
 
 Layout under a job's `ckpt/` folder:
-    samples-000000004096/        one complete checkpoint
+    samples-000000004096/        one complete checkpoint (the job's last one: samples-...-final/)
         student/state/...        DeepSpeed checkpoint of each engine (all ranks write their partitions)
         ema.safetensors          extra fp32 tensors (e.g. the EMA weights), rank 0
         trainer_state.json       samples seen, optimizer steps, loader position, job name
@@ -26,9 +26,21 @@ from safetensors.torch import load_file, save_file
 ENGINE_TAG = "state"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the previous one is untouched."""
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _is_main() -> bool:
@@ -60,7 +72,9 @@ class CheckpointManager:
 
     def save(self, engines: dict, state: dict, tensors: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> Path:
         """Collective: every rank calls it. `state` must be JSON-serialisable and identical on all ranks."""
-        name = f"samples-{state['samples_seen']:012d}"
+        # The job's last checkpoint gets its own name, so it never replaces a periodic one of the same count
+        # (deleting the folder LATEST names, even for a moment, is what this module exists to avoid).
+        name = f"samples-{state['samples_seen']:012d}" + ("-final" if state.get("done") else "")
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         if _is_main():
             self.root.mkdir(parents=True, exist_ok=True)
@@ -68,15 +82,24 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
             tmp.mkdir()
         _barrier()
-        for engine_name, engine in engines.items():
-            engine.save_checkpoint(str(tmp / engine_name), tag=ENGINE_TAG, save_latest=False)
+        failure = None
+        try:
+            for engine_name, engine in engines.items():
+                engine.save_checkpoint(str(tmp / engine_name), tag=ENGINE_TAG, save_latest=False)
+            if _is_main():
+                for file_name, tensor_dict in (tensors or {}).items():
+                    save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / file_name))
+                _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=1))
+        except OSError as err:  # disk full, quota, a vanished mount: say so, keep the last good one
+            failure = err
+        if _any_rank(failure is not None):  # every rank stops, not only the one whose write failed
+            if _is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self.root / "LATEST"
+            kept = f"the last complete checkpoint ({last.read_text().strip()}) is intact" if last.is_file() else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"writing checkpoint {tmp} failed: {failure or 'on another rank'}; {kept}")
         if _is_main():
-            for file_name, tensor_dict in (tensors or {}).items():
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / file_name))
-            _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=1))
-        _barrier()
-        if _is_main():
-            if final.exists():  # the same point saved twice (e.g. final save right after a periodic one)
+            if final.exists():  # a stale copy from an earlier attempt that never became LATEST
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_atomic(self.root / "LATEST", name)

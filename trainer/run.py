@@ -2,10 +2,11 @@
 
     python -m trainer.run --config configs/shapes.yaml                      # everything
     python -m trainer.run --config configs/shapes.yaml --jobs stage1        # one job (needs its teacher)
+    python -m trainer.run --config configs/shapes.yaml --stage 2            # the recipe's second stage
     python -m trainer.run --config configs/shapes.yaml --set stages.0.samples=512
     torchrun --standalone --nproc_per_node 2 -m trainer.run --config ...    # 2 ranks
 
-Exit codes: 0 done; 2 bad configuration (nothing started); 3 too many non-finite steps; 75 stopped with a checkpoint (preempted,
+Exit codes: 0 done; 2 bad configuration (nothing started); 3 stopped on a fault it reports (non-finite steps, checkpoint write failed); 75 stopped with a checkpoint (preempted,
 or run.stop_after_samples): run the same command again to resume.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 
 EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
+EXIT_FAILED = 3  # the run stopped itself: non-finite steps, a checkpoint it could not write
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
 
 
@@ -27,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. stages.0.optim.lr=1e-5 (repeatable)")
     p.add_argument("--jobs", default="", help="comma-separated job names to run (teacher, stage names); default all")
+    p.add_argument("--stage", type=int, default=0, metavar="N",
+                   help="run the recipe's N-th stage (1 = stages[0]); what slurm/stageN.sh uses")
     return p.parse_args(argv)
 
 
@@ -39,27 +42,33 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    only = [j for j in args.jobs.split(",") if j]
+    if args.stage:
+        if not 1 <= args.stage <= len(cfg.stages):
+            print(f"config error: {args.config}: --stage {args.stage}: the recipe has {len(cfg.stages)} stages", file=sys.stderr)
+            return EXIT_CONFIG
+        only.append(cfg.stages[args.stage - 1].name)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     import torch
 
     from .engines import init_distributed
+    from .checkpoint import CheckpointWriteError
     from .loop import NonFiniteError, Preempted
     from .pipeline import run_progression
 
     torch.backends.cudnn.benchmark = True
     info = init_distributed()
     start = time.time()
-    only = [j for j in args.jobs.split(",") if j] or None
     try:
-        result = run_progression(cfg, info, only)
+        result = run_progression(cfg, info, only or None)
     except Preempted as stop:
         if info.is_main:
             print(str(stop), flush=True)
         return EXIT_PREEMPTED
-    except NonFiniteError as err:
+    except (NonFiniteError, CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
+        return EXIT_FAILED
     if info.is_main:
         result["wall_seconds"] = round(time.time() - start, 1)
         print("\n=== done ===")

@@ -1,0 +1,84 @@
+"""Runs `python -m trainer.run ARGS` with one fault injected from outside the product code.
+
+    FAULT=kill_in_checkpoint:N   SIGKILL this process inside the N-th checkpoint write, after the
+                                 engines wrote their state into the temporary folder, before it is published
+    FAULT=enospc_in_checkpoint:N the N-th checkpoint write fails with "No space left on device"
+    FAULT=kill_at_step:JOB:K     SIGKILL at the K-th micro-step of job JOB, between its forward and backward
+    FAULT=kill_after_export:NAME SIGKILL right after the export NAME (a stage, or a phase result) is published
+"""
+import errno
+import os
+import signal
+import sys
+
+from trainer import checkpoint, export, loop, stages
+from trainer.run import main
+
+kind, _, arg = os.environ.get("FAULT", "").partition(":")
+calls = {"n": 0}
+
+
+def die():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if kind in ("kill_in_checkpoint", "enospc_in_checkpoint"):
+    original_save = checkpoint.CheckpointManager.save
+
+    def save(self, engines, state, tensors=None):
+        calls["n"] += 1
+        if calls["n"] != int(arg):
+            return original_save(self, engines, state, tensors)
+        # Let the engines write (a real partial checkpoint), then fail before the rename.
+        first = next(iter(engines.values()))
+        original_engine_save = type(first).save_checkpoint
+
+        def engine_save(engine, *a, **k):
+            if kind == "enospc_in_checkpoint":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            original_engine_save(engine, *a, **k)
+            die()
+
+        type(first).save_checkpoint = engine_save
+        return original_save(self, engines, state, tensors)
+
+    checkpoint.CheckpointManager.save = save
+
+elif kind == "kill_at_step":
+    job_name, _, k = arg.rpartition(":")
+    original_train = loop.train
+
+    def train(job, cfg, info):
+        if job.name == job_name:
+            inner = job.objective.micro_step
+
+            def micro_step(batch, gen):
+                calls["n"] += 1
+                if calls["n"] == int(k):
+                    die()
+                return inner(batch, gen)
+
+            job.objective.micro_step = micro_step
+        return original_train(job, cfg, info)
+
+    loop.train = train
+    stages.train = train
+    import trainer.pipeline as pipeline
+    pipeline.train = train
+
+elif kind == "kill_after_export":
+    original_export = export.export_unet
+
+    def export_unet(weights, unet_config, out_dir, **kw):
+        result = original_export(weights, unet_config, out_dir, **kw)
+        if arg in str(out_dir):
+            die()
+        return result
+
+    export.export_unet = export_unet
+    stages.export_unet = export_unet
+    import trainer.pipeline as pipeline
+    pipeline.export_unet = export_unet
+
+sys.exit(main(sys.argv[1:]))

@@ -64,6 +64,34 @@ def test_bad_config_names_key_and_file(tmp_path, mutate, key, words):
     assert str(path) in msg and key in msg and words in msg and "\n" not in msg
 
 
+def test_deepspeed_json_that_contradicts_the_recipe(tmp_path):
+    import json
+
+    for extra, key in (({"train_micro_batch_size_per_gpu": 4}, "micro_batch"),
+                       ({"gradient_accumulation_steps": 2}, "grad_accum"),
+                       ({"optimizer": {"type": "Adam"}}, "optimizer")):
+        ds = json.loads((ROOT / "ds_configs/zero2_cpu.json").read_text()) | extra
+        ds_path = tmp_path / "ds.json"
+        ds_path.write_text(json.dumps(ds))
+        data = base_recipe() | {"deepspeed": str(ds_path)}
+        with pytest.raises(ConfigError, match=key) as err:
+            load_config(write(tmp_path, data))
+        assert str(ds_path) in str(err.value)
+
+
+def test_teacher_path_that_is_not_a_unet(tmp_path):
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "README.md").write_text("hello")
+    data = base_recipe()
+    data["teacher"]["init"] = str(tmp_path / "not_a_model")
+    with pytest.raises(ConfigError, match=r"teacher.init: .* holds no UNet"):
+        load_config(write(tmp_path, data))
+    data = base_recipe()
+    data["model"]["base"] = str(tmp_path / "not_a_model")
+    with pytest.raises(ConfigError, match=r"model.base: .* has no unet/config.json"):
+        load_config(write(tmp_path, data))
+
+
 def test_unknown_key_suggests_the_close_one(tmp_path):
     data = base_recipe()
     data["log"]["keep_lats"] = 3

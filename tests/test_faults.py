@@ -133,3 +133,31 @@ def test_sigkill_at_three_points_with_two_ranks_resumes_bit_identical(tmp_path, 
     reference, resumed = losses(two_rank_run), losses(out)
     assert reference.keys() == resumed.keys()
     assert all(abs(reference[k] - resumed[k]) <= 1e-7 * max(1.0, abs(reference[k])) for k in reference)
+
+
+def test_no_unpickling_anywhere_in_the_package():
+    """Weights load from safetensors; a torch.load must say weights_only=True; no pickle module."""
+    import re
+
+    for path in list((ROOT / "trainer").rglob("*.py")) + list((ROOT / "eval").rglob("*.py")):
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import cloudpickle)", text, re.M), path
+        assert "allow_pickle=True" not in text, path
+
+
+def test_a_shard_sample_holding_a_pickle_is_refused_not_unpickled(tmp_path):
+    import io
+
+    import numpy as np
+
+    from trainer.shards import BadSample, decode_sample
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)  # an object array = a pickle inside
+    good = io.BytesIO()
+    np.save(good, np.zeros((8, 32), np.float16))
+    raw = {"__key__": "000001", "latent.npy": buf.getvalue(), "prompt_embeds.npy": good.getvalue(), "txt": b"a red circle"}
+    with pytest.raises(BadSample, match="latent.npy"):
+        decode_sample(raw, {"latent": [12, 16, 16], "prompt_embeds": [8, 32]}, "train-000000.tar")

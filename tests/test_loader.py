@@ -325,3 +325,25 @@ def test_too_few_shards_for_the_streams(tmp_path, monkeypatch):
                         lambda: SimpleNamespace(id=1, num_workers=2))
     with pytest.raises(ValueError, match="4 streams"):
         iter(stream)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "directory", "missing"])
+def test_a_shard_that_cannot_be_read_is_reported_and_skipped(tmp_path, caplog, damage):
+    """Not a tar at all, unreadable (a directory in its place), or gone since index.json was written: reported with its path,
+    its samples counted bad, the other shards keep feeding the run."""
+    write_shards(tmp_path)
+    shard = tmp_path / "train-000003.tar"
+    if damage == "garbage":
+        shard.write_bytes(b"this is not a tar file" * 100)
+    elif damage == "directory":
+        shard.unlink()
+        shard.mkdir()
+    else:
+        shard.unlink()
+    stream = ShardStream(tmp_path, batch_size=5, seed=0, max_bad_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="trainer.loader"):
+        batches = take(stream, 16)  # one epoch of 80 slots
+    hits = [r.getMessage() for r in caplog.records if "train-000003.tar" in r.getMessage()]
+    assert len(hits) == 1 and str(tmp_path) in hits[0]
+    assert stream.stats()["samples_bad"] == 10 and stream.stats()["samples_ok"] == 70
+    assert all(torch.isfinite(b["latent"]).all() for b in batches)

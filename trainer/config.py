@@ -365,18 +365,45 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         fail("stages", f"stage names must be unique, got {names}")
 
     if check_paths:
-        if cfg.model.base != "toy" and not Path(cfg.model.base).is_dir():
-            fail("model.base", f"model folder '{cfg.model.base}' does not exist")
-        if cfg.teacher.init and not Path(cfg.teacher.init).exists():
-            fail("teacher.init", f"teacher export '{cfg.teacher.init}' does not exist")
+        if cfg.model.base != "toy":
+            if not Path(cfg.model.base).is_dir():
+                fail("model.base", f"model folder '{cfg.model.base}' does not exist")
+            if not (Path(cfg.model.base) / "unet" / "config.json").is_file():
+                fail("model.base", f"'{cfg.model.base}' has no unet/config.json (a diffusers model folder is needed)")
+        if cfg.teacher.init:
+            if not Path(cfg.teacher.init).exists():
+                fail("teacher.init", f"teacher export '{cfg.teacher.init}' does not exist")
+            if not (Path(cfg.teacher.init) / "unet" / "config.json").is_file():
+                fail("teacher.init", f"'{cfg.teacher.init}' holds no UNet (expected unet/config.json)")
         if not Path(cfg.deepspeed).is_file():
             fail("deepspeed", f"DeepSpeed config '{cfg.deepspeed}' does not exist")
         if cfg.teacher.deepspeed and not Path(cfg.teacher.deepspeed).is_file():
             fail("teacher.deepspeed", f"DeepSpeed config '{cfg.teacher.deepspeed}' does not exist")
+        _validate_ds_json(cfg, fail)
         if cfg.data.shards and not (Path(cfg.data.shards) / "index.json").is_file():
             fail("data.shards", f"'{cfg.data.shards}' has no index.json (make shards with python -m trainer.encode)")
         if cfg.model.base == "toy" and not cfg.data.shards and cfg.data.shapes.count < 1:
             fail("data.shapes.count", "must be positive")
+
+
+def _validate_ds_json(cfg: Config, fail) -> None:
+    """The DeepSpeed JSON holds ZeRO and precision settings; batch sizes and the optimizer are the YAML's.
+    A JSON that sets them differently would silently win or crash later: refuse it now."""
+    jobs = [("teacher", cfg.teacher.deepspeed or cfg.deepspeed, cfg.teacher.micro_batch, cfg.teacher.grad_accum)]
+    jobs += [(f"stages[{i}]", cfg.deepspeed, s.micro_batch, s.grad_accum) for i, s in enumerate(cfg.stages)]
+    for key, path, micro, accum in jobs:
+        ds = ds_config_from_file(path)
+        for ds_key, ours, yaml_key in (("train_micro_batch_size_per_gpu", micro, "micro_batch"),
+                                       ("gradient_accumulation_steps", accum, "grad_accum")):
+            if ds.get(ds_key, "auto") not in ("auto", ours):
+                fail(f"{key}.{yaml_key}", f"{ours} contradicts {path}: {ds_key}={ds[ds_key]} (remove it from the JSON)")
+        if "train_batch_size" in ds and ds["train_batch_size"] != "auto":
+            if ds["train_batch_size"] % (micro * accum):
+                fail(f"{key}.micro_batch", f"{path}: train_batch_size={ds['train_batch_size']} is not a multiple of "
+                     f"micro_batch x grad_accum = {micro * accum}")
+        for ds_key in ("optimizer", "scheduler"):
+            if ds_key in ds:
+                fail("deepspeed", f"{path}: '{ds_key}' belongs in the YAML (the stages' optim sections), not the JSON")
 
 
 def _validate_optim(optim: OptimConfig, key: str, fail) -> None:

@@ -132,3 +132,24 @@ def test_two_ranks_end_bit_identical(two_rank_run):
         digests = final_state(two_rank_run, job)["replica_digests"]
         assert len(digests) == 2 and digests[0] == digests[1], job
     assert (two_rank_run / "exports" / "stage5_1" / "unet" / "config.json").is_file()
+
+
+def test_stage_lora_applied_to_its_teacher_gives_the_lora_student(smoke_run):
+    """One LoRA per stage, relative to the stage's teacher (both LoRA phases in it): diffusers loads the
+    file into the teacher's UNet and gets the merged LoRA student's outputs."""
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(smoke_run / "exports" / "stage1_32" / "unet")
+    teacher.load_lora_adapter(str(smoke_run / "exports/stage2_8_lora/lora/pytorch_lora_weights.safetensors"), prefix="unet")
+    merged = UNet2DConditionModel.from_pretrained(smoke_run / "exports" / "stage2_8_lora" / "unet")
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 12, 16, 16, generator=g), torch.randn(2, 16, 32, generator=g)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * 2)}
+    t = torch.tensor([999, 499])
+    with torch.no_grad():
+        a = teacher(x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        b = merged(x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        plain = UNet2DConditionModel.from_pretrained(smoke_run / "exports" / "stage1_32" / "unet")(
+            x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, plain, atol=1e-6)  # the LoRA did something

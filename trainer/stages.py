@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -80,7 +81,7 @@ class StageRunner:
             name = phase.job_name(self.stage.name, i)
             result = self.stage_dir / name / "result"
             if not is_complete(result):
-                self._run_phase(phase, name, student_dir, result)
+                self._run_phase(phase, name, student_dir, result, lora_dir)
             student_dir = result
             if phase.train == "lora":
                 lora_dir = result
@@ -93,21 +94,23 @@ class StageRunner:
 
     # -- one phase ------------------------------------------------------------------------------
 
-    def _run_phase(self, phase: Phase, name: str, student_dir: Path, result: Path) -> None:
+    def _run_phase(self, phase: Phase, name: str, student_dir: Path, result: Path, lora_dir: Optional[Path]) -> None:
         cfg, stage, info = self.cfg, self.stage, self.info
         dev = device()
         student_pred = prediction_type_of(student_dir, cfg.model.prediction_type)
         teacher_pred = prediction_type_of(self.teacher_dir, cfg.model.prediction_type)
         out_pred = "sample" if phase.kind == "x0" else student_pred
 
-        student = load_unet(student_dir)
-        unet_config = dict(student.config)
         optim = stage.optim
         if phase.train == "lora":
-            from .lora import add_lora
-
-            add_lora(student, rank=stage.lora.rank, alpha=stage.lora.alpha, init_seed=cfg.run.seed)
+            # One LoRA per stage, relative to the stage's teacher: a later LoRA phase continues the
+            # earlier phase's adapter (not a new one on merged weights), so the exported file alone turns
+            # the teacher into this stage's student.
+            student = self._lora_unet(lora_dir)
             optim = stage.lora.optim
+        else:
+            student = load_unet(student_dir)
+        unet_config = dict(student.config)
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         ds = lambda o: build_ds_config(cfg.deepspeed, stage.micro_batch, stage.grad_accum, info.world_size, o, self.key)
@@ -142,7 +145,7 @@ class StageRunner:
         if info.is_main:
             weights, extra = fp32_weights(final, "student"), None
             if phase.train == "lora":
-                weights, extra = self._lora_result(student_dir, weights)
+                weights, extra = self._lora_result(weights)
             export_unet(weights, unet_config, result, base_dir=self.base, schedule=cfg.schedule,
                         prediction_type=out_pred, steps=stage.student_steps, stage=name,
                         notes={"phase": phase.kind, "train": phase.train}, extra=extra)
@@ -151,13 +154,22 @@ class StageRunner:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _lora_result(self, student_dir: Path, trained: dict[str, torch.Tensor]):
-        """(merged fp32 weights, writer of the LoRA file). The checkpoint holds the frozen base weights in
-        bf16, so the base comes from its fp32 folder and only the LoRA weights from the checkpoint."""
-        from .lora import add_lora, merge_lora, save_lora
+    def _lora_unet(self, lora_dir: Optional[Path]):
+        """The stage's teacher with this stage's LoRA: a fresh one, or the previous LoRA phase's."""
+        from .lora import add_lora, load_lora_into
 
-        unet = add_lora(load_unet(student_dir), rank=self.stage.lora.rank, alpha=self.stage.lora.alpha,
+        unet = add_lora(load_unet(self.teacher_dir), rank=self.stage.lora.rank, alpha=self.stage.lora.alpha,
                         init_seed=self.cfg.run.seed)
+        if lora_dir is not None:
+            load_lora_into(unet, lora_dir / "lora" / "pytorch_lora_weights.safetensors")
+        return unet
+
+    def _lora_result(self, trained: dict[str, torch.Tensor]):
+        """(merged fp32 weights, writer of the LoRA file). The checkpoint holds the frozen base weights in
+        bf16, so the base comes from the teacher's fp32 folder and only the LoRA weights from the checkpoint."""
+        from .lora import merge_lora, save_lora
+
+        unet = self._lora_unet(None)
         lora = {k: v for k, v in trained.items() if ".lora_" in k}
         missing = [k for k in unet.state_dict() if ".lora_" in k and k not in lora]
         if not lora or missing:

@@ -1,6 +1,8 @@
 """Exports: a trained UNet as a diffusers model folder that loads without this project.
 
     <export>/unet/                 UNet2DConditionModel (config.json + diffusion_pytorch_model.safetensors)
+    <export>/unet.safetensors      the same UNet weights as one file (diffusers keys, never sharded), the
+                                   form SDXL-Lightning ships: UNet2DConditionModel.from_config + load_state_dict
     <export>/scheduler/            EulerDiscreteScheduler, trailing spacing, the model's prediction type
     <export>/export.json           what it is: steps, prediction type, guidance, stage, base model
     <export>/README.md             a short model card
@@ -25,6 +27,7 @@ from .config import ScheduleConfig
 from .sampling import make_scheduler
 
 MANIFEST = "export.json"
+SINGLE_FILE_UNET = "unet.safetensors"
 _COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "latent_codec.json", "model_index.json")
 _COPY_LIMIT_BYTES = 64 << 20  # copy parts below this size, link bigger ones
 
@@ -58,6 +61,10 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
         raise RuntimeError(f"export {out_dir}: weights do not match the UNet config "
                            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / SINGLE_FILE_UNET),
+              metadata={"format": "pt"})
     make_scheduler(schedule, prediction_type).save_pretrained(tmp / "scheduler")
     linked = [name for name in _COMPONENTS if (base_dir / name).exists() and _bring_component(base_dir / name, tmp / name)]
 
@@ -73,9 +80,10 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
         **(notes or {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    (tmp / "README.md").write_text(_model_card(manifest))
     if extra is not None:
         extra(tmp)
+    (tmp / "README.md").write_text(_model_card(manifest, has_lora=(tmp / "lora").is_dir(),
+                                               is_pipeline=(tmp / "model_index.json").is_file()))
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -103,7 +111,17 @@ def prediction_type_of(model_dir: Path, fallback: str) -> str:
     return fallback
 
 
-def _model_card(m: dict) -> str:
+def _model_card(m: dict, has_lora: bool = False, is_pipeline: bool = False) -> str:
+    guided = m['guidance'] != 1.0
+    lora = f"""
+LoRA (`lora/pytorch_lora_weights.safetensors`, diffusers format; it applies to this stage's teacher's UNet):
+`pipe.load_lora_weights("<this folder>/lora")`, or on a bare UNet
+`unet.load_lora_adapter("<this folder>/lora", weight_name="pytorch_lora_weights.safetensors", prefix="unet")`
+(name the .safetensors file: without it diffusers ignores the file's alpha).
+""" if has_lora else ""
+    pipe = f"""pipe = StableDiffusionXLPipeline.from_pretrained("<this folder>")
+image = pipe(prompt, num_inference_steps={m['steps']}, guidance_scale={m['guidance'] if guided else 0}).images[0]
+""" if is_pipeline else ""
     return f"""# {m['stage'] or 'model'}: {m['steps']}-step model
 
 Made by the progressive adversarial distillation trainer (SDXL-Lightning method).
@@ -111,12 +129,21 @@ Made by the progressive adversarial distillation trainer (SDXL-Lightning method)
 - Sampling steps: **{m['steps']}**
 - Scheduler: `EulerDiscreteScheduler` with `timestep_spacing="trailing"`, `prediction_type="{m['prediction_type']}"`
   (both already in `scheduler/scheduler_config.json`)
-- Guidance: {m['guidance']} ({'no classifier-free guidance' if m['guidance'] == 1.0 else 'classifier-free guidance scale'})
+- Guidance: {m['guidance']} ({'classifier-free guidance scale' if guided else 'no classifier-free guidance: pass guidance_scale=0 (or 1) to a diffusers pipeline'})
 
 ```python
-from diffusers import UNet2DConditionModel, EulerDiscreteScheduler
+from diffusers import UNet2DConditionModel, EulerDiscreteScheduler{', StableDiffusionXLPipeline' if is_pipeline else ''}
 unet = UNet2DConditionModel.from_pretrained("<this folder>/unet")
 scheduler = EulerDiscreteScheduler.from_pretrained("<this folder>/scheduler")
 scheduler.set_timesteps({m['steps']})
+{pipe}```
+
+Single-file UNet (`{SINGLE_FILE_UNET}`, diffusers keys):
+
+```python
+from safetensors.torch import load_file
+unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config("<this folder>/unet"))
+unet.load_state_dict(load_file("<this folder>/{SINGLE_FILE_UNET}"))
 ```
+{lora}
 """

@@ -1,0 +1,170 @@
+"""FID-Whole, FID-Patch and text alignment of exported models against a reference image set.
+
+    python eval/fid_patch.py --model runs/shapes/exports/stage3_4 --steps 4 --reference shapes \
+        --backend shapes --out runs/shapes/eval/stage3_4
+
+For every --model (an export folder, or a diffusers SDXL / SD 1.5 folder) and every --steps (default: the
+export's own steps) it generates --count images from the reference's prompts with fixed seeds, through
+diffusers objects (eval.generate), and scores them (eval.scoring) with the chosen feature backend
+(eval.features):
+  FID-Whole  the whole image resized to the extractor's input (16 px shapes classifier, 299 px Inception),
+  FID-Patch  the centre crop of each full-resolution image at the extractor's input size, no resizing
+             (n/a where images are smaller than that input),
+  alignment  shapes: attribute accuracy of the shapes classifier; inception: CLIP score (--clip).
+Writes to --out: results.json, results.md, grid.png (reference row + one row per model and step count,
+same prompts and noise), fid_vs_steps.png, and a TensorBoard event file under tb/.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from eval.features import make_backend  # noqa: E402
+from eval.plot import labelled_grid, metrics_vs_steps  # noqa: E402
+from eval.reference import REFERENCE_SEED, ReferenceSet  # noqa: E402
+from eval.report import markdown_table, update_model_card, write_results  # noqa: E402
+from eval.scoring import SetScores  # noqa: E402
+from eval.tensorboard_log import write_eval_tensorboard  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--model", action="append", required=True, type=Path, help="export or model folder (repeatable)")
+    p.add_argument("--lora", action="append", default=[],
+                   help="a diffusers LoRA .safetensors to load onto the model: once for every --model, or once per "
+                        "--model in order ('none' for a model without)")
+    p.add_argument("--label", action="append", default=[], help="row name per --model (default: the folder's name)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default: each export's own)")
+    p.add_argument("--guidance", type=float, action="append", default=[],
+                   help="CFG scale, once for every --model or once per --model (default: the export's; 1 = none)")
+    p.add_argument("--reference", required=True, help="'shapes' or a folder of images (+ name.txt captions)")
+    p.add_argument("--prompts", type=Path, default=None, help="prompts file, one a line (default: the reference's captions)")
+    p.add_argument("--reference-resolution", type=int, default=32, help="shapes reference image size")
+    p.add_argument("--backend", choices=("shapes", "inception"), default="shapes")
+    p.add_argument("--classifier", type=Path, default=None, help="shapes classifier (default: assets/shapes_classifier.safetensors)")
+    p.add_argument("--inception", type=Path, default=None, help="pt_inception-2015-12-05-6726825d.pth (inception backend)")
+    p.add_argument("--clip", type=Path, default=None, help="transformers CLIPModel folder for the CLIP score (inception backend)")
+    p.add_argument("--inception-dims", type=int, choices=(64, 192, 768, 2048), default=2048,
+                   help="Inception features: 2048 (pool3, the standard FID) or an earlier block's, as pytorch-fid's --dims")
+    p.add_argument("--count", type=int, default=1000, help="images per model and step count (and reference images)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="noise seed: image i starts from the noise of (seed, i)")
+    p.add_argument("--grid-count", type=int, default=8, help="images per row of grid.png")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="sampling dtype")
+    p.add_argument("--update-model-card", action="store_true", help="write the rows into each export's README.md")
+    p.add_argument("--no-tensorboard", action="store_true")
+    args = p.parse_args(argv)
+    n = len(args.model)
+    if len(args.lora) not in (0, 1, n):
+        p.error(f"--lora given {len(args.lora)} times for {n} models: give it once or once per model")
+    if len(args.guidance) not in (0, 1, n):
+        p.error(f"--guidance given {len(args.guidance)} times for {n} models: give it once or once per model")
+    if args.label and len(args.label) != n:
+        p.error(f"--label given {len(args.label)} times for {n} models")
+    return args
+
+
+def _loras(args) -> list:
+    loras = args.lora * len(args.model) if len(args.lora) == 1 else (args.lora or [None] * len(args.model))
+    return [None if lora in (None, "none") else Path(lora) for lora in loras]
+
+
+def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int):
+    scores = SetScores(backend)
+    grid = []
+    for images, captions in tqdm(reference.batches(batch_size), total=-(-reference.count // batch_size),
+                                 desc="reference", unit="batch"):
+        scores.add(images, captions if all(c is not None for c in captions) else None)
+        grid.extend(images[:max(0, grid_count - len(grid))])
+    return scores, grid
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python eval/fid_patch.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    with torch.no_grad():
+        return evaluate(args, command)
+
+
+def evaluate(args: argparse.Namespace, command: str) -> int:
+    from eval.generate import ExportSampler
+
+    backend = make_backend(args.backend, classifier=args.classifier, inception=args.inception, clip=args.clip,
+                           device=args.device, inception_dims=args.inception_dims)
+    reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts)
+    ref_scores, ref_grid = score_reference(reference, backend, args.batch_size, args.grid_count)
+    meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,
+            "reference": args.reference, "count": args.count, "seed": args.seed,
+            "reference_alignment": ref_scores.alignment().get("alignment")}
+    if args.reference == "shapes":  # the floor: other real images of the same prompts, scored like a model
+        floor_scores, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0)
+        floor = floor_scores.compare(ref_scores)
+        meta["floor"] = {"fid_whole": floor["fid_whole"], "fid_patch": floor["fid_patch"]}
+
+    rows, grid_rows = [], [("reference", ref_grid)]
+    prompts = reference.prompts
+    for m, (model_dir, lora) in enumerate(zip(args.model, _loras(args))):
+        sampler = ExportSampler(model_dir, lora, args.device, DTYPES[args.dtype])
+        label = args.label[m] if args.label else model_dir.name + ("+lora" if lora else "")
+        step_counts = args.steps or [sampler.default_steps]
+        if None in step_counts:
+            raise SystemExit(f"{model_dir} has no export.json saying its steps: pass --steps")
+        given = args.guidance[0] if len(args.guidance) == 1 else (args.guidance[m] if args.guidance else None)
+        guidance = given if given is not None else sampler.default_guidance
+        model_rows = []
+        for steps in step_counts:
+            scores, grid, seconds = SetScores(backend), [], 0.0
+            bar = tqdm(range(0, args.count, args.batch_size), desc=f"{label} {steps} steps", unit="batch")
+            for start in bar:
+                idx = list(range(start, min(start + args.batch_size, args.count)))
+                t0 = time.perf_counter()
+                images = sampler.sample([prompts[i] for i in idx], idx, steps, guidance, args.seed)
+                seconds += time.perf_counter() - t0
+                scores.add(images, [prompts[i] for i in idx])
+                grid.extend(images[:max(0, args.grid_count - len(grid))])
+            row = {"label": label, "model": str(model_dir), "lora": str(lora) if lora else None, "steps": steps,
+                   "guidance": guidance, "prediction_type": sampler.prediction_type,
+                   "stage": sampler.manifest.get("stage"), "variant": sampler.manifest.get("variant"),
+                   **scores.compare(ref_scores), "sec_per_image": seconds / args.count, "count": args.count,
+                   "backend": backend.name}
+            rows.append(row)
+            model_rows.append(row)
+            grid_rows.append((f"{label} {steps} st", grid))
+            print(f"{label} @ {steps} steps: FID-Whole {row['fid_whole']:.3f}  FID-Patch "
+                  f"{'n/a' if row['fid_patch'] is None else format(row['fid_patch'], '.3f')}  alignment "
+                  f"{'n/a' if row['alignment'] is None else format(row['alignment'], '.4f')}", flush=True)
+        if args.update_model_card:
+            update_model_card(model_dir, model_rows, meta, backend.alignment_name)
+        del sampler
+
+    out = args.out
+    json_path, md_path = write_results(out, meta, rows, backend.alignment_name)
+    from PIL import Image
+
+    grid = labelled_grid(grid_rows)
+    Image.fromarray(grid).save(out / "grid.png")
+    metrics = [("fid_whole", "FID-Whole"), ("fid_patch", "FID-Patch"), ("alignment", "alignment")]
+    metrics_vs_steps(rows, metrics).save(out / "fid_vs_steps.png")
+    if not args.no_tensorboard:
+        write_eval_tensorboard(out / "tb", rows, grid, markdown_table(rows, backend.alignment_name))
+    print(markdown_table(rows, backend.alignment_name))
+    print(f"wrote {json_path}, {md_path}, {out / 'grid.png'}, {out / 'fid_vs_steps.png'}"
+          + ("" if args.no_tensorboard else f", {out / 'tb'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Result files: results.json (rows + what was measured against) and a markdown table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+COLUMNS = [("label", "model"), ("steps", "steps"), ("guidance", "guidance"), ("fid_whole", "FID-Whole"),
+           ("fid_patch", "FID-Patch"), ("alignment", "alignment"), ("sec_per_image", "s / image")]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], alignment_name: str = "alignment") -> str:
+    header = [name if key != "alignment" else f"alignment ({alignment_name})" for key, name in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, meta: dict, rows: list[dict], alignment_name: str) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    md = [f"# Evaluation: {meta['backend']} backend, {meta['count']} images against {meta['reference']}", "",
+          markdown_table(rows, alignment_name)]
+    if meta.get("floor"):
+        floor = meta["floor"]
+        md.append(f"Floor (other real images of the same prompts against the reference, what a perfect model "
+                  f"gets with this many images): FID-Whole "
+                  f"{_cell(floor.get('fid_whole'))}, FID-Patch {_cell(floor.get('fid_patch'))}.")
+    if meta.get("reference_alignment") is not None:
+        md.append(f"Alignment of the reference images themselves: {_cell(meta['reference_alignment'])}.")
+    md.append(f"\nCommand: `{meta['command']}`\n")
+    md_path = out / "results.md"
+    md_path.write_text("\n".join(md))
+    return json_path, md_path
+
+
+CARD_MARK = "<!-- eval/fid_patch.py -->"
+
+
+def update_model_card(model_dir: Path, rows: list[dict], meta: dict, alignment_name: str) -> Optional[Path]:
+    """Replaces (or appends) the evaluation section of <model>/README.md with these rows."""
+    card = Path(model_dir) / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text()
+    if CARD_MARK in text:
+        text = text[:text.index(CARD_MARK)].rstrip() + "\n"
+    section = (f"\n{CARD_MARK}\n## Evaluation\n\n{meta['backend']} backend, {meta['count']} images against "
+               f"{meta['reference']}, seed {meta['seed']}:\n\n{markdown_table(rows, alignment_name)}\n"
+               f"Command: `{meta['command']}`\n")
+    card.write_text(text + section)
+    return card

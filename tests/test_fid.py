@@ -1,0 +1,62 @@
+"""FID math (eval.fid): known cases, the analytic value for Gaussians, singular covariances, streaming stats."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eval.fid import FeatureStats, fid_of_features, frechet_distance
+
+
+def test_identical_sets_give_zero():
+    f = np.random.default_rng(0).normal(size=(2000, 16)) @ np.random.default_rng(1).normal(size=(16, 16))
+    assert abs(fid_of_features(f, f)) < 1e-6
+    assert fid_of_features(f, f.copy()[::-1]) == pytest.approx(0.0, abs=1e-6)  # order does not matter
+
+
+def test_diagonal_gaussians_match_the_formula_by_hand():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.0])
+    var1, var2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    # ||mu1-mu2||^2 = 1 + 0 + 4 = 5; tr(S1 + S2 - 2 (S1 S2)^1/2) = sum (sqrt(a) - sqrt(b))^2 = 1 + 1 + 4 = 6
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(11.0, abs=1e-9)
+
+
+def test_equal_covariances_leave_only_the_mean_shift():
+    a = np.random.default_rng(2).normal(size=(6, 6))
+    cov = a @ a.T + 0.1 * np.eye(6)  # a full (non-diagonal) covariance
+    shift = np.arange(6.0)
+    assert frechet_distance(np.zeros(6), cov, shift, cov) == pytest.approx(float(shift @ shift), rel=1e-7)
+
+
+def test_sampled_gaussians_approach_the_analytic_value():
+    rng = np.random.default_rng(3)
+    n = 200_000
+    std1, std2 = np.array([1.0, 2.0, 0.5, 1.0]), np.array([1.5, 1.0, 0.5, 3.0])
+    mu2 = np.array([0.5, -1.0, 0.0, 2.0])
+    f1 = rng.normal(size=(n, 4)) * std1
+    f2 = rng.normal(size=(n, 4)) * std2 + mu2
+    analytic = float(mu2 @ mu2 + ((std1 - std2) ** 2).sum())  # 5.25 + 5.25
+    assert fid_of_features(f1, f2) == pytest.approx(analytic, rel=0.01)
+
+
+@pytest.mark.parametrize("n", [10, 40])
+def test_singular_covariances_give_a_finite_non_negative_value(n):
+    """Fewer images than dimensions, and dead (constant) features: near-singular covariance products."""
+    rng = np.random.default_rng(4)
+    f1, f2 = rng.normal(size=(n, 32)), rng.normal(size=(n, 32)) + 0.5
+    f1[:, :5] = f2[:, :5] = 0.0
+    value = fid_of_features(f1, f2)
+    assert np.isfinite(value) and value > 0
+    assert fid_of_features(f1, f1) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_streaming_stats_equal_numpy_with_a_large_offset():
+    rng = np.random.default_rng(5)
+    f = rng.normal(size=(1000, 8)) * 0.01 + 1e4  # mean >> std: naive sums of squares would cancel
+    stats = FeatureStats()
+    for i in range(0, 1000, 96):
+        stats.update(f[i:i + 96])
+    assert stats.n == 1000
+    np.testing.assert_allclose(stats.mean, f.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.cov, np.cov(f, rowvar=False), rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError):
+        stats.update(f[:, :4])

@@ -1,0 +1,133 @@
+"""eval/fid_patch.py end to end, in-process: both backends, toy and SDXL-layout models, LoRA, all outputs
+(JSON, markdown, grid, plot, TensorBoard), and fixed seeds that do not depend on the batch size."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval import fid_patch
+from eval.generate import ExportSampler
+from tests.eval_helpers import random_inception_file, tiny_clip_folder
+from trainer.config import ScheduleConfig
+from trainer.encoders import create_toy_encoders, make_tiny_sdxl_folder
+from trainer.export import export_unet
+from trainer.lora import add_lora, merge_lora, save_lora
+from trainer.models import build_toy_unet
+from trainer.shapes import ShapesDataset
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval_toy")
+    base = create_toy_encoders(root / "base")
+    unet = build_toy_unet(seed=0)
+    teacher = export_unet(unet.state_dict(), dict(unet.config), root / "teacher", base_dir=base,
+                          schedule=ScheduleConfig(), prediction_type="v_prediction", steps=4, guidance=3.0,
+                          stage="teacher")
+    lora_unet = add_lora(copy.deepcopy(unet), rank=2, alpha=4)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, p in sorted(lora_unet.named_parameters()):
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lora_file = save_lora(lora_unet, root / "lora_tmp" / "pytorch_lora_weights.safetensors")
+    merged = merge_lora(lora_unet)
+
+    def write_lora(tmp: Path) -> None:
+        (tmp / "lora").mkdir()
+        shutil.copy(lora_file, tmp / "lora" / lora_file.name)
+
+    student = export_unet(merged.state_dict(), dict(merged.config), root / "stage_lora", base_dir=base,
+                          schedule=ScheduleConfig(), prediction_type="v_prediction", steps=2, stage="stage2_2",
+                          extra=write_lora)
+    return {"teacher": teacher, "lora_export": student, "lora": student / "lora" / "pytorch_lora_weights.safetensors"}
+
+
+def test_fixed_seeds_do_not_depend_on_the_batch_size_and_lora_equals_the_merged_export(toy):
+    captions = [ShapesDataset(6, seed=1)[i].caption for i in range(6)]
+    sampler = ExportSampler(toy["teacher"])
+    assert (sampler.default_steps, sampler.default_guidance, sampler.prediction_type) == (4, 3.0, "v_prediction")
+    whole = sampler.sample(captions, range(6), steps=2, guidance=3.0, seed=5)
+    parts = np.concatenate([sampler.sample(captions[:4], range(4), 2, 3.0, 5), sampler.sample(captions[4:], [4, 5], 2, 3.0, 5)])
+    assert whole.shape == (6, 32, 32, 3) and whole.dtype == np.uint8
+    assert np.abs(whole.astype(int) - parts.astype(int)).max() <= 1  # the same noise; float round-off aside
+    assert not np.array_equal(whole, sampler.sample(captions, range(6), 2, 3.0, seed=6))
+
+    with_lora = ExportSampler(toy["teacher"], lora=toy["lora"]).sample(captions, range(6), 2, 1.0, 0)
+    merged = ExportSampler(toy["lora_export"]).sample(captions, range(6), 2, 1.0, 0)
+    assert np.abs(with_lora.astype(int) - merged.astype(int)).max() <= 1
+
+
+def test_shapes_backend_end_to_end(toy, tmp_path):
+    out = tmp_path / "eval"
+    assert fid_patch.main(["--model", str(toy["teacher"]), "--model", str(toy["teacher"]), "--lora", "none",
+                           "--lora", str(toy["lora"]), "--label", "teacher", "--label", "teacher+lora",
+                           "--guidance", "3", "--guidance", "1",
+                           "--steps", "1", "2", "--reference", "shapes", "--backend", "shapes", "--count", "12",
+                           "--batch-size", "8", "--grid-count", "4", "--out", str(out), "--update-model-card"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [(r["label"], r["steps"]) for r in rows] == [("teacher", 1), ("teacher", 2), ("teacher+lora", 1), ("teacher+lora", 2)]
+    for r in rows:
+        assert {"fid_whole", "fid_patch", "alignment", "sec_per_image", "guidance", "prediction_type"} <= set(r)
+        assert np.isfinite(r["fid_whole"]) and np.isfinite(r["fid_patch"]) and 0 <= r["alignment"] <= 1
+        assert r["guidance"] == (3.0 if r["label"] == "teacher" else 1.0) and r["sec_per_image"] > 0
+        assert set(r["alignment_detail"]) == {"shape", "colour", "position", "all"}
+    assert rows[2]["lora"] == str(toy["lora"]) and rows[0]["lora"] is None
+    assert results["reference_alignment"] == 1.0 and results["floor"]["fid_whole"] >= 0
+    assert rows[0]["fid_whole"] > results["floor"]["fid_whole"]  # a random UNet is worse than real images
+
+    md = (out / "results.md").read_text()
+    assert "| teacher+lora | 2 | 1.00 |" in md and "FID-Patch" in md and "attribute accuracy" in md
+    grid = Image.open(out / "grid.png")
+    assert grid.height > 5 * 32  # reference + 4 rows
+    assert Image.open(out / "fid_vs_steps.png").width > 600
+    assert "## Evaluation" in (toy["teacher"] / "README.md").read_text()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "eval/comparison_grid" in tags["images"]
+    assert {"eval/fid_whole/teacher", "eval/fid_patch/teacher+lora", "eval/alignment/teacher"} <= set(tags["scalars"])
+    events = acc.Scalars("eval/fid_whole/teacher")
+    assert [e.step for e in events] == [1, 2]
+    assert events[0].value == pytest.approx(rows[0]["fid_whole"], rel=1e-5)
+
+
+def test_inception_backend_end_to_end_on_an_sdxl_folder(tmp_path):
+    model = make_tiny_sdxl_folder(tmp_path / "tiny-sdxl")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(4):  # a folder of images with name.txt captions
+        item = ShapesDataset(4, seed=3, resolution=64)[i]
+        Image.fromarray(item.image).save(ref / f"{i:03d}.png")
+        (ref / f"{i:03d}.txt").write_text(item.caption)
+    out = tmp_path / "eval"
+    assert fid_patch.main(["--model", str(model), "--steps", "1", "--guidance", "1", "--reference", str(ref),
+                           "--backend", "inception", "--inception", str(random_inception_file(tmp_path / "inc.pth")),
+                           "--inception-dims", "64", "--clip", str(tiny_clip_folder(tmp_path / "clip")),
+                           "--count", "4", "--batch-size", "2", "--out", str(out), "--no-tensorboard"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["rows"]
+    assert row["steps"] == 1 and row["prediction_type"] == "epsilon" and np.isfinite(row["fid_whole"])
+    assert row["fid_patch"] is None  # 64 px images, 299 px extractor input: no patch
+    assert 0 <= row["alignment"] <= 100 and results["alignment_name"] == "CLIP score"
+    assert "| n/a |" in (out / "results.md").read_text()
+    assert not (out / "tb").exists()
+
+
+def test_cli_refuses_mismatched_lora_and_label_counts(toy, tmp_path):
+    for extra in (["--lora", "none", "--lora", "none"], ["--label", "a", "--label", "b"],
+                  ["--guidance", "1", "--guidance", "2"]):
+        with pytest.raises(SystemExit):
+            fid_patch.main(["--model", str(toy["teacher"]), "--model", str(toy["teacher"]), "--model", str(toy["teacher"]),
+                            "--reference", "shapes", "--out", str(tmp_path), *extra])

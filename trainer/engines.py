@@ -30,10 +30,14 @@ def _free_port() -> int:
 
 
 def init_distributed() -> DistInfo:
-    """Join (or create) the process group. torchrun and our SLURM scripts set RANK/WORLD_SIZE/...; a
-    plain `python -m ...` gets a one-process group (DeepSpeed otherwise goes looking for MPI)."""
+    """Join (or create) the process group. torchrun sets RANK/WORLD_SIZE/...; under srun they come from
+    SLURM's variables (trainer/dist_env.py); a plain `python -m ...` gets a one-process group (DeepSpeed
+    otherwise goes looking for MPI)."""
     import deepspeed
 
+    from .dist_env import fill_from_slurm
+
+    fill_from_slurm()  # an srun task (several per step): ranks, master and port from SLURM's variables
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

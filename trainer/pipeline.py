@@ -201,8 +201,11 @@ def run_progression(cfg: Config, info: DistInfo, only: Optional[list[str]] = Non
     grids = GridMaker(cfg, base)
     wanted = lambda name: only is None or name in only
 
-    teacher_dir = run_teacher(cfg, info, base, grids) if wanted("teacher") else (
-        Path(cfg.teacher.init) if cfg.teacher.init else cfg.out_dir / "exports" / "teacher")
+    # Without teacher training (teacher.init, or teacher.samples 0: the base model teaches) run_teacher
+    # only names the teacher, so a stage run alone (--jobs/--stage) still finds it.
+    trains_teacher = not cfg.teacher.init and cfg.teacher.samples > 0
+    teacher_dir = run_teacher(cfg, info, base, grids) if wanted("teacher") or not trains_teacher else (
+        cfg.out_dir / "exports" / "teacher")
     rows = [("teacher", teacher_dir, cfg.teacher.sample_steps, cfg.teacher.guidance)]
     exports = {"teacher": teacher_dir}
     # D is re-initialised from "the base model" at every stage: the original teacher here (the toy's

@@ -29,6 +29,15 @@ def _randn_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device)
 
 
+def noisy_inputs(batch: dict, gen: torch.Generator, schedule: NoiseSchedule, timesteps: torch.Tensor):
+    """The distillation objectives' shared start: x_t at a timestep drawn from the student's grid (pure
+    noise at t = T), and the batch's conditioning. Returns (x_t, t, cond)."""
+    x0 = batch["latent"]
+    eps = _randn_like(x0, gen)
+    t = timesteps[torch.randint(0, len(timesteps), (x0.shape[0],), generator=gen)]
+    return schedule.add_noise(x0, eps, t), t, Conditioning.from_batch(batch)
+
+
 class DenoiseObjective:
     def __init__(self, engine, schedule: NoiseSchedule, prediction_type: str, caption_dropout: float):
         self.engines = {"student": engine}
@@ -70,16 +79,11 @@ class MSEDistillObjective:
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, schedule.num_train_timesteps))
 
     def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        x0 = batch["latent"]
-        b = x0.shape[0]
-        eps = _randn_like(x0, gen)
-        t = self.timesteps[torch.randint(0, len(self.timesteps), (b,), generator=gen)]
-        x_t = self.schedule.add_noise(x0, eps, t)  # pure noise at t = T
-        cond = Conditioning.from_batch(batch)
+        x_t, t, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps)
         target = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, self.cfg_scale), x_t,
-                              t.to(x0.device), self.moves_per_step, self.teacher_steps, self.teacher_prediction_type)
+                              t.to(x_t.device), self.moves_per_step, self.teacher_steps, self.teacher_prediction_type)
         t_next = next_timestep(t, self.student_steps, self.schedule.num_train_timesteps)
-        out = unet_forward(self.engine, x_t, t.to(x0.device), cond)
+        out = unet_forward(self.engine, x_t, t.to(x_t.device), cond)
         landed = move(self.schedule, out, x_t, t, t_next, self.prediction_type)
         loss = F.mse_loss(landed, target)
         self.engine.backward(loss)
@@ -102,15 +106,11 @@ class X0Objective:
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, schedule.num_train_timesteps))
 
     def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        x0 = batch["latent"]
-        eps = _randn_like(x0, gen)
-        t = self.timesteps[torch.randint(0, len(self.timesteps), (x0.shape[0],), generator=gen)]
-        x_t = self.schedule.add_noise(x0, eps, t)
-        cond = Conditioning.from_batch(batch)
+        x_t, t, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps)
         with torch.no_grad():
-            out = unet_forward(self.frozen, x_t, t.to(x0.device), cond)
+            out = unet_forward(self.frozen, x_t, t.to(x_t.device), cond)
             target, _ = self.schedule.to_x0_eps(out, x_t, t, self.frozen_prediction_type)
-        pred = unet_forward(self.engine, x_t, t.to(x0.device), cond)  # the copy now outputs x0 itself
+        pred = unet_forward(self.engine, x_t, t.to(x_t.device), cond)  # the copy now outputs x0 itself
         loss = F.mse_loss(pred, target)
         self.engine.backward(loss)
         self.engine.step()
@@ -168,12 +168,8 @@ class AdversarialObjective:
 
     def prepare(self, batch: dict, gen: torch.Generator) -> dict:
         """Teacher's jump (real) and the student's move (fake, with grad unless D warms up) from one x_t."""
-        x0 = batch["latent"]
-        dev, b = x0.device, x0.shape[0]
-        eps = _randn_like(x0, gen)
-        t = self.timesteps[torch.randint(0, len(self.timesteps), (b,), generator=gen)]
-        x_t = self.schedule.add_noise(x0, eps, t)
-        cond = Conditioning.from_batch(batch)
+        x_t, t, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps)
+        dev, b = x_t.device, x_t.shape[0]
         t_next = next_timestep(t, self.student_steps, self.schedule.num_train_timesteps)
         moves = self.teacher_steps // self.student_steps
         real = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, 1.0), x_t, t.to(dev), moves,
@@ -187,7 +183,7 @@ class AdversarialObjective:
             # drawn per sample.
             pick = torch.multinomial(self.t_star_weights, b, replacement=True, generator=gen)
             d_t = self.t_star[pick]
-            noise = _randn_like(x0, gen)
+            noise = _randn_like(x_t, gen)
             real = self.schedule.renoise(implied_x0(self.schedule, x_t, real, t, t_next), noise, d_t)
             fake = self.schedule.renoise(implied_x0(self.schedule, x_t, fake, t, t_next), noise, d_t)
         return {"x_t": x_t, "t": t.to(dev), "cond": cond, "real": real, "fake": fake, "d_t": d_t.to(dev)}

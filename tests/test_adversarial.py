@@ -106,3 +106,21 @@ def test_implied_x0_inverts_a_ddim_move():
     last = torch.tensor([249])
     x_last = move(SCHED, out[:1], x_t[:1], last, next_timestep(last, 4), "epsilon")
     assert torch.allclose(implied_x0(SCHED, x_t[:1], x_last, last, torch.tensor([-1])), x_last)
+
+
+def test_x0_head_from_v_predicts_x0_at_T_up_to_alpha_x_t():
+    from trainer.models import Conditioning, unet_forward
+    from trainer.stages import x0_head_from_v
+
+    v_net = build_toy_unet(seed=3)
+    x0_net = copy.deepcopy(v_net)
+    x0_head_from_v(x0_net, SCHED)
+    b = batch(2)
+    cond = Conditioning.from_batch(b)
+    x_t = torch.randn(2, 12, 16, 16, generator=torch.Generator().manual_seed(6))
+    t = torch.full((2,), 999)
+    with torch.no_grad():
+        x0_from_v, _ = SCHED.to_x0_eps(unet_forward(v_net, x_t, t, cond, torch.float32), x_t, t, "v_prediction")
+        direct = unet_forward(x0_net, x_t, t, cond, torch.float32)
+    alpha, _ = SCHED.alpha_sigma(t)
+    assert torch.allclose(direct, x0_from_v - alpha * x_t, atol=1e-5)

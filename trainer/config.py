@@ -138,6 +138,8 @@ class StageConfig:
     samples: int = 1000  # length of each objective phase, in samples seen
     full_samples: int = 0  # lora+full: length of the final full-UNet phase (0 = samples)
     x0_samples: int = 0  # the one-step stage: conversion to x0 prediction first (0 = none)
+    # The conversion learns a new output parametrization by plain regression: its own optimizer.
+    x0_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=[0.9, 0.999], grad_clip=1.0))
     mse_weight: float = 0.0  # an extra MSE term in adversarial phases (the paper: none)
     micro_batch: int = 32
     grad_accum: int = 1
@@ -356,6 +358,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             fail(f"{key}.lora.rank", "must be positive")
         _validate_optim(stage.optim, f"{key}.optim", fail)
         _validate_optim(stage.lora.optim, f"{key}.lora.optim", fail)
+        _validate_optim(stage.x0_optim, f"{key}.x0_optim", fail)
         _validate_optim(disc.optim, f"{key}.disc.optim", fail)
         previous_student = stage.student_steps
     names = [s.name or f"stage{i + 1}" for i, s in enumerate(cfg.stages)]

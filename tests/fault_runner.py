@@ -5,6 +5,7 @@
     FAULT=enospc_in_checkpoint:N the N-th checkpoint write fails with "No space left on device"
     FAULT=kill_at_step:JOB:K     SIGKILL at the K-th micro-step of job JOB, between its forward and backward
     FAULT=kill_after_export:NAME SIGKILL right after the export NAME (a stage, or a phase result) is published
+    FAULT=usr2_in_setup          SIGUSR2 (SLURM's preemption warning) while the run is still setting up
 """
 import errno
 import os
@@ -80,5 +81,15 @@ elif kind == "kill_after_export":
     stages.export_unet = export_unet
     import trainer.pipeline as pipeline
     pipeline.export_unet = export_unet
+
+elif kind == "usr2_in_setup":
+    import trainer.pipeline as pipeline
+    original_prepare = pipeline.prepare_base
+
+    def prepare_base(cfg, info):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return original_prepare(cfg, info)
+
+    pipeline.prepare_base = prepare_base
 
 sys.exit(main(sys.argv[1:]))

@@ -161,3 +161,13 @@ def test_a_shard_sample_holding_a_pickle_is_refused_not_unpickled(tmp_path):
     raw = {"__key__": "000001", "latent.npy": buf.getvalue(), "prompt_embeds.npy": good.getvalue(), "txt": b"a red circle"}
     with pytest.raises(BadSample, match="latent.npy"):
         decode_sample(raw, {"latent": [12, 16, 16], "prompt_embeds": [8, 32]}, "train-000000.tar")
+
+
+def test_preemption_warning_during_setup_is_kept_until_the_first_step(tmp_path):
+    """SLURM's USR2 can come before training starts (while shards are made): the process must not die of
+    it; the first step boundary writes a checkpoint and exits 75, and the relaunch resumes."""
+    proc = _fault_run("usr2_in_setup", _teacher_args(tmp_path))
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "[teacher] stopped at 8 samples" in proc.stdout
+    proc = _fault_run("", _teacher_args(tmp_path))
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]

@@ -16,7 +16,7 @@ Inside a job, every task is one rank: the distributed environment comes from sub
 job. Preemption: SLURM's USR2 warning (and SIGTERM) reach the trainer, which writes a checkpoint at the
 next step boundary and returns 75; the task then hands over to submitit's own preemption handler, which
 calls `TrainerJob.checkpoint()` (the same job again) and requeues it; the requeued job resumes from that
-checkpoint. A USR2 that arrives before training started goes straight to submitit's handler.
+checkpoint. A USR2 that arrives before trainer.run's main installed its handler goes straight to submitit's.
 
 Executors: `slurm` (the default where `sbatch` exists) or `local` (submitit's local executor: the jobs
 run one after the other on this machine, chained by this process, which therefore waits for them).

@@ -81,6 +81,19 @@ class Preemption:
         return bool(flag.item())
 
 
+_PREEMPTION: Optional[Preemption] = None
+
+
+def preemption_handler() -> Preemption:
+    """One handler per process, installed as early as possible (trainer.run does it before any work):
+    a warning that arrives while shards are encoded or between two phases is kept, and the next step
+    boundary of whichever job runs then writes the checkpoint and stops."""
+    global _PREEMPTION
+    if _PREEMPTION is None:
+        _PREEMPTION = Preemption()
+    return _PREEMPTION
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with NaN/Inf gradients."""
 
@@ -167,7 +180,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
                          max_bad_fraction=cfg.data.max_bad_fraction)
     batches = iter(loader)
     tracker = Tracker(job.out_dir / "tb", enabled=info.is_main)
-    preemption = Preemption()
+    preemption = preemption_handler()
     stop_at = state["samples_seen"] + cfg.run.stop_after_samples if cfg.run.stop_after_samples else None
     window: dict[str, list] = {}
     data_stats: dict[int, dict] = {}  # latest cumulative counters of each loader stream

@@ -49,6 +49,9 @@ def main(argv=None) -> int:
             return EXIT_CONFIG
         only.append(cfg.stages[args.stage - 1].name)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from .loop import preemption_handler
+
+    preemption_handler()  # before any work: a SLURM warning during set-up must not kill the process
 
     import torch
 

@@ -403,6 +403,15 @@ def _frozen(module):
     return module.eval()
 
 
+def load_toy_codec(model_dir: str | Path) -> tuple[PixelUnshuffleCodec, dict]:
+    """The toy's latent codec from its latent_codec.json, and that file's settings."""
+    path = Path(model_dir) / LATENT_CODEC_FILE
+    codec_config = json.loads(path.read_text())
+    if codec_config.get("type") != "pixel_unshuffle":
+        raise ValueError(f"{path}: unknown codec {codec_config.get('type')!r}")
+    return PixelUnshuffleCodec(int(codec_config.get("factor", 2))), codec_config
+
+
 def load_encoders(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Encoders:
@@ -419,12 +428,9 @@ def load_encoders(
     if kind == "toy":
         from transformers import CLIPTextModelWithProjection
 
-        codec_config = json.loads((model_dir / LATENT_CODEC_FILE).read_text())
-        if codec_config.get("type") != "pixel_unshuffle":
-            raise ValueError(f"{model_dir / LATENT_CODEC_FILE}: unknown codec {codec_config.get('type')!r}")
+        codec, codec_config = load_toy_codec(model_dir)
         text_model = load_model(CLIPTextModelWithProjection, "text_encoder")
         text = ToyTextEncoder(WordTokenizer.load(model_dir / "tokenizer"), text_model)
-        codec = PixelUnshuffleCodec(int(codec_config.get("factor", 2)))
         return Encoders(codec, text, kind, int(codec_config.get("resolution", 32)))
 
     from diffusers import AutoencoderKL

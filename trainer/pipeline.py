@@ -79,11 +79,10 @@ def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
 
 def load_codec(model_dir: Path):
     """Only the latent codec (no text encoders): what sampling needs to turn latents into pixels."""
-    from .encoders import LATENT_CODEC_FILE, PixelUnshuffleCodec, VaeCodec
+    from .encoders import LATENT_CODEC_FILE, VaeCodec, load_toy_codec
 
-    codec_file = Path(model_dir) / LATENT_CODEC_FILE
-    if codec_file.is_file():
-        return PixelUnshuffleCodec(int(json.loads(codec_file.read_text()).get("factor", 2)))
+    if (Path(model_dir) / LATENT_CODEC_FILE).is_file():
+        return load_toy_codec(model_dir)[0]
     from diffusers import AutoencoderKL
 
     return VaeCodec(AutoencoderKL.from_pretrained(Path(model_dir) / "vae", local_files_only=True).eval())

@@ -63,31 +63,14 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
 
 
 def sample_model(model_dir: Path, count: int, steps: int | None, guidance: float | None, seed: int) -> tuple[np.ndarray, list[str]]:
-    import torch
+    """`count` images of shapes captions from an export, through eval/fid_patch.py's sampler."""
+    from eval.generate import ExportSampler
 
-    from trainer.config import ScheduleConfig
-    from trainer.encoders import load_encoders
-    from trainer.export import read_manifest
-    from trainer.models import Conditioning, load_unet
-    from trainer.sampling import make_scheduler, sample_latents, to_uint8
-
-    manifest = read_manifest(model_dir)
-    steps = steps or manifest["steps"]
-    guidance = guidance if guidance is not None else manifest.get("guidance", 1.0)
+    sampler = ExportSampler(model_dir)
     captions = [ShapesDataset(count, seed=seed + 1)[i].caption for i in range(count)]
-    enc = load_encoders(model_dir)
-    text = enc.text.encode(captions)
-    res = enc.resolution
-    cond = Conditioning(text.prompt_embeds, text.pooled,
-                        enc.time_ids((res, res), (0, 0), (res, res)).expand(count, -1) if text.pooled is not None else None)
-    unet = load_unet(model_dir).eval()
-    c = unet.config
-    latent = [c.in_channels, c.sample_size, c.sample_size]
-    noise = torch.randn([count, *latent], generator=torch.Generator().manual_seed(seed))
-    scheduler = make_scheduler(ScheduleConfig(), manifest["prediction_type"])
-    with torch.no_grad():
-        latents = sample_latents(unet, scheduler, cond, noise, steps, guidance)
-    return to_uint8(enc.codec.decode(latents)), captions
+    images = sampler.sample(captions, list(range(count)), steps or sampler.default_steps,
+                            sampler.default_guidance if guidance is None else guidance, seed)
+    return images, captions
 
 
 def main(argv=None) -> int:

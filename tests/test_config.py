@@ -39,8 +39,11 @@ def test_sdxl_recipe_is_the_papers():
     assert all(s.lora.optim.lr == 1e-6 and s.lora.rank == 64 for s in cfg.stages[1:4])
     assert cfg.stages[4].x0_samples > 0 and cfg.stages[4].disc.t_star == [10, 250, 500, 750]
     assert cfg.stages[4].disc.t_star_late_weights == [5, 1, 1, 1] and cfg.model.prediction_type == "epsilon"
-    for s in cfg.stages:  # the paper's global batch on 64 GPUs
-        assert s.micro_batch * s.grad_accum * 64 == 512
+    for s in cfg.stages:  # the paper's global batch, on 8 and on 64 GPUs
+        for world in (8, 64):
+            assert s.micro_batch * s.accumulation(world) * world == 512
+        with pytest.raises(ConfigError, match="global_batch.*not a multiple"):
+            s.accumulation(48)
 
 
 @pytest.mark.parametrize("mutate, key, words", [
@@ -53,6 +56,8 @@ def test_sdxl_recipe_is_the_papers():
     (lambda d: d.update(deepspeed="/no/such.json"), "deepspeed", "does not exist"),
     (lambda d: d["stages"][0].update(objective="gan"), "stages[0].objective", "not one of"),
     (lambda d: d["data"].update(shards="/no/shards"), "data.shards", "index.json"),
+    (lambda d: d["stages"][0].update(global_batch=50, micro_batch=32), "stages[0].global_batch", "multiple of micro_batch"),
+    (lambda d: d["stages"][0].update(global_batch=64, micro_batch=32, grad_accum=2), "stages[0].grad_accum", "either global_batch"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, mutate, key, words):
     data = base_recipe()

@@ -70,6 +70,9 @@ def test_next_timestep_chain():
     assert chain == [999, 749, 499, 249]
     with pytest.raises(ValueError, match="not on the 4-step"):
         next_timestep(torch.tensor([500]), 4)
+    # Unchecked (the training step's lookup, no read-back): an off-grid t still fails loudly at its use.
+    with pytest.raises(IndexError):
+        SCHED.alpha_sigma(next_timestep(torch.tensor([500]), 4, check=False))
 
 
 def test_student_grid_is_every_nth_teacher_timestep():

@@ -37,6 +37,9 @@ class RunConfig:
     # A step whose gradients hold NaN/Inf is skipped by the engine (no update, optimizer moments untouched;
     # DeepSpeed's check_grad_overflow); this many in a row stops the run with a message.
     max_consecutive_skips: int = 5
+    # With several ranks, whether anyone got SLURM's preemption warning is agreed by an all-reduce, a
+    # host-device sync on GPUs: every this many steps (the warning comes minutes ahead). One rank: free.
+    preemption_check_steps: int = 10
 
 
 @dataclass
@@ -143,9 +146,22 @@ class StageConfig:
     mse_weight: float = 0.0  # an extra MSE term in adversarial phases (the paper: none)
     micro_batch: int = 32
     grad_accum: int = 1
+    # The recipe's global batch (the paper: 512). When set, grad_accum follows from the world size at
+    # launch (global_batch / (micro_batch x world size)), so one config runs on 8 or 64 GPUs unchanged.
+    global_batch: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)  # the student (full UNet) optimizer
     lora: LoraConfig = field(default_factory=LoraConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
+
+    def accumulation(self, world_size: int, key: str = "stage") -> int:
+        """Micro-batches per optimizer step on `world_size` ranks: grad_accum, or what global_batch implies."""
+        if not self.global_batch:
+            return self.grad_accum
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(f"{key}.global_batch: {self.global_batch} is not a multiple of micro_batch "
+                              f"{self.micro_batch} x world size {world_size} = {per_step}")
+        return self.global_batch // per_step
 
 
 @dataclass
@@ -314,6 +330,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if value < 0 or (value == 0 and key != "teacher.samples"):
             fail(key, f"must be positive, got {value}")
     _validate_optim(cfg.teacher.optim, "teacher.optim", fail)
+    if cfg.run.preemption_check_steps < 1:
+        fail("run.preemption_check_steps", "must be at least 1")
     if cfg.run.max_consecutive_skips < 1:
         fail("run.max_consecutive_skips", "must be at least 1")
     if cfg.log.keep_last < 1:
@@ -344,6 +362,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             fail(f"{key}.variant", "the one-step model is trained as a full UNet (x0 prediction: no 1-step LoRA)")
         if stage.objective == "mse" and stage.variant == "lora+full":
             fail(f"{key}.variant", "lora+full is for adversarial objectives (its last phase is adv_uncond)")
+        if stage.global_batch and (stage.global_batch < 0 or stage.global_batch % stage.micro_batch):
+            fail(f"{key}.global_batch", f"{stage.global_batch} is not a positive multiple of micro_batch {stage.micro_batch}")
+        if stage.global_batch and stage.grad_accum != 1:
+            fail(f"{key}.grad_accum", "set either global_batch (grad_accum then follows from the world size) or grad_accum")
         for name in ("full_samples", "x0_samples", "mse_weight"):
             if getattr(stage, name) < 0:
                 fail(f"{key}.{name}", "must be >= 0")

@@ -241,11 +241,16 @@ def g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def d_accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def d_accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fraction of real judged real, fraction of fake judged fake). D's loss is 2 ln 2 both for a blind
     D and for one the student has beaten; these two numbers tell them apart. A logit of exactly 0 is
-    a coin flip and counts one half."""
+    a coin flip and counts one half. With `mask`, over the masked samples only (NaN if there are none)."""
     def judged(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        return ((logits > 0).float() + 0.5 * (logits == 0).float()).mean()
+        logits = logits.float().reshape(-1)
+        hits = (logits > 0).float() + 0.5 * (logits == 0).float()
+        if mask is None:
+            return hits.mean()
+        weight = mask.reshape(-1).float()
+        return (hits * weight).sum() / weight.sum()
     return judged(real_logits), judged(-fake_logits)

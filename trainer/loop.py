@@ -75,9 +75,11 @@ class Preemption:
 
     def agreed(self) -> bool:
         """All ranks must stop at the same step; the signal may reach them at different times."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.requested
+        # On the collective's device: NCCL reduces only CUDA tensors.
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -128,7 +130,14 @@ def step_generator(seed: int, rank: int, samples_seen: int, micro: int) -> torch
 
 
 def _to_device(batch: dict, dev: torch.device) -> dict:
-    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch on the device, floats as float32: the cast runs after the copy (on the GPU there), so
+    float16 shards cross the host and the bus at half the bytes."""
+    def move(v):
+        if not torch.is_tensor(v):
+            return v
+        v = v.to(dev, non_blocking=True)
+        return v.float() if v.is_floating_point() else v
+    return {k: move(v) for k, v in batch.items()}
 
 
 def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -138,7 +147,8 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, values)
     keys = sorted({k for g in gathered for k in g})
-    return {k: sum(g[k] for g in gathered if k in g) / sum(1 for g in gathered if k in g) for k in keys}
+    seen = {k: [g[k] for g in gathered if k in g and not math.isnan(g[k])] for k in keys}
+    return {k: sum(v) / len(v) if v else math.nan for k, v in seen.items()}
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -226,7 +236,8 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
 
         if state["step"] % cfg.log.every_steps == 0 or state["step"] == total_steps:
             # .item() only here: no host-device sync on the other steps
-            logs = {f"{job.name}/{k}": float(torch.stack(v).float().mean()) for k, v in window.items()}
+            # nanmean: a term some micro-steps could not measure (a t* no sample drew) is NaN there
+            logs = {f"{job.name}/{k}": float(torch.stack(v).float().nanmean()) for k, v in window.items()}
             logs = _mean_across_ranks(logs)
             elapsed = time.perf_counter() - window_start
             logs[f"{job.name}/lr"] = lrs["student"]
@@ -244,7 +255,8 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
         stop_now = stop_at is not None and state["samples_seen"] >= stop_at
         if finished:
             break
-        if preemption.agreed() or stop_now:
+        check_preemption = info.world_size == 1 or state["step"] % cfg.run.preemption_check_steps == 0
+        if (check_preemption and preemption.agreed()) or stop_now:
             save()
             bar.close()
             tracker.close()

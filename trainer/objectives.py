@@ -24,18 +24,31 @@ class Objective(Protocol):
     def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]: ...
 
 
+def host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor onto `device` without making the host wait: a copy from pageable memory would wait
+    for the GPU's queue to drain first (a hidden sync per step), one from pinned memory is queued."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def _randn_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     # Drawn on the CPU from the step's generator so every device and rank count reproduces it.
-    return torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device)
+    return host_to_device(torch.randn(x.shape, generator=gen, dtype=torch.float32), x.device)
 
 
-def noisy_inputs(batch: dict, gen: torch.Generator, schedule: NoiseSchedule, timesteps: torch.Tensor):
+def noisy_inputs(batch: dict, gen: torch.Generator, schedule: NoiseSchedule, timesteps: torch.Tensor,
+                 student_steps: int):
     """The distillation objectives' shared start: x_t at a timestep drawn from the student's grid (pure
-    noise at t = T), and the batch's conditioning. Returns (x_t, t, cond)."""
+    noise at t = T), the next timestep on that grid, and the batch's conditioning. Returns
+    (x_t, t, t_next, cond), all on the batch's device. Timesteps are drawn and stepped on the CPU (where
+    no copy back is ever needed) and then queued to the device."""
     x0 = batch["latent"]
     eps = _randn_like(x0, gen)
-    t = timesteps[torch.randint(0, len(timesteps), (x0.shape[0],), generator=gen)]
-    return schedule.add_noise(x0, eps, t), t, Conditioning.from_batch(batch)
+    t_host = timesteps[torch.randint(0, len(timesteps), (x0.shape[0],), generator=gen)]
+    t_next_host = next_timestep(t_host, student_steps, schedule.num_train_timesteps, check=False)  # drawn from it
+    t, t_next = host_to_device(t_host, x0.device), host_to_device(t_next_host, x0.device)
+    return schedule.add_noise(x0, eps, t), t, t_next, Conditioning.from_batch(batch)
 
 
 class DenoiseObjective:
@@ -50,12 +63,12 @@ class DenoiseObjective:
         x0 = batch["latent"]
         b = x0.shape[0]
         eps = _randn_like(x0, gen)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=gen)
-        keep = torch.rand(b, generator=gen) >= self.caption_dropout
-        alpha, sigma = (a.to(x0.device) for a in self.schedule.alpha_sigma(t))
+        t = host_to_device(torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=gen), x0.device)
+        keep = host_to_device(torch.rand(b, generator=gen) >= self.caption_dropout, x0.device)
+        alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = alpha * x0 + sigma * eps  # ordinary forward process: the teacher learns the real schedule
         cond = Conditioning.from_batch(batch).drop(keep)
-        out = unet_forward(self.engine, x_t, t.to(x0.device), cond)
+        out = unet_forward(self.engine, x_t, t, cond)
         target = self.schedule.target(x0, eps, t, self.prediction_type)
         loss = F.mse_loss(out, target)
         self.engine.backward(loss)
@@ -79,11 +92,10 @@ class MSEDistillObjective:
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, schedule.num_train_timesteps))
 
     def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        x_t, t, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps)
-        target = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, self.cfg_scale), x_t,
-                              t.to(x_t.device), self.moves_per_step, self.teacher_steps, self.teacher_prediction_type)
-        t_next = next_timestep(t, self.student_steps, self.schedule.num_train_timesteps)
-        out = unet_forward(self.engine, x_t, t.to(x_t.device), cond)
+        x_t, t, t_next, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps, self.student_steps)
+        target = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, self.cfg_scale), x_t, t,
+                              self.moves_per_step, self.teacher_steps, self.teacher_prediction_type)
+        out = unet_forward(self.engine, x_t, t, cond)
         landed = move(self.schedule, out, x_t, t, t_next, self.prediction_type)
         loss = F.mse_loss(landed, target)
         self.engine.backward(loss)
@@ -103,14 +115,15 @@ class X0Objective:
         self.frozen = frozen
         self.schedule = schedule
         self.frozen_prediction_type = frozen_prediction_type
+        self.student_steps = student_steps
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, schedule.num_train_timesteps))
 
     def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        x_t, t, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps)
+        x_t, t, _, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps, self.student_steps)
         with torch.no_grad():
-            out = unet_forward(self.frozen, x_t, t.to(x_t.device), cond)
+            out = unet_forward(self.frozen, x_t, t, cond)
             target, _ = self.schedule.to_x0_eps(out, x_t, t, self.frozen_prediction_type)
-        pred = unet_forward(self.engine, x_t, t.to(x_t.device), cond)  # the copy now outputs x0 itself
+        pred = unet_forward(self.engine, x_t, t, cond)  # the copy now outputs x0 itself
         loss = F.mse_loss(pred, target)
         self.engine.backward(loss)
         self.engine.step()
@@ -121,8 +134,8 @@ def implied_x0(schedule: NoiseSchedule, x_t: torch.Tensor, x_next: torch.Tensor,
                t_next: torch.Tensor) -> torch.Tensor:
     """The x0 whose DDIM move from x_t at t lands on x_next at t_next (x_next itself when t_next = -1):
     x_next = a' x0 + s' (x_t - a x0) / s  =>  x0 = (x_next - (s'/s) x_t) / (a' - s' a / s)."""
-    a, s = (v.to(x_t.device) for v in schedule.alpha_sigma(t))
-    a2, s2 = (v.to(x_t.device) for v in schedule.alpha_sigma(t_next))
+    a, s = schedule.alpha_sigma(t.to(x_t.device))
+    a2, s2 = schedule.alpha_sigma(t_next.to(x_t.device))
     return (x_next - (s2 / s) * x_t) / (a2 - s2 * a / s)
 
 
@@ -149,6 +162,7 @@ class AdversarialObjective:
         self.student_steps, self.teacher_steps = student_steps, teacher_steps
         self.conditional = conditional
         self.t_star = torch.tensor(t_star, dtype=torch.long)
+        self.t_star_values = list(t_star)
         self.t_star_weights = torch.tensor(t_star_weights or [1.0] * len(t_star), dtype=torch.float)
         self.mse_weight = mse_weight
         # D warm-up: only D trains (the student's engine is not stepped), giving D the head start that
@@ -168,25 +182,24 @@ class AdversarialObjective:
 
     def prepare(self, batch: dict, gen: torch.Generator) -> dict:
         """Teacher's jump (real) and the student's move (fake, with grad unless D warms up) from one x_t."""
-        x_t, t, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps)
+        x_t, t, t_next, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps, self.student_steps)
         dev, b = x_t.device, x_t.shape[0]
-        t_next = next_timestep(t, self.student_steps, self.schedule.num_train_timesteps)
         moves = self.teacher_steps // self.student_steps
-        real = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, 1.0), x_t, t.to(dev), moves,
+        real = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, 1.0), x_t, t, moves,
                             self.teacher_steps, self.teacher_prediction_type)
         with torch.set_grad_enabled(not self.d_only):
-            out = unet_forward(self.student, x_t, t.to(dev), cond)
+            out = unet_forward(self.student, x_t, t, cond)
         fake = move(self.schedule, out, x_t, t, t_next, self.prediction_type)
         d_t = t_next
         if len(self.t_star):
             # Multi-timestep D: both landings to their x0, re-noised with the same fresh noise to a t*
             # drawn per sample.
             pick = torch.multinomial(self.t_star_weights, b, replacement=True, generator=gen)
-            d_t = self.t_star[pick]
+            d_t = host_to_device(self.t_star[pick], dev)
             noise = _randn_like(x_t, gen)
             real = self.schedule.renoise(implied_x0(self.schedule, x_t, real, t, t_next), noise, d_t)
             fake = self.schedule.renoise(implied_x0(self.schedule, x_t, fake, t, t_next), noise, d_t)
-        return {"x_t": x_t, "t": t.to(dev), "cond": cond, "real": real, "fake": fake, "d_t": d_t.to(dev)}
+        return {"x_t": x_t, "t": t, "cond": cond, "real": real, "fake": fake, "d_t": d_t}
 
     def d_step(self, p: dict) -> dict[str, torch.Tensor]:
         """L_D = -log p(real) - log(1 - p(fake)); the fake is detached (the student is not touched)."""
@@ -197,10 +210,10 @@ class AdversarialObjective:
         self.disc.step()
         acc_real, acc_fake = d_accuracy(real_logits, fake_logits)
         logs = {"d_loss": loss_d.detach(), "d_acc_real": acc_real, "d_acc_fake": acc_fake}
-        for ts in self.t_star.tolist():  # per-t* terms: can D still tell them apart at this t*?
-            sel = p["d_t"] == ts
-            if sel.any():
-                logs[f"d_acc_real_t{ts}"], logs[f"d_acc_fake_t{ts}"] = d_accuracy(real_logits[sel], fake_logits[sel])
+        for ts in self.t_star_values:  # per-t* terms: can D still tell them apart at this t*?
+            # NaN where no sample drew this t* (the loop averages with nanmean): no data-dependent branch,
+            # so no host-device sync.
+            logs[f"d_acc_real_t{ts}"], logs[f"d_acc_fake_t{ts}"] = d_accuracy(real_logits, fake_logits, p["d_t"] == ts)
         return logs
 
     def g_step(self, p: dict) -> dict[str, torch.Tensor]:

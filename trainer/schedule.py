@@ -10,7 +10,7 @@ trained on `move` samples correctly with that scheduler.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -23,6 +23,9 @@ from .config import ScheduleConfig
 class NoiseSchedule:
     alphas_cumprod: torch.Tensor  # float64, [T]
     pure_noise_at_T: bool = True
+    # (alpha, sigma) float32 tables per device, so lookups stay on the timesteps' device: a GPU step
+    # never waits for a device-to-host copy of t (#7, no host-device sync in the hot loop).
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig) -> "NoiseSchedule":
@@ -35,16 +38,20 @@ class NoiseSchedule:
         return self.alphas_cumprod.shape[0]
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha_t, sigma_t as float32 [B,1,1,1]; t = -1 gives (1, 0)."""
-        t = t.long().cpu()
-        abar = torch.where(t >= 0, self.alphas_cumprod[t.clamp(min=0)], torch.ones_like(t, dtype=torch.float64))
-        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
-        return alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
+        """alpha_t, sigma_t as float32 [B,1,1,1] on t's device; t = -1 gives (1, 0)."""
+        key = str(t.device)
+        if key not in self._tables:
+            # One extra entry (1, 0) at the end: index -1 is the clean sample. sqrt in float64, as before.
+            abar = torch.cat([self.alphas_cumprod, torch.ones(1, dtype=torch.float64)])
+            self._tables[key] = (abar.sqrt().float().to(t.device), (1.0 - abar).sqrt().float().to(t.device))
+        alpha, sigma = self._tables[key]
+        index = t.long()
+        return alpha[index].view(-1, 1, 1, 1), sigma[index].view(-1, 1, 1, 1)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward noising; at t = T-1 the input is pure noise when pure_noise_at_T (the paper's fix:
         SDXL's schedule never reaches pure noise, but inference starts from it)."""
-        alpha, sigma = (a.to(x0.device) for a in self.alpha_sigma(t))
+        alpha, sigma = self.alpha_sigma(t.to(x0.device))
         x_t = alpha * x0 + sigma * eps
         if self.pure_noise_at_T:
             at_T = (t.to(x0.device) == self.num_train_timesteps - 1).view(-1, 1, 1, 1)
@@ -54,7 +61,7 @@ class NoiseSchedule:
     # -- conversions between what a network predicts and (x0, eps) ------------------------------
 
     def to_x0_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str):
-        alpha, sigma = (a.to(x_t.device) for a in self.alpha_sigma(t))
+        alpha, sigma = self.alpha_sigma(t.to(x_t.device))
         out, x_t = out.float(), x_t.float()
         if prediction_type == "epsilon":
             eps = out
@@ -75,11 +82,11 @@ class NoiseSchedule:
             return eps
         if prediction_type == "sample":
             return x0
-        alpha, sigma = (a.to(x0.device) for a in self.alpha_sigma(t))
+        alpha, sigma = self.alpha_sigma(t.to(x0.device))
         return alpha * eps - sigma * x0
 
     def renoise(self, x0: torch.Tensor, eps: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
-        alpha, sigma = (a.to(x0.device) for a in self.alpha_sigma(t_next))
+        alpha, sigma = self.alpha_sigma(t_next.to(x0.device))
         return alpha * x0 + sigma * eps
 
 
@@ -89,14 +96,35 @@ def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[
     return ts.tolist()
 
 
-def next_timestep(t: torch.Tensor, num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """The timestep one step later on the trailing grid of `num_steps` (-1 after the last)."""
-    grid = trailing_timesteps(num_steps, num_train_timesteps) + [-1]
-    lookup = {g: grid[i + 1] for i, g in enumerate(grid[:-1])}
-    try:
-        return torch.tensor([lookup[int(x)] for x in t.tolist()], dtype=torch.long)
-    except KeyError as err:
-        raise ValueError(f"timestep {err.args[0]} is not on the {num_steps}-step trailing grid") from None
+# Off-grid entries: far out of every table's range, so that an unchecked off-grid t fails loudly at its
+# next alpha_sigma lookup (IndexError on the CPU, a device-side assert on a GPU) instead of silently.
+_OFF_GRID = -(10**9)
+_next_tables: dict = {}
+
+
+def _next_table(num_steps: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
+    """table[t] = the next timestep for t on the grid, _OFF_GRID elsewhere (cached per device)."""
+    key = (num_steps, num_train_timesteps, str(device))
+    if key not in _next_tables:
+        grid = trailing_timesteps(num_steps, num_train_timesteps) + [-1]
+        table = torch.full((num_train_timesteps,), _OFF_GRID, dtype=torch.long)
+        table[grid[:-1]] = torch.tensor(grid[1:])
+        _next_tables[key] = table.to(device)
+    return _next_tables[key]
+
+
+def next_timestep(t: torch.Tensor, num_steps: int, num_train_timesteps: int = 1000,
+                  check: bool = True) -> torch.Tensor:
+    """The timestep one step later on the trailing grid of `num_steps` (-1 after the last), on t's
+    device: a table lookup, so a GPU step never copies t to the host. `check` reads t back to name an
+    off-grid value; the training step passes False (its timesteps are drawn from the grid)."""
+    t = t.long()
+    out = _next_table(num_steps, num_train_timesteps, t.device)[t.clamp(0, num_train_timesteps - 1)]
+    if check:
+        bad = (out == _OFF_GRID) | (t < 0) | (t >= num_train_timesteps)
+        if bool(bad.any()):
+            raise ValueError(f"timestep {int(t[bad][0])} is not on the {num_steps}-step trailing grid")
+    return out
 
 
 # A denoiser maps (x_t, t) -> raw network output; conditioning is bound by the caller.
@@ -117,7 +145,7 @@ def teacher_jump(schedule: NoiseSchedule, denoise: Denoiser, x_t: torch.Tensor, 
     Classifier-free guidance, if any, lives inside `denoise` (one doubled batch per move)."""
     x = x_t.float()
     for _ in range(num_moves):
-        t_next = next_timestep(t, teacher_steps, schedule.num_train_timesteps)
+        t_next = next_timestep(t, teacher_steps, schedule.num_train_timesteps, check=False)
         x = move(schedule, denoise(x, t), x, t, t_next, prediction_type)
         t = t_next
     return x

@@ -130,7 +130,8 @@ class StageRunner:
         unet_config = dict(student.config)
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        ds = lambda o: build_ds_config(cfg.deepspeed, stage.micro_batch, stage.grad_accum, info.world_size, o, self.key)
+        accum = stage.accumulation(info.world_size, self.key)
+        ds = lambda o: build_ds_config(cfg.deepspeed, stage.micro_batch, accum, info.world_size, o, self.key)
         engine = make_engine(student, ds(optim))
 
         if phase.kind == "mse":
@@ -152,10 +153,10 @@ class StageRunner:
                                      stage.student_steps, stage.teacher_steps, conditional=phase.kind == "adv_cond",
                                      t_star=stage.disc.t_star, t_star_weights=stage.disc.t_star_weights,
                                      mse_weight=stage.mse_weight),
-                warmup_steps=stage.disc.warmup_samples // (stage.micro_batch * stage.grad_accum * info.world_size),
+                warmup_steps=stage.disc.warmup_samples // (stage.micro_batch * accum * info.world_size),
                 late_weights=stage.disc.t_star_late_weights)
 
-        job = Job(name, self.stage_dir / name, phase.samples, stage.micro_batch, stage.grad_accum, optim, objective,
+        job = Job(name, self.stage_dir / name, phase.samples, stage.micro_batch, accum, optim, objective,
                   make_grid=self.grids.bind(stage.student_steps, out_pred),
                   other_optims={"disc": stage.disc.optim} if "disc" in objective.engines else {})
         final = train(job, cfg, info)

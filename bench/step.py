@@ -1,0 +1,400 @@
+"""One distillation step, split into its parts and timed: where does a step's time go, and how much does
+the trainer add on top of the work itself?
+
+    python bench/step.py --preset tiny                       # CPU: the shapes UNet, real DeepSpeed engines
+    python bench/step.py --preset tiny --objective mse       # the first stage (teacher jump with CFG)
+    python bench/step.py --preset sdxl --mode lora,full      # a GPU: the SDXL UNet at 1024 px, bf16
+    python bench/step.py --preset sdxl --meta                # no GPU: SDXL's FLOPs per part, on the meta device
+
+The step is the trainer's own (trainer.objectives): the adversarial stage's micro-step (teacher jump,
+student move, D step, G step) or the first stage's MSE step. Parts, each timed alone (the device
+synchronised around each, so a part's time is its own):
+
+    data           next batch from a real shard loader (trainer.loader) and its copy to the device
+    teacher        x_t, then the frozen teacher's n-move jump (CFG as one doubled batch where the stage has it)
+    student_fwd    the student's move from x_t
+    disc_fwd_bwd   D on real and fake, D's loss, D's backward           (adversarial)
+    disc_step      D's optimizer step (DeepSpeed ZeRO-2)                 (adversarial)
+    student_bwd    the G loss through D (or the MSE loss), the student's backward
+    student_step   the student's optimizer step
+
+`whole` is the same step run as the trainer runs it (the loader's next batch, then
+objective.micro_step, no synchronisation inside), and `loop` the trainer's own loop (trainer.loop.train)
+in steady state, read from its samples/s log. whole / sum(parts) is the trainer's overhead on the
+step's work; below 1 where the loader's worker prepares the next batch while the step runs.
+
+On a GPU it also prints the student's forward+backward FLOPs (torch.utils.flop_counter, counted once
+without gradient checkpointing' recomputation: model FLOPs), the achieved TFLOP/s and MFU against the
+card's dense bf16 peak, and the peak memory of the step.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from common import PRESETS, ROOT, Preset  # noqa: F401  (common puts the project on sys.path)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from trainer.config import OptimConfig  # noqa: E402
+from trainer.discriminator import d_loss, discriminator_from_unet, g_loss  # noqa: E402
+from trainer.models import Conditioning, guided_denoiser, unet_forward  # noqa: E402
+from trainer.objectives import AdversarialObjective, MSEDistillObjective, noisy_inputs  # noqa: E402
+from trainer.schedule import NoiseSchedule, move, teacher_jump  # noqa: E402
+
+# Dense bf16 peak (no sparsity) by device name, for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+PARTS_ADV = ("data", "teacher", "student_fwd", "disc_fwd_bwd", "disc_step", "student_bwd", "student_step")
+PARTS_MSE = ("data", "teacher", "student_fwd", "student_bwd", "student_step")
+
+
+def is_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def sync() -> None:
+    if is_cuda():
+        torch.cuda.synchronize()
+
+
+# -- building the step -------------------------------------------------------------------------
+
+
+def write_shards(preset: Preset, count: int, out_dir: Path) -> Path:
+    """`count` random samples of the preset's shapes as real shards (the trainer's writer)."""
+    from trainer.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    shapes = preset.sample_shapes()
+    with ShardWriter(out_dir, samples_per_shard=max(1, count // 4)) as writer:
+        for i in range(count):
+            arrays = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+            arrays["time_ids"] = np.abs(arrays["time_ids"]) * 100
+            writer.write(f"s{i:06d}", caption="bench", **arrays)
+    return out_dir
+
+
+def build_unet(preset: Preset, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**preset.unet)
+
+
+def ds_config_path(offload: bool) -> str:
+    if not is_cuda():
+        return str(ROOT / "ds_configs/zero2_cpu.json")
+    return str(ROOT / ("ds_configs/zero2_gpu_offload.json" if offload else "ds_configs/zero2_gpu.json"))
+
+
+class Step:
+    """The networks, engines and objective of one stage, built as trainer.stages builds them."""
+
+    def __init__(self, preset: Preset, mode: str, objective: str, micro_batch: int, offload: bool,
+                 student_steps: int, cfg_scale: float, compile_student: bool = False):
+        from trainer.engines import build_ds_config, device, init_distributed, make_engine
+        from trainer.lora import add_lora
+        from trainer.models import freeze
+        from trainer.schedule import trailing_timesteps
+
+        info = init_distributed()
+        self.dev = device()
+        self.preset, self.mode, self.kind = preset, mode, objective
+        self.micro_batch = micro_batch
+        self.schedule = NoiseSchedule.from_config(_schedule_config())
+        self.student_steps, self.teacher_steps = student_steps, student_steps * 2
+        self.cfg_scale = cfg_scale if objective == "mse" else 1.0
+        self.timesteps = torch.tensor(trailing_timesteps(student_steps, self.schedule.num_train_timesteps))
+        prediction = "epsilon"
+
+        base = build_unet(preset)
+        self.teacher = freeze(copy.deepcopy(base)).to(self.dev)  # bf16, no grads, eval
+        student = add_lora(copy.deepcopy(base), rank=preset.lora_rank) if mode == "lora" else copy.deepcopy(base)
+        student.enable_gradient_checkpointing()
+        self.attention = sorted({type(p).__name__ for p in student.attn_processors.values()})
+        ds = lambda lr: build_ds_config(ds_config_path(offload), micro_batch, 1, info.world_size,
+                                        OptimConfig(lr=lr, betas=[0.0, 0.99]), "bench")
+        self.student = make_engine(student, ds(1e-6))
+        if compile_student:
+            self.student.compile()
+        self.trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        self.disc = None
+        if objective == "adv":
+            disc = discriminator_from_unet(base, conditional=True)
+            disc.enable_gradient_checkpointing()
+            self.disc = make_engine(disc, ds(1e-6))
+            self.objective = AdversarialObjective(self.student, self.disc, self.teacher, self.schedule, prediction,
+                                                  prediction, student_steps, self.teacher_steps, conditional=True,
+                                                  t_star=[], t_star_weights=[])
+        else:
+            self.objective = MSEDistillObjective(self.student, self.teacher, self.schedule, prediction, prediction,
+                                                 student_steps, self.teacher_steps, self.cfg_scale)
+        del base
+        self.prediction = prediction
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return PARTS_ADV if self.kind == "adv" else PARTS_MSE
+
+    def parts_once(self, batches, gen: torch.Generator) -> dict[str, float]:
+        """One step with a timer around each part (the same computation as objective.micro_step)."""
+        from trainer.loop import _to_device
+
+        times: dict[str, float] = {}
+
+        @contextmanager
+        def timed(name: str):
+            sync()
+            start = time.perf_counter()
+            yield
+            sync()
+            times[name] = time.perf_counter() - start
+
+        with timed("data"):
+            batch = _to_device(next(batches), self.dev)
+            batch.pop("data_stats", None)
+        with timed("teacher"):
+            x_t, t, t_next, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps, self.student_steps)
+            moves = self.teacher_steps // self.student_steps
+            real = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, self.cfg_scale), x_t, t, moves,
+                                self.teacher_steps, self.prediction)
+        with timed("student_fwd"):
+            fake = move(self.schedule, unet_forward(self.student, x_t, t, cond), x_t, t, t_next, self.prediction)
+        if self.kind == "adv":
+            with timed("disc_fwd_bwd"):
+                loss_d = d_loss(self.disc(real, t_next, cond, x_t, t), self.disc(fake.detach(), t_next, cond, x_t, t))
+                self.disc.backward(loss_d)
+            with timed("disc_step"):
+                self.disc.step()
+            with timed("student_bwd"):
+                self.objective._set_disc_trainable(False)
+                loss = g_loss(self.disc(fake, t_next, cond, x_t, t))
+                self.student.backward(loss)
+                self.objective._set_disc_trainable(True)
+        else:
+            with timed("student_bwd"):
+                self.student.backward(F.mse_loss(fake, real))
+        with timed("student_step"):
+            self.student.step()
+        return times
+
+    def whole_once(self, batches, gen: torch.Generator) -> float:
+        """One step as the loop runs it: next batch, then the objective's micro-step, nothing in between."""
+        from trainer.loop import _to_device
+
+        sync()
+        start = time.perf_counter()
+        batch = _to_device(next(batches), self.dev)
+        batch.pop("data_stats", None)
+        self.objective.micro_step(batch, gen)
+        sync()
+        return time.perf_counter() - start
+
+
+def _schedule_config():
+    from trainer.config import ScheduleConfig
+
+    return ScheduleConfig()
+
+
+# -- FLOPs ---------------------------------------------------------------------------------------
+
+
+def student_flops(preset: Preset, micro_batch: int, mode: str, device: str) -> dict[str, float]:
+    """Model FLOPs of the student's forward and backward at `micro_batch`, and of one teacher forward,
+    counted by torch's FLOP counter (no checkpointing recomputation; on the meta device where asked)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.lora import add_lora
+
+    with torch.device(device):
+        unet = build_unet(preset).to(torch.bfloat16)
+    if mode == "lora":
+        unet = add_lora(unet, rank=preset.lora_rank)
+    c, h, w = preset.latent
+    make = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16)
+    x = make(micro_batch, c, h, w)  # the student's input needs no gradient: weight (or LoRA) gradients only
+    cond = Conditioning(make(micro_batch, preset.text_tokens, preset.text_dim), make(micro_batch, preset.pooled_dim),
+                        make(micro_batch, preset.time_ids))
+    t = torch.full((micro_batch,), 500, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = unet_forward(unet, x, t, cond)
+        forward = counter.get_total_flops()
+        out.float().square().mean().backward()
+    total = counter.get_total_flops()
+    return {"student_fwd_flops": float(forward), "student_fwd_bwd_flops": float(total)}
+
+
+def peak_tflops(name: str, override: float) -> float:
+    if override:
+        return override
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return math.nan
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iters: int, warmup: int,
+               offload: bool, student_steps: int, cfg_scale: float, workers: int, loop: bool,
+               compile_student: bool, peak_override: float) -> dict:
+    from trainer.loader import make_loader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_shards(preset, micro_batch * 8, Path(tmp) / "shards")
+        step = Step(preset, mode, objective, micro_batch, offload, student_steps, cfg_scale, compile_student)
+        loader = make_loader(shards, micro_batch, seed=0, num_workers=workers)
+        batches = _forever(loader)
+        gen = torch.Generator().manual_seed(0)
+        if is_cuda():
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            step.parts_once(batches, gen)
+        # Interleaved, so that drift on a noisy machine hits both measurements alike.
+        parts, wholes = [], []
+        for _ in range(iters):
+            parts.append(step.parts_once(batches, gen))
+            wholes.append(step.whole_once(batches, gen))
+        median = {name: statistics.median(p[name] for p in parts) for name in step.part_names}
+        whole = statistics.median(wholes)
+        result = {
+            "preset": preset.name, "mode": mode, "objective": objective, "micro_batch": micro_batch,
+            "world_size": 1, "offload": offload, "student_steps": student_steps, "cfg_scale": step.cfg_scale,
+            "device": torch.cuda.get_device_name() if is_cuda() else "cpu",
+            "torch_threads": torch.get_num_threads(), "attention": step.attention,
+            "trainable_params": step.trainable, "iters": iters,
+            "parts_s": median, "sum_parts_s": sum(median.values()), "whole_s": whole,
+            "whole_over_parts": whole / sum(median.values()),
+            "samples_per_s": micro_batch / whole,
+        }
+        if loop:
+            result["loop_s"] = loop_step_seconds(step, shards, iters, workers)
+            result["loop_over_parts"] = result["loop_s"] / result["sum_parts_s"]
+        if is_cuda():
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            flops = student_flops(preset, micro_batch, mode, "cuda")
+            fwd_bwd_s = median["student_fwd"] + median["student_bwd"]
+            result.update(flops)
+            result["student_tflops"] = flops["student_fwd_bwd_flops"] / fwd_bwd_s / 1e12
+            result["mfu"] = result["student_tflops"] / peak_tflops(result["device"], peak_override)
+        return result
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def loop_step_seconds(step: Step, shards: Path, iters: int, workers: int) -> float:
+    """Seconds per step of trainer.loop.train itself in steady state: its samples/s log over windows of
+    `iters` steps, skipping the first window (loader start-up)."""
+    from trainer.config import Config
+    from trainer.engines import DistInfo
+    from trainer.loop import Job, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Config()
+        cfg.run.out_dir = tmp
+        cfg.data.shards = str(shards)
+        cfg.data.num_workers = workers
+        cfg.log.every_steps = iters
+        cfg.log.checkpoint_every_samples = 0
+        job = Job("bench", Path(tmp) / "job", step.micro_batch * iters * 3, step.micro_batch, 1,
+                  OptimConfig(lr=1e-6, betas=[0.0, 0.99]), step.objective)
+        train(job, cfg, DistInfo(0, 0, 1))
+        from trainer.tracking import read_metrics
+
+        rates = [row["bench/samples_per_s"] for row in read_metrics(Path(tmp) / "job" / "tb", "bench/samples_per_s")]
+    return step.micro_batch / statistics.median(rates[1:])
+
+
+def meta_report(preset: Preset, micro_batch: int, modes: list[str]) -> list[dict]:
+    """No GPU: what a GPU run would compute, from the meta device (shapes and FLOPs only)."""
+    rows = []
+    for mode in modes:
+        flops = student_flops(preset, micro_batch, mode, "meta")
+        rows.append({"preset": preset.name, "mode": mode, "micro_batch": micro_batch, "device": "meta", **flops,
+                     "seconds_at_40pct_mfu_h100": flops["student_fwd_bwd_flops"] / (0.4 * PEAK_BF16_TFLOPS["H100"] * 1e12)})
+    return rows
+
+
+def print_result(r: dict) -> None:
+    print(f"\n== {r['preset']} {r['mode']} {r['objective']} micro-batch {r['micro_batch']} on {r['device']} "
+          f"({r['torch_threads']} threads; attention {', '.join(r['attention'])}; trainable {r['trainable_params']:,})")
+    for name, seconds in r["parts_s"].items():
+        print(f"  {name:<14} {seconds * 1e3:9.1f} ms  {seconds / r['sum_parts_s']:6.1%}")
+    print(f"  {'sum of parts':<14} {r['sum_parts_s'] * 1e3:9.1f} ms")
+    print(f"  {'whole step':<14} {r['whole_s'] * 1e3:9.1f} ms   whole / sum(parts) = {r['whole_over_parts']:.3f}"
+          f"   (target <= 1.10)   {r['samples_per_s']:.1f} samples/s")
+    if "loop_s" in r:
+        print(f"  {'trainer loop':<14} {r['loop_s'] * 1e3:9.1f} ms   loop / sum(parts)  = {r['loop_over_parts']:.3f}")
+    if "mfu" in r:
+        print(f"  student fwd+bwd {r['student_fwd_bwd_flops'] / 1e12:.1f} TFLOP: {r['student_tflops']:.0f} TFLOP/s, "
+              f"MFU {r['mfu']:.1%} (target >= 40%); peak memory {r['peak_gib']:.1f} GiB")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--mode", default="full", help="full, lora or both (comma-separated)")
+    parser.add_argument("--objective", choices=("adv", "mse"), default="adv",
+                        help="adv: an adversarial stage's step; mse: the first stage's (teacher with CFG)")
+    parser.add_argument("--micro-batch", type=int, default=0, help="default: 16 tiny, 4 sdxl lora, 1 sdxl full")
+    parser.add_argument("--student-steps", type=int, default=4, help="the stage's student steps (teacher: 2x)")
+    parser.add_argument("--cfg", type=float, default=3.0, help="CFG scale of the mse objective's teacher")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="loader workers")
+    parser.add_argument("--offload", action="store_true", help="DeepSpeed optimizer offload to CPU (GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student (DeepSpeed engine.compile)")
+    parser.add_argument("--loop", action="store_true", help="also time trainer.loop.train in steady state")
+    parser.add_argument("--meta", action="store_true", help="FLOPs on the meta device only (no GPU needed)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, for MFU")
+    parser.add_argument("--json", type=Path, help="append the results to this JSON list")
+    args = parser.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    modes = [m.strip() for m in args.mode.split(",")]
+    if any(m not in ("full", "lora") for m in modes):
+        parser.error(f"--mode: {args.mode!r}: each mode is full or lora")
+    if args.preset == "sdxl" and not is_cuda() and not args.meta:
+        parser.error("--preset sdxl needs a GPU; without one, --meta reports its FLOPs from the meta device")
+    rows = []
+    if args.meta:
+        for mode in modes:
+            micro = args.micro_batch or {"tiny": 16, "sdxl": 4 if mode == "lora" else 1}[args.preset]
+            rows += meta_report(preset, micro, [mode])
+        for r in rows:
+            print(f"{r['preset']} {r['mode']} micro-batch {r['micro_batch']}: student forward "
+                  f"{r['student_fwd_flops'] / 1e12:.2f} TFLOP, forward+backward {r['student_fwd_bwd_flops'] / 1e12:.2f} TFLOP "
+                  f"= {r['seconds_at_40pct_mfu_h100'] * 1e3:.0f} ms at 40% MFU of an H100")
+    else:
+        for mode in modes:
+            micro = args.micro_batch or {"tiny": 16, "sdxl": 4 if mode == "lora" else 1}[args.preset]
+            result = run_preset(preset, mode, args.objective, micro, args.iters, args.warmup, args.offload,
+                                args.student_steps, args.cfg, args.workers, args.loop, args.compile, args.peak_tflops)
+            print_result(result)
+            rows.append(result)
+    if args.json:
+        existing = json.loads(args.json.read_text()) if args.json.is_file() else []
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(existing + rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,22 +1,23 @@
 """Loader throughput: the project's shard loader (trainer/loader.py) against a raw sequential read of
 the same shard bytes, the most that any loader can deliver on this machine and disk.
 
-    python bench/loader.py                              # SDXL-size samples: 2000 (~0.9 GB), warm page cache
+    python bench/loader.py                              # SDXL-size samples: 2000 (~0.9 GB), read from disk
     python bench/loader.py --preset tiny                # the toy's shapes
-    python bench/loader.py --drop-caches                # cold page cache for every measurement (root only)
+    python bench/loader.py --cache warm                 # against the page cache (memory speed) instead
     python bench/loader.py --json bench/results/loader.json
 
 Steps: write --samples random float16 samples with trainer.shards.ShardWriter into --dir (reused when
 it already holds the same data), then per repeat: read every shard's bytes sequentially (the limit),
 parse + np.load them without the loader ("decode-only"), and run one epoch of make_loader() batches
-with 0 and --workers DataLoader workers. Every measurement starts from the same page-cache state: all
-shards read once just before it (warm, the default) or the cache dropped (--drop-caches, cold).
+with 0 and --workers DataLoader workers. Every measurement starts from the same page-cache state: the
+shards evicted from it (cold, the default: the disk is the limit, as in a real run whose shards do not
+fit in memory) or all read once just before it (--cache warm).
 Prints samples/s for each, the ratio loader / raw per repeat, their medians, and
 `loader/raw = R (target >= 0.9)` for --workers workers.
 
-Reading the numbers: with a warm cache the raw read is a copy out of the page cache (memory speed),
-so the ratio is the loader's whole CPU cost against one memcpy of the stored bytes; with
---drop-caches it is against the disk. The per-stage breakdown at the end (in this process, without
+Reading the numbers: cold, the ratio is the loader against the disk; with a warm cache the raw read
+is a copy out of the page cache (memory speed), so the ratio is the loader's whole CPU cost against
+one memcpy of the stored bytes. The per-stage breakdown at the end (in this process, without
 DataLoader) shows where the loader's time goes; what workers add on top is the shared-memory
 hand-over of each batch.
 """
@@ -137,14 +138,16 @@ def check_epoch_plan(samples: int, shards: int, batch_size: int, worker_counts: 
 # -- the page cache ---------------------------------------------------------------------------------
 
 
-def can_drop_caches() -> bool:
-    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
-
-
-def drop_page_cache() -> None:
-    os.sync()  # dirty pages cannot be dropped
-    with open("/proc/sys/vm/drop_caches", "w") as control:
-        control.write("3\n")
+def evict_from_page_cache(paths: list[str]) -> None:
+    """Drop these files' pages from the page cache (no root needed, unlike /proc/sys/vm/drop_caches):
+    the next read of them comes from the disk, as a week-long run's reads of terabytes of shards do."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def read_all(paths: list[str]) -> int:
@@ -165,7 +168,7 @@ def read_all(paths: list[str]) -> int:
 def settle_cache(paths: list[str], cold: bool) -> None:
     """Put the page cache in the same state before each measurement: all shards cached, or none."""
     if cold:
-        drop_page_cache()
+        evict_from_page_cache(paths)
     else:
         read_all(paths)
 
@@ -308,8 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", type=Path, default=None,
                    help="where the shards go (default: <tmp>/bench_loader_<preset>, reused by reruns)")
-    p.add_argument("--drop-caches", action="store_true",
-                   help="cold page cache for every measurement (root only) instead of warm")
+    p.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                   help="cold (default): the shards evicted from the page cache before each measurement, so "
+                        "the raw read is the disk's speed, a training run's limit; warm: all cached (memory speed)")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads in this process (default: torch's own, as the trainer): "
@@ -321,8 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.samples = args.samples or default_samples
     args.batch_size = args.batch_size or default_batch
     args.dir = args.dir or Path(tempfile.gettempdir()) / f"bench_loader_{args.preset}"
-    if args.drop_caches and not can_drop_caches():
-        p.error("--drop-caches needs write access to /proc/sys/vm/drop_caches (root)")
+    args.cold = args.cache == "cold"
     return args
 
 
@@ -336,23 +339,23 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     check_epoch_plan(args.samples, args.shards, args.batch_size, worker_counts)
     paths = ensure_data(args.dir, preset, args.samples, args.shards, args.seed)
     total_bytes = sum(os.path.getsize(path) for path in paths)
-    cache = ("cold (dropped before each measurement)" if args.drop_caches
+    cache = ("cold (shards evicted before each measurement)" if args.cold
              else "warm (all shards read once before each measurement)")
     print(f"{args.samples} {preset.name} samples, {total_bytes / MB:.0f} MB in {len(paths)} shards, "
           f"batch {args.batch_size}, {torch.get_num_threads()} torch threads here, page cache {cache}")
     repeats = []
     for index in range(args.repeats):
         repeats.append(measure_repeat(paths, args.dir, args.samples, args.batch_size, worker_counts,
-                                      args.drop_caches, args.seed))
+                                      args.cold, args.seed))
         print(repeat_line(index, repeats[-1], worker_counts), flush=True)
     results = {"preset": preset.name, "samples": args.samples, "shards": len(paths),
                "bytes": total_bytes, "bytes_per_sample": total_bytes / args.samples,
                "batch_size": args.batch_size, "worker_counts": worker_counts, "workers": args.workers,
-               "cache": "cold" if args.drop_caches else "warm", "cpu_count": os.cpu_count(),
+               "cache": args.cache, "cpu_count": os.cpu_count(),
                "torch_threads": torch.get_num_threads(),
                "repeats": repeats, "median": medians(repeats), "target_ratio": TARGET_RATIO}
     if not args.no_stages:
-        settle_cache(paths, args.drop_caches)
+        settle_cache(paths, args.cold)
         stages = measure_stages(paths, read_index(args.dir)["shapes"], args.batch_size)
         results["stages_s"] = stages
         print(stages_line(stages, args.samples))

@@ -301,7 +301,7 @@ def _forever(loader):
 
 def loop_step_seconds(step: Step, shards: Path, iters: int, workers: int) -> float:
     """Seconds per step of trainer.loop.train itself in steady state: its samples/s log over windows of
-    `iters` steps, skipping the first window (loader start-up)."""
+    `iters` steps (five), the median of all but the first (loader start-up)."""
     from trainer.config import Config
     from trainer.engines import DistInfo
     from trainer.loop import Job, train
@@ -313,7 +313,7 @@ def loop_step_seconds(step: Step, shards: Path, iters: int, workers: int) -> flo
         cfg.data.num_workers = workers
         cfg.log.every_steps = iters
         cfg.log.checkpoint_every_samples = 0
-        job = Job("bench", Path(tmp) / "job", step.micro_batch * iters * 3, step.micro_batch, 1,
+        job = Job("bench", Path(tmp) / "job", step.micro_batch * iters * 5, step.micro_batch, 1,
                   OptimConfig(lr=1e-6, betas=[0.0, 0.99]), step.objective)
         train(job, cfg, DistInfo(0, 0, 1))
         from trainer.tracking import read_metrics

@@ -69,7 +69,7 @@ def test_main_writes_json_with_positive_measurements(tmp_path):
     assert bench_loader.main(SMALL_RUN + ["--dir", str(tmp_path / "shards"), "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["samples"] == SAMPLES and results["worker_counts"] == [0, 2]
-    assert results["bytes"] > 0 and results["cache"] == "warm" and len(results["repeats"]) == 1
+    assert results["bytes"] > 0 and results["cache"] == "cold" and len(results["repeats"]) == 1
     expected = {"raw_s", "raw_mb_per_s", "raw_samples_per_s", "decode_only_samples_per_s"}
     for workers in (0, 2):
         expected |= {f"loader_w{workers}_samples_per_s", f"loader_w{workers}_first_batch_s",

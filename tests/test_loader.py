@@ -348,3 +348,53 @@ def test_a_shard_that_cannot_be_read_is_reported_and_skipped(tmp_path, caplog, d
     assert len(hits) == 1 and str(tmp_path) in hits[0]
     assert stream.stats()["samples_bad"] == 10 and stream.stats()["samples_ok"] == 70
     assert all(torch.isfinite(b["latent"]).all() for b in batches)
+
+
+def test_fast_shard_reader_matches_webdataset_and_falls_back(tmp_path):
+    """The project's shards take the one-read, zero-copy path (trainer/tarscan.py) and give exactly what
+    webdataset's reader gives; a tar it does not handle (here gzip-compressed) goes to webdataset's."""
+    import gzip
+
+    import webdataset as wds
+
+    from trainer.loader import read_raw_samples
+    from trainer.tarscan import read_plain_shard
+
+    write_shards(tmp_path)
+    path = str(sorted(tmp_path.glob("*.tar"))[0])
+    fast = read_plain_shard(path)
+    with open(path, "rb") as stream:
+        general = list(wds.tariterators.group_by_keys(
+            {**e, "__url__": path} for e in wds.tariterators.tar_file_iterator(stream)))
+    assert fast is not None and len(fast) == len(general) == 10
+    for a, b in zip(fast, general):
+        assert a.keys() == b.keys() and a["__key__"] == b["__key__"]
+        assert all(bytes(a[k]) == bytes(b[k]) for k in a if not k.startswith("__"))
+    zipped = tmp_path / "zipped.tar.gz"
+    zipped.write_bytes(gzip.compress(open(path, "rb").read()))
+    assert read_plain_shard(str(zipped)) is None
+    samples, error = read_raw_samples(str(zipped))
+    assert error is None and [s["__key__"] for s in samples] == [s["__key__"] for s in general]
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(open(path, "rb").read()[:5000])
+    assert read_plain_shard(str(truncated)) is None
+
+
+def test_npy_views_and_refusals():
+    import io as _io
+
+    from trainer.shards import decode_npy, encode_npy
+
+    array = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    buffer = bytearray(encode_npy(array))
+    view = decode_npy(memoryview(buffer))
+    assert np.array_equal(view, array) and view.flags.writeable
+    assert np.shares_memory(view, np.frombuffer(buffer, dtype=np.uint8))  # a view, no copy
+    fortran = np.asfortranarray(array.astype(">f4"))
+    out = _io.BytesIO()
+    np.save(out, fortran)
+    assert np.array_equal(decode_npy(out.getvalue()), array.astype(np.float32))
+    out = _io.BytesIO()
+    np.save(out, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object arrays"):
+        decode_npy(out.getvalue())

@@ -173,13 +173,14 @@ class Step:
             fake = move(self.schedule, unet_forward(self.student, x_t, t, cond), x_t, t, t_next, self.prediction)
         if self.kind == "adv":
             with timed("disc_fwd_bwd"):
-                loss_d = d_loss(self.disc(real, t_next, cond, x_t, t), self.disc(fake.detach(), t_next, cond, x_t, t))
+                p = {"real": real, "fake": fake, "d_t": t_next, "cond": cond, "x_t": x_t, "t": t}
+                loss_d = d_loss(*self.objective.judge_real_and_fake(p))
                 self.disc.backward(loss_d)
             with timed("disc_step"):
                 self.disc.step()
             with timed("student_bwd"):
                 self.objective._set_disc_trainable(False)
-                loss = g_loss(self.disc(fake, t_next, cond, x_t, t))
+                loss = g_loss(self.objective._judge(fake, t_next, cond, x_t, t, frozen=True))
                 self.student.backward(loss)
                 self.objective._set_disc_trainable(True)
         else:
@@ -188,6 +189,31 @@ class Step:
         with timed("student_step"):
             self.student.step()
         return times
+
+    def d_call_variants(self, batches, gen: torch.Generator, iters: int) -> dict[str, float]:
+        """The D step (forward, backward, optimizer step) with real and fake judged in one stacked call
+        (the trainer's way) against two separate calls, alternated in one run: seconds (median) each."""
+        from trainer.loop import _to_device
+
+        batch = _to_device(next(batches), self.dev)
+        batch.pop("data_stats", None)
+        p = self.objective.prepare(batch, gen)
+        judge = lambda x: self.objective._judge(x, p["d_t"], p["cond"], p["x_t"], p["t"])
+        variants = {
+            "stacked": lambda: d_loss(*self.objective.judge_real_and_fake(p)),
+            "separate": lambda: d_loss(judge(p["real"]), judge(p["fake"].detach())),
+        }
+        times: dict[str, list] = {name: [] for name in variants}
+        for i in range(iters + 1):
+            for name, loss_of in variants.items():
+                sync()
+                start = time.perf_counter()
+                self.disc.backward(loss_of())
+                self.disc.step()
+                sync()
+                if i:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(v) for name, v in times.items()}
 
     def whole_once(self, batches, gen: torch.Generator) -> float:
         """One step as the loop runs it: next batch, then the objective's micro-step, nothing in between."""
@@ -281,6 +307,10 @@ def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iter
             "whole_over_parts": whole / sum(median.values()),
             "samples_per_s": micro_batch / whole,
         }
+        if objective == "adv":
+            d_calls = step.d_call_variants(batches, gen, iters)
+            result["d_step_stacked_s"], result["d_step_separate_s"] = d_calls["stacked"], d_calls["separate"]
+            result["d_stacked_over_separate"] = d_calls["stacked"] / d_calls["separate"]
         if loop:
             result["loop_s"] = loop_step_seconds(step, shards, iters, workers)
             result["loop_over_parts"] = result["loop_s"] / result["sum_parts_s"]
@@ -340,6 +370,9 @@ def print_result(r: dict) -> None:
     print(f"  {'sum of parts':<14} {r['sum_parts_s'] * 1e3:9.1f} ms")
     print(f"  {'whole step':<14} {r['whole_s'] * 1e3:9.1f} ms   whole / sum(parts) = {r['whole_over_parts']:.3f}"
           f"   (target <= 1.10)   {r['samples_per_s']:.1f} samples/s")
+    if "d_stacked_over_separate" in r:
+        print(f"  D step, real+fake in one call {r['d_step_stacked_s'] * 1e3:.1f} ms vs two calls "
+              f"{r['d_step_separate_s'] * 1e3:.1f} ms: ratio {r['d_stacked_over_separate']:.3f}")
     if "loop_s" in r:
         print(f"  {'trainer loop':<14} {r['loop_s'] * 1e3:9.1f} ms   loop / sum(parts)  = {r['loop_over_parts']:.3f}")
     if "mfu" in r:

@@ -156,6 +156,22 @@ def test_conditional_form_is_two_backbone_passes(toy_unet):
         d(x_next, t_next, cond)  # the conditional form needs x_t and t
 
 
+@pytest.mark.parametrize("conditional", [False, True])
+def test_stacked_candidates_equal_separate_calls(toy_unet, conditional):
+    """Real and fake stacked in one call (the D step's; the conditional x_t branch runs once for both)
+    give the logits of two separate calls."""
+    d = discriminator_from_unet(toy_unet, conditional=conditional)
+    x_t, real, fake = (torch.randn(B, 12, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    t, t_next, cond = torch.tensor([999, 749]), torch.tensor([749, 499]), toy_cond()
+    extra = (x_t, t) if conditional else ()
+    with torch.no_grad():
+        stacked = d(torch.cat([real, fake]), torch.cat([t_next, t_next]), cond, *extra)
+        separate = torch.cat([d(real, t_next, cond, *extra), d(fake, t_next, cond, *extra)])
+    torch.testing.assert_close(stacked, separate, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple"):
+        d(torch.randn(3, 12, 16, 16), torch.tensor([1, 2, 3]), cond, *extra)
+
+
 # --- gradients, checkpointing, dtype, t = -1 ---------------------------------------------------------
 
 @pytest.mark.parametrize("conditional", [False, True])

@@ -200,23 +200,30 @@ class Discriminator(nn.Module):
 
     def forward(self, x_next: torch.Tensor, t_next: torch.Tensor, cond: Conditioning,
                 x_t: Optional[torch.Tensor] = None, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for x_next. x_next may stack k candidates per sample (k x B rows, e.g. real then fake):
+        the text condition is repeated k times and the conditional form runs its x_t branch, which all
+        k share, once (the D step judges real and fake in one call: 3 backbone passes instead of 4)."""
         if self.conditional != (x_t is not None and t is not None):
             raise ValueError("conditional D takes (x_next, t_next, cond, x_t, t); "
                              "unconditional D takes (x_next, t_next, cond)")
         # Callers hand in float32; the module may run in bf16 (DeepSpeed engines do not cast inputs).
         dtype = self.backbone.conv_in.weight.dtype
+        rows, base = x_next.shape[0], cond.prompt_embeds.shape[0]
+        if rows % base:
+            raise ValueError(f"x_next has {rows} rows: not a multiple of the condition's {base}")
+        k = rows // base
         cond = cond.to(dtype=dtype)
-        batch = x_next.shape[0]
-        t_next = self._timesteps(torch.as_tensor(t_next, device=x_next.device).expand(batch))
+        cond_k = cond if k == 1 else cond.repeat(k)
+        t_next = self._timesteps(torch.as_tensor(t_next, device=x_next.device).expand(rows))
         if self.conditional:
-            # Shared backbone, one call on the doubled batch (GroupNorm is per sample, so this equals two
-            # separate calls), then the two mid-block maps side by side on the channel axis.
-            t = self._timesteps(torch.as_tensor(t, device=x_t.device).expand(batch))
-            both = self.backbone(torch.cat([x_t, x_next]).to(dtype), torch.cat([t, t_next]),
-                                 Conditioning.cat(cond, cond))
-            features = torch.cat(both.chunk(2), dim=1)
+            # Shared backbone, one call on x_t and all candidates (GroupNorm is per sample, so this equals
+            # separate calls), then each candidate's mid-block map beside its x_t's on the channel axis.
+            t = self._timesteps(torch.as_tensor(t, device=x_t.device).expand(base))
+            maps = self.backbone(torch.cat([x_t, x_next]).to(dtype), torch.cat([t, t_next]),
+                                 Conditioning.cat(cond, cond_k))
+            features = torch.cat([maps[:base].repeat(k, 1, 1, 1), maps[base:]], dim=1)
         else:
-            features = self.backbone(x_next.to(dtype), t_next, cond)
+            features = self.backbone(x_next.to(dtype), t_next, cond_k)
         return self.head(features).float()
 
 

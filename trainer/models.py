@@ -61,6 +61,11 @@ class Conditioning:
             return torch.where(mask, x, torch.zeros_like(x))
         return Conditioning(mix(self.prompt_embeds), mix(self.pooled), self.time_ids)
 
+    def repeat(self, k: int) -> "Conditioning":
+        """The batch k times over (rows 0..B-1, then again 0..B-1, ...)."""
+        rep = lambda x: None if x is None else x.repeat(k, *([1] * (x.dim() - 1)))
+        return Conditioning(rep(self.prompt_embeds), rep(self.pooled), rep(self.time_ids))
+
     @staticmethod
     def cat(a: "Conditioning", b: "Conditioning") -> "Conditioning":
         join = lambda x, y: None if x is None else torch.cat([x, y])

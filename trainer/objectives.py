@@ -170,10 +170,20 @@ class AdversarialObjective:
         self.d_only = d_only
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, schedule.num_train_timesteps))
 
-    def _judge(self, x_next, t_next, cond, x_t, t):
+    def _judge(self, x_next, t_next, cond, x_t, t, frozen: bool = False):
+        # The G step calls D's module, not its engine: D is a frozen function there, and the engine's
+        # forward would hook D's backward bookkeeping (ZeRO-2 buckets) onto the student's backward.
+        disc = self.disc.module if frozen else self.disc
         if self.conditional:
-            return self.disc(x_next, t_next, cond, x_t, t)
-        return self.disc(x_next, t_next, cond)
+            return disc(x_next, t_next, cond, x_t, t)
+        return disc(x_next, t_next, cond)
+
+    def judge_real_and_fake(self, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's logits for real and (detached) fake in one call: one bigger batch, and the conditional D's
+        x_t branch, the same for both, runs once."""
+        both = torch.cat([p["real"], p["fake"].detach()])
+        logits = self._judge(both, torch.cat([p["d_t"], p["d_t"]]), p["cond"], p["x_t"], p["t"])
+        return logits.chunk(2)
 
     def _set_disc_trainable(self, flag: bool) -> None:
         # ZeRO-2 asserts "gradient computed twice" if D's parameters collect grads in the G backward.
@@ -203,8 +213,7 @@ class AdversarialObjective:
 
     def d_step(self, p: dict) -> dict[str, torch.Tensor]:
         """L_D = -log p(real) - log(1 - p(fake)); the fake is detached (the student is not touched)."""
-        real_logits = self._judge(p["real"], p["d_t"], p["cond"], p["x_t"], p["t"])
-        fake_logits = self._judge(p["fake"].detach(), p["d_t"], p["cond"], p["x_t"], p["t"])
+        real_logits, fake_logits = self.judge_real_and_fake(p)
         loss_d = d_loss(real_logits, fake_logits)
         self.disc.backward(loss_d)  # one backward per engine per step: real and fake terms summed
         self.disc.step()
@@ -221,7 +230,7 @@ class AdversarialObjective:
         ZeRO-2 asserts "gradient computed twice" otherwise."""
         self._set_disc_trainable(False)
         try:
-            loss_g = g_loss(self._judge(p["fake"], p["d_t"], p["cond"], p["x_t"], p["t"]))
+            loss_g = g_loss(self._judge(p["fake"], p["d_t"], p["cond"], p["x_t"], p["t"], frozen=True))
             loss_mse = F.mse_loss(p["fake"], p["real"])
             self.student.backward(loss_g + self.mse_weight * loss_mse if self.mse_weight else loss_g)
             self.student.step()

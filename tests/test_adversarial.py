@@ -124,3 +124,28 @@ def test_x0_head_from_v_predicts_x0_at_T_up_to_alpha_x_t():
         direct = unet_forward(x0_net, x_t, t, cond, torch.float32)
     alpha, _ = SCHED.alpha_sigma(t)
     assert torch.allclose(direct, x0_from_v - alpha * x_t, atol=1e-5)
+
+
+def test_mse_objective_in_x0_space_is_the_landing_error_rescaled(dist):
+    """mse_space x0 compares the x0 the two landings imply from x_t: per sample, the landing error divided
+    by (a' - s' a / s); a student equal to a teacher without guidance has zero loss in both spaces."""
+    from trainer.objectives import MSEDistillObjective
+
+    net = build_toy_unet(seed=0)
+    ds = build_ds_config(str(ROOT / "ds_configs/zero2_cpu_fp32.json"), 4, 1, dist.world_size, ADAM, "test")
+    losses = {}
+    for space in ("landing", "x0"):
+        student = make_engine(copy.deepcopy(net), ds)
+        obj = MSEDistillObjective(student, freeze(copy.deepcopy(net), torch.float32), SCHED, "v_prediction",
+                                  "v_prediction", 4, 4, 1.0, loss_space=space)
+        losses[space] = float(obj.micro_step(batch(), torch.Generator().manual_seed(3))["loss"])
+    assert losses["landing"] < 1e-10 and losses["x0"] < 1e-10
+    x_t, landed, target = torch.randn(3, 12, 16, 16), torch.randn(3, 12, 16, 16), torch.randn(3, 12, 16, 16)
+    t, t_next = torch.tensor([999, 749, 249]), torch.tensor([749, 499, -1])
+    a, s = SCHED.alpha_sigma(t)
+    a2, s2 = SCHED.alpha_sigma(t_next)
+    scale = 1 / (a2 - s2 * a / s)
+    err = implied_x0(SCHED, x_t, landed, t, t_next) - implied_x0(SCHED, x_t, target, t, t_next)
+    torch.testing.assert_close(err, scale * (landed - target), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="loss_space"):
+        MSEDistillObjective(None, None, SCHED, "v_prediction", "v_prediction", 4, 4, 1.0, loss_space="eps")

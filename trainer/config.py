@@ -138,6 +138,9 @@ class StageConfig:
     # full UNet further with the unconditional objective (lora+full).
     variant: str = "full"
     cfg_scale: float = 1.0  # classifier-free guidance in the teacher's jump (the paper: 6 in 128->32 only)
+    # mse objective: compare the student's and the teacher's landings as they are ("landing") or as the
+    # x0 each implies from x_t ("x0", which weights the high-noise steps up); the paper does not say.
+    mse_space: str = "landing"
     samples: int = 1000  # length of each objective phase, in samples seen
     full_samples: int = 0  # lora+full: length of the final full-UNet phase (0 = samples)
     x0_samples: int = 0  # the one-step stage: conversion to x0 prediction first (0 = none)
@@ -354,6 +357,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         for name in ("samples", "micro_batch", "grad_accum"):
             if getattr(stage, name) < 1:
                 fail(f"{key}.{name}", f"must be positive, got {getattr(stage, name)}")
+        if stage.mse_space not in ("landing", "x0"):
+            fail(f"{key}.mse_space", f"'{stage.mse_space}' is not landing or x0")
         if stage.cfg_scale < 1.0:
             fail(f"{key}.cfg_scale", "must be >= 1 (1 disables guidance)")
         if stage.variant not in VARIANTS:

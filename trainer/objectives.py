@@ -78,7 +78,11 @@ class DenoiseObjective:
 
 class MSEDistillObjective:
     def __init__(self, engine, teacher: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
-                 teacher_prediction_type: str, student_steps: int, teacher_steps: int, cfg_scale: float):
+                 teacher_prediction_type: str, student_steps: int, teacher_steps: int, cfg_scale: float,
+                 loss_space: str = "landing"):
+        if loss_space not in ("landing", "x0"):
+            raise ValueError(f"loss_space must be landing or x0, got {loss_space!r}")
+        self.loss_space = loss_space
         self.engines = {"student": engine}
         self.engine = engine
         self.teacher = teacher
@@ -97,6 +101,11 @@ class MSEDistillObjective:
                               self.moves_per_step, self.teacher_steps, self.teacher_prediction_type)
         out = unet_forward(self.engine, x_t, t, cond)
         landed = move(self.schedule, out, x_t, t, t_next, self.prediction_type)
+        if self.loss_space == "x0":
+            # The same match, measured on the x0 each landing implies from x_t: per step, the landing
+            # error scaled by 1 / (a' - s' a / s). Landing-space MSE weights the high-noise steps, where
+            # guidance decides shape, colour and layout, ~10x less than the middle ones.
+            landed, target = (implied_x0(self.schedule, x_t, x, t, t_next) for x in (landed, target))
         loss = F.mse_loss(landed, target)
         self.engine.backward(loss)
         self.engine.step()

@@ -137,7 +137,8 @@ class StageRunner:
         if phase.kind == "mse":
             teacher = freeze(load_unet(self.teacher_dir)).to(dev)
             objective = MSEDistillObjective(engine, teacher, self.schedule, student_pred, teacher_pred,
-                                            stage.student_steps, stage.teacher_steps, stage.cfg_scale)
+                                            stage.student_steps, stage.teacher_steps, stage.cfg_scale,
+                                            loss_space=stage.mse_space)
         elif phase.kind == "x0":
             frozen = freeze(load_unet(student_dir)).to(dev)
             objective = X0Objective(engine, frozen, self.schedule, student_pred, stage.student_steps)

@@ -140,6 +140,7 @@ class StageConfig:
     cfg_scale: float = 1.0  # classifier-free guidance in the teacher's jump (the paper: 6 in 128->32 only)
     # mse objective: compare the student's and the teacher's landings as they are ("landing") or as the
     # x0 each implies from x_t ("x0", which weights the high-noise steps up); the paper does not say.
+    # Measured on shapes (stage 1, 150 steps): the 32-step student's FID-Whole 161 with landing, 247 with x0.
     mse_space: str = "landing"
     samples: int = 1000  # length of each objective phase, in samples seen
     full_samples: int = 0  # lora+full: length of the final full-UNet phase (0 = samples)

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import PRESETS, Preset  # noqa: E402
-from trainer.config import OptimConfig  # noqa: E402
+from trainer.config import OptimConfig, ScheduleConfig  # noqa: E402
 from trainer.discriminator import d_loss, discriminator_from_unet, g_loss  # noqa: E402
 from trainer.models import Conditioning, guided_denoiser, unet_forward  # noqa: E402
 from trainer.objectives import AdversarialObjective, MSEDistillObjective, noisy_inputs  # noqa: E402
@@ -118,7 +118,7 @@ class Step:
         self.dev = device()
         self.preset, self.mode, self.kind = preset, mode, objective
         self.micro_batch = micro_batch
-        self.schedule = NoiseSchedule.from_config(_schedule_config())
+        self.schedule = NoiseSchedule.from_config(ScheduleConfig())
         self.student_steps, self.teacher_steps = student_steps, student_steps * 2
         self.cfg_scale = cfg_scale if objective == "mse" else 1.0
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, self.schedule.num_train_timesteps))
@@ -232,12 +232,6 @@ class Step:
         self.objective.micro_step(batch, gen)
         sync()
         return time.perf_counter() - start
-
-
-def _schedule_config():
-    from trainer.config import ScheduleConfig
-
-    return ScheduleConfig()
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ rank * W + r, skipping count_for_worker(start_batch, r, W) batches of that strea
 
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 from pathlib import Path
@@ -73,9 +72,7 @@ def read_raw_samples(path: str) -> tuple[list[dict], Optional[str]]:
     # says what is wrong.
     samples: list[dict] = []
     try:
-        with open(path, "rb") as file:
-            stream = io.BytesIO(file.read())
-        with stream:
+        with open(path, "rb") as stream:
             files = ({**entry, "__url__": path}
                      for entry in wds.tariterators.tar_file_iterator(stream))
             for sample in wds.tariterators.group_by_keys(files):

@@ -80,7 +80,7 @@ def group_samples(members: list[tuple[str, memoryview]], url: str) -> Optional[l
     samples: list[dict] = []
     current: Optional[dict] = None
     for name, data in members:
-        if "/" not in name and name.startswith("__") and name.endswith("__") or _META.match(name):
+        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
             continue
         match = _KEY_SUFFIX.match(name)
         if match is None:

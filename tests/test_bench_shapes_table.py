@@ -35,7 +35,7 @@ def test_every_method_trains_the_table_recipe(monkeypatch, tmp_path):
         shapes_table.train(method, tmp_path / method, tmp_path / "shards")
     for method, cmd in zip(shapes_table.OVERRIDES, commands):
         sets = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
-        assert "stages.0.samples=19200" in sets
+        assert "stages.0.samples=38400" in sets
         assert f"run.out_dir={tmp_path / method}" in sets
         objectives = {s for s in sets if ".objective=" in s}
         assert objectives == ({f"stages.{i}.objective={method}" for i in shapes_table.ADV_STAGES}

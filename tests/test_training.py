@@ -100,6 +100,19 @@ def test_stage_student_starts_from_teacher_and_moves(smoke_run):
     assert max(diffs) < 0.05  # from the teacher's weights, a few small steps away
 
 
+def test_stage_with_ema_exports_the_average(smoke_run):
+    """stages[N].ema_decay: the phase exports the student's weight average, not its last iterate."""
+    from trainer.checkpoint import CheckpointManager, fp32_weights
+
+    ckpt = smoke_run / "jobs" / JOBS["stage5_1.1_adv_uncond"] / "ckpt"
+    final = ckpt / (ckpt / "LATEST").read_text()
+    average, last = CheckpointManager.load_tensors(final, "ema.safetensors"), fp32_weights(final)
+    exported = export_weights(smoke_run, "stage5_1")
+    assert exported.keys() == average.keys()
+    assert all(torch.equal(exported[k], average[k]) for k in exported)
+    assert any(not torch.allclose(exported[k], last[k]) for k in exported)
+
+
 def test_stop_and_resume_ends_bit_identical(smoke_run, tmp_path):
     """Stopped mid-teacher, mid-MSE stage and mid-adversarial phase, then resumed: the same weights as the
     uninterrupted run, every job."""

@@ -148,6 +148,9 @@ class StageConfig:
     # The conversion learns a new output parametrization by plain regression: its own optimizer.
     x0_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=[0.9, 0.999], grad_clip=1.0))
     mse_weight: float = 0.0  # an extra MSE term in adversarial phases (the paper: none)
+    # Full-UNet phases export an exponential moving average of the student's weights when > 0 (the paper
+    # states none; a GAN's last iterate oscillates, the average does not). LoRA phases ignore it.
+    ema_decay: float = 0.0
     micro_batch: int = 32
     grad_accum: int = 1
     # The recipe's global batch (the paper: 512). When set, grad_accum follows from the world size at
@@ -375,6 +378,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         for name in ("full_samples", "x0_samples", "mse_weight"):
             if getattr(stage, name) < 0:
                 fail(f"{key}.{name}", "must be >= 0")
+        if not 0.0 <= stage.ema_decay < 1.0:
+            fail(f"{key}.ema_decay", f"must be in [0, 1) (0 = no average), got {stage.ema_decay}")
         disc = stage.disc
         if disc.t_star and any(not 0 <= t < cfg.schedule.num_train_timesteps for t in disc.t_star):
             fail(f"{key}.disc.t_star", f"timesteps must be in [0, {cfg.schedule.num_train_timesteps})")

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoint import fp32_weights
+from .checkpoint import CheckpointManager, fp32_weights
 from .config import Config, StageConfig
 from .discriminator import discriminator_from_unet
 from .engines import DistInfo, build_ds_config, device, make_engine
@@ -157,12 +157,15 @@ class StageRunner:
                 warmup_steps=stage.disc.warmup_samples // (stage.micro_batch * accum * info.world_size),
                 late_weights=stage.disc.t_star_late_weights)
 
+        ema_decay = stage.ema_decay if phase.train == "full" else 0.0
         job = Job(name, self.stage_dir / name, phase.samples, stage.micro_batch, accum, optim, objective,
-                  make_grid=self.grids.bind(stage.student_steps, out_pred),
+                  make_grid=self.grids.bind(stage.student_steps, out_pred), ema_decay=ema_decay,
                   other_optims={"disc": stage.disc.optim} if "disc" in objective.engines else {})
         final = train(job, cfg, info)
         if info.is_main:
             weights, extra = fp32_weights(final, "student"), None
+            if ema_decay:
+                weights = CheckpointManager.load_tensors(final, "ema.safetensors")
             if phase.train == "lora":
                 weights, extra = self._lora_result(weights)
             export_unet(weights, unet_config, result, base_dir=self.base, schedule=cfg.schedule,

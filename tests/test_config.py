@@ -126,3 +126,19 @@ def test_cli_bad_config_is_one_line_and_starts_nothing(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "stages[0].student_steps" in lines[0] and str(path) in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage, phases", [
+    (dict(objective="mse"), ["0_mse"]),
+    (dict(objective="adv_cond+adv_uncond", variant="lora+full", samples=24, full_samples=16),
+     ["0_adv_cond_lora:24", "1_adv_uncond_lora:24", "2_adv_uncond:16"]),
+    (dict(student_steps=1, teacher_steps=2, objective="mse+adv_cond", x0_samples=8, samples=24),
+     ["0_x0:8", "1_mse:24", "2_adv_cond:24"]),
+])
+def test_stage_phases_follow_the_objective_and_variant(stage, phases):
+    from trainer.config import StageConfig
+    from trainer.stages import stage_phases
+
+    got = [p.job_name("s", i)[2:] + (f":{p.samples}" if ":" in phases[i] else "")
+           for i, p in enumerate(stage_phases(StageConfig(**stage)))]
+    assert got == phases

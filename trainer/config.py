@@ -18,7 +18,9 @@ from typing import Any, Optional
 import yaml
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-OBJECTIVES = ("mse", "adv_cond", "adv_uncond", "adv_cond+adv_uncond")
+# Phases in order. "mse+adv_..." first distils the student by MSE, then adversarially: the adversarial phase
+# starts from a student already on the teacher's outputs (DESIGN.md: 2->1 on the toy worked that way).
+OBJECTIVES = ("mse", "adv_cond", "adv_uncond", "adv_cond+adv_uncond", "mse+adv_cond", "mse+adv_cond+adv_uncond")
 VARIANTS = ("full", "lora", "lora+full")
 
 

@@ -49,7 +49,7 @@ class Phase:
 def stage_phases(stage: StageConfig) -> list[Phase]:
     phases = [Phase("x0", "full", stage.x0_samples)] if stage.x0_samples else []
     train = "lora" if stage.variant in ("lora", "lora+full") else "full"
-    kinds = ["mse"] if stage.objective == "mse" else stage.objective.split("+")
+    kinds = stage.objective.split("+")
     phases += [Phase(kind, train, stage.samples) for kind in kinds]
     if stage.variant == "lora+full":
         phases.append(Phase("adv_uncond", "full", stage.full_samples or stage.samples))

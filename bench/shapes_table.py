@@ -38,7 +38,9 @@ STEPS = {"stage2_8": 8, "stage3_4": 4, "stage4_2": 2, "stage5_1": 1}
 OVERRIDES = {
     "lightning": [],
     "mse": [f"stages.{i}.{k}={v}" for i in ADV_STAGES for k, v in (("objective", "mse"), ("variant", "full"))],
-    "adv_cond": [f"stages.{i}.{k}={v}" for i in ADV_STAGES for k, v in (("objective", "adv_cond"), ("variant", "full"))],
+    # conditional-only: the 8-, 4- and 2-step stages without their unconditional phases; the 1-step stage is
+    # the recipe's (its adversarial phase is conditional already)
+    "adv_cond": [f"stages.{i}.{k}={v}" for i in ADV_STAGES[:-1] for k, v in (("objective", "adv_cond"), ("variant", "full"))],
 }
 
 

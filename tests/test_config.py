@@ -59,6 +59,7 @@ def test_sdxl_recipe_is_the_papers():
     (lambda d: d["stages"][0].update(global_batch=50, micro_batch=32), "stages[0].global_batch", "multiple of micro_batch"),
     (lambda d: d["stages"][0].update(global_batch=64, micro_batch=32, grad_accum=2), "stages[0].grad_accum", "either global_batch"),
     (lambda d: d["stages"][0].update(ema_decay=1.0), "stages[0].ema_decay", "must be in [0, 1)"),
+    (lambda d: d["stages"][0].update(mse_optim={"lr": 0}), "stages[0].mse_optim.lr", "must be positive"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, mutate, key, words):
     data = base_recipe()

@@ -149,6 +149,9 @@ class StageConfig:
     x0_samples: int = 0  # the one-step stage: conversion to x0 prediction first (0 = none)
     # The conversion learns a new output parametrization by plain regression: its own optimizer.
     x0_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=[0.9, 0.999], grad_clip=1.0))
+    # The MSE phase's optimizer when it differs from the adversarial phases' (objective mse+adv_...: the
+    # regression takes a larger step than the GAN tolerates); None = optim. Full-UNet phases only.
+    mse_optim: Optional[OptimConfig] = None
     mse_weight: float = 0.0  # an extra MSE term in adversarial phases (the paper: none)
     # Full-UNet phases export an exponential moving average of the student's weights when > 0 (the paper
     # states none; a GAN's last iterate oscillates, the average does not). LoRA phases ignore it.
@@ -394,6 +397,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         _validate_optim(stage.optim, f"{key}.optim", fail)
         _validate_optim(stage.lora.optim, f"{key}.lora.optim", fail)
         _validate_optim(stage.x0_optim, f"{key}.x0_optim", fail)
+        if stage.mse_optim is not None:
+            _validate_optim(stage.mse_optim, f"{key}.mse_optim", fail)
         _validate_optim(disc.optim, f"{key}.disc.optim", fail)
         previous_student = stage.student_steps
     names = [s.name or f"stage{i + 1}" for i, s in enumerate(cfg.stages)]

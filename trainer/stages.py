@@ -123,6 +123,8 @@ class StageRunner:
             optim = stage.lora.optim
         else:
             student = load_unet(student_dir)
+        if phase.kind == "mse" and phase.train == "full" and stage.mse_optim is not None:
+            optim = stage.mse_optim
         if phase.kind == "x0":
             optim = stage.x0_optim
             if student_pred == "v_prediction" and stage.student_steps == 1:

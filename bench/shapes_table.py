@@ -158,7 +158,7 @@ def render(table: list[dict], args, seconds: float) -> str:
     for steps in (2, 1):
         a, b = get("lightning", "full", steps), get("mse", "full", steps)
         if a and b:
-            checks.append(f"- {steps} steps: full method FID-Whole {a['fid_whole']:.3g} vs MSE-only {b['fid_whole']:.3g}: "
+            checks.append(f"- {steps} step{'s' if steps > 1 else ''}: full method FID-Whole {a['fid_whole']:.3g} vs MSE-only {b['fid_whole']:.3g}: "
                           f"{'beats' if a['fid_whole'] < b['fid_whole'] else 'does not beat'} it")
     worst = min((r["alignment"] for r in table if r["method"] == "lightning" and r["alignment"] is not None), default=None)
     if worst is not None:

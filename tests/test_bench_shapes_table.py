@@ -55,5 +55,5 @@ def test_render_checks_each_target_against_the_32_step_teacher():
     assert "4-step FID-Whole 1.09x the 32-step teacher's (target <= 1.1x): met" in text
     assert "1-step FID-Whole 1.40x the 32-step teacher's (target <= 1.3x): missed" in text
     assert "2 steps: full method FID-Whole 120 vs MSE-only 130: beats it" in text
-    assert "1 steps: full method FID-Whole 140 vs MSE-only 135: does not beat it" in text
+    assert "1 step: full method FID-Whole 140 vs MSE-only 135: does not beat it" in text
     assert "lowest full-method alignment 0.9 = 0.93x the teacher's (target >= 0.95x): missed" in text

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # `python bench/shapes_table.py` from a clone, and `import bench.shapes_table` in tests
+    sys.path.insert(0, str(ROOT))
 from trainer.export import is_complete  # noqa: E402
 
 CONFIG = "configs/shapes.yaml"

@@ -143,3 +143,16 @@ def test_stage_phases_follow_the_objective_and_variant(stage, phases):
     got = [p.job_name("s", i)[2:] + (f":{p.samples}" if ":" in phases[i] else "")
            for i, p in enumerate(stage_phases(StageConfig(**stage)))]
     assert got == phases
+
+
+def test_phase_optimizers():
+    from trainer.config import OptimConfig, StageConfig
+    from trainer.stages import phase_optim, stage_phases
+
+    mse = OptimConfig(lr=2e-5)
+    stage = StageConfig(student_steps=1, teacher_steps=2, objective="mse+adv_cond", x0_samples=8, mse_optim=mse)
+    assert [phase_optim(stage, p) for p in stage_phases(stage)] == [stage.x0_optim, mse, stage.optim]
+    lora = StageConfig(objective="mse", variant="lora", mse_optim=mse)
+    assert [phase_optim(lora, p) for p in stage_phases(lora)] == [lora.lora.optim]  # LoRA phases: lora.optim
+    plain = StageConfig(objective="mse")
+    assert [phase_optim(plain, p) for p in stage_phases(plain)] == [plain.optim]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointManager, fp32_weights
-from .config import Config, StageConfig
+from .config import Config, OptimConfig, StageConfig
 from .discriminator import discriminator_from_unet
 from .engines import DistInfo, build_ds_config, device, make_engine
 from .export import export_unet, is_complete, prediction_type_of, read_manifest
@@ -54,6 +54,18 @@ def stage_phases(stage: StageConfig) -> list[Phase]:
     if stage.variant == "lora+full":
         phases.append(Phase("adv_uncond", "full", stage.full_samples or stage.samples))
     return phases
+
+
+def phase_optim(stage: StageConfig, phase: Phase) -> OptimConfig:
+    """The student's optimizer in `phase`: the x0 conversion and LoRA phases have their own; a full-UNet MSE
+    phase uses mse_optim when the stage sets one; everything else the stage's optim."""
+    if phase.kind == "x0":
+        return stage.x0_optim
+    if phase.train == "lora":
+        return stage.lora.optim
+    if phase.kind == "mse" and stage.mse_optim is not None:
+        return stage.mse_optim
+    return stage.optim
 
 
 def _barrier() -> None:
@@ -114,21 +126,16 @@ class StageRunner:
         teacher_pred = prediction_type_of(self.teacher_dir, cfg.model.prediction_type)
         out_pred = "sample" if phase.kind == "x0" else student_pred
 
-        optim = stage.optim
+        optim = phase_optim(stage, phase)
         if phase.train == "lora":
             # One LoRA per stage, relative to the stage's teacher: a later LoRA phase continues the
             # earlier phase's adapter (not a new one on merged weights), so the exported file alone turns
             # the teacher into this stage's student.
             student = self._lora_unet(lora_dir)
-            optim = stage.lora.optim
         else:
             student = load_unet(student_dir)
-        if phase.kind == "mse" and phase.train == "full" and stage.mse_optim is not None:
-            optim = stage.mse_optim
-        if phase.kind == "x0":
-            optim = stage.x0_optim
-            if student_pred == "v_prediction" and stage.student_steps == 1:
-                x0_head_from_v(student, self.schedule)
+        if phase.kind == "x0" and student_pred == "v_prediction" and stage.student_steps == 1:
+            x0_head_from_v(student, self.schedule)
         unet_config = dict(student.config)
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
@@ -165,9 +172,9 @@ class StageRunner:
                   other_optims={"disc": stage.disc.optim} if "disc" in objective.engines else {})
         final = train(job, cfg, info)
         if info.is_main:
-            weights, extra = fp32_weights(final, "student"), None
-            if ema_decay:
-                weights = CheckpointManager.load_tensors(final, "ema.safetensors")
+            # the average when there is one (the ZeRO consolidation of the last iterate would go unused)
+            weights = CheckpointManager.load_tensors(final, "ema.safetensors") if ema_decay else fp32_weights(final, "student")
+            extra = None
             if phase.train == "lora":
                 weights, extra = self._lora_result(weights)
             export_unet(weights, unet_config, result, base_dir=self.base, schedule=cfg.schedule,

@@ -53,6 +53,7 @@ from trainer.config import OptimConfig, ScheduleConfig  # noqa: E402
 from trainer.discriminator import d_loss, discriminator_from_unet, g_loss  # noqa: E402
 from trainer.models import Conditioning, guided_denoiser, unet_forward  # noqa: E402
 from trainer.objectives import AdversarialObjective, MSEDistillObjective, noisy_inputs  # noqa: E402
+from trainer.randomness import SampleRandom  # noqa: E402
 from trainer.schedule import NoiseSchedule, move, teacher_jump  # noqa: E402
 
 # Dense bf16 peak (no sparsity) by device name, for MFU.
@@ -153,7 +154,7 @@ class Step:
     def part_names(self) -> tuple[str, ...]:
         return PARTS_ADV if self.kind == "adv" else PARTS_MSE
 
-    def parts_once(self, batches, gen: torch.Generator) -> dict[str, float]:
+    def parts_once(self, batches, rand: SampleRandom) -> dict[str, float]:
         """One step with a timer around each part (the same computation as objective.micro_step)."""
         from trainer.loop import _to_device
 
@@ -171,39 +172,38 @@ class Step:
             batch = _to_device(next(batches), self.dev)
             batch.pop("data_stats", None)
         with timed("teacher"):
-            x_t, t, t_next, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps, self.student_steps)
+            x_t, t, t_next, cond = noisy_inputs(batch, rand, self.schedule, self.timesteps, self.student_steps)
             moves = self.teacher_steps // self.student_steps
             real = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, self.cfg_scale), x_t, t, moves,
                                 self.teacher_steps, self.prediction)
         with timed("student_fwd"):
             fake = move(self.schedule, unet_forward(self.student, x_t, t, cond), x_t, t, t_next, self.prediction)
-        if self.kind == "adv":
-            with timed("disc_fwd_bwd"):
-                p = {"real": real, "fake": fake, "d_t": t_next, "cond": cond, "x_t": x_t, "t": t}
-                loss_d = d_loss(*self.objective.judge_real_and_fake(p))
-                self.disc.backward(loss_d)
-            with timed("disc_step"):
-                self.disc.step()
-            with timed("student_bwd"):
+        # G step, then D step: the objective's order
+        with timed("student_bwd"):
+            if self.kind == "adv":
                 self.objective._set_disc_trainable(False)
-                loss = g_loss(self.objective._judge(fake, t_next, cond, x_t, t, frozen=True))
-                self.student.backward(loss)
+                self.student.backward(g_loss(self.objective._judge(fake, t_next, cond, x_t, t, frozen=True)))
                 self.objective._set_disc_trainable(True)
-        else:
-            with timed("student_bwd"):
+            else:
                 self.student.backward(F.mse_loss(fake, real))
         with timed("student_step"):
             self.student.step()
+        if self.kind == "adv":
+            with timed("disc_fwd_bwd"):
+                p = {"real": real, "fake": fake, "d_t": t_next, "cond": cond, "x_t": x_t, "t": t}
+                self.disc.backward(d_loss(*self.objective.judge_real_and_fake(p)))
+            with timed("disc_step"):
+                self.disc.step()
         return times
 
-    def d_call_variants(self, batches, gen: torch.Generator, iters: int) -> dict[str, float]:
+    def d_call_variants(self, batches, rand: SampleRandom, iters: int) -> dict[str, float]:
         """The D step (forward, backward, optimizer step) with real and fake judged in one stacked call
         (the trainer's way) against two separate calls, alternated in one run: seconds (median) each."""
         from trainer.loop import _to_device
 
         batch = _to_device(next(batches), self.dev)
         batch.pop("data_stats", None)
-        p = self.objective.prepare(batch, gen)
+        p = self.objective.prepare(batch, rand)
         judge = lambda x: self.objective._judge(x, p["d_t"], p["cond"], p["x_t"], p["t"])
         variants = {
             "stacked": lambda: d_loss(*self.objective.judge_real_and_fake(p)),
@@ -221,7 +221,7 @@ class Step:
                     times[name].append(time.perf_counter() - start)
         return {name: statistics.median(v) for name, v in times.items()}
 
-    def whole_once(self, batches, gen: torch.Generator) -> float:
+    def whole_once(self, batches, rand: SampleRandom) -> float:
         """One step as the loop runs it: next batch, then the objective's micro-step, nothing in between."""
         from trainer.loop import _to_device
 
@@ -229,7 +229,7 @@ class Step:
         start = time.perf_counter()
         batch = _to_device(next(batches), self.dev)
         batch.pop("data_stats", None)
-        self.objective.micro_step(batch, gen)
+        self.objective.micro_step(batch, rand)
         sync()
         return time.perf_counter() - start
 
@@ -284,16 +284,16 @@ def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iter
         step = Step(preset, mode, objective, micro_batch, offload, student_steps, cfg_scale, compile_student)
         loader = make_loader(shards, micro_batch, seed=0, num_workers=workers)
         batches = _forever(loader)
-        gen = torch.Generator().manual_seed(0)
+        rand = SampleRandom(0, 0, micro_batch)
         if is_cuda():
             torch.cuda.reset_peak_memory_stats()
         for _ in range(warmup):
-            step.parts_once(batches, gen)
+            step.parts_once(batches, rand)
         # Interleaved, so that drift on a noisy machine hits both measurements alike.
         parts, wholes = [], []
         for _ in range(iters):
-            parts.append(step.parts_once(batches, gen))
-            wholes.append(step.whole_once(batches, gen))
+            parts.append(step.parts_once(batches, rand))
+            wholes.append(step.whole_once(batches, rand))
         median = {name: statistics.median(p[name] for p in parts) for name in step.part_names}
         whole = statistics.median(wholes)
         result = {
@@ -307,7 +307,7 @@ def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iter
             "samples_per_s": micro_batch / whole,
         }
         if objective == "adv":
-            d_calls = step.d_call_variants(batches, gen, iters)
+            d_calls = step.d_call_variants(batches, rand, iters)
             result["d_step_stacked_s"], result["d_step_separate_s"] = d_calls["stacked"], d_calls["separate"]
             result["d_stacked_over_separate"] = d_calls["stacked"] / d_calls["separate"]
         if loop:

@@ -20,31 +20,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from .collectives import any_rank, barrier, is_main
 
 ENGINE_TAG = "state"
 
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. disk full); the previous one is untouched."""
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _any_rank(flag: bool) -> bool:
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -76,35 +60,35 @@ class CheckpointManager:
         # (deleting the folder LATEST names, even for a moment, is what this module exists to avoid).
         name = f"samples-{state['samples_seen']:012d}" + ("-final" if state.get("done") else "")
         final, tmp = self.root / name, self.root / f"{name}.tmp"
-        if _is_main():
+        if is_main():
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("*.tmp"):  # left by a crash mid-write
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
             tmp.mkdir()
-        _barrier()
+        barrier()
         failure = None
         try:
             for engine_name, engine in engines.items():
                 engine.save_checkpoint(str(tmp / engine_name), tag=ENGINE_TAG, save_latest=False)
-            if _is_main():
+            if is_main():
                 for file_name, tensor_dict in (tensors or {}).items():
                     save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / file_name))
                 _write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=1))
         except OSError as err:  # disk full, quota, a vanished mount: say so, keep the last good one
             failure = err
-        if _any_rank(failure is not None):  # every rank stops, not only the one whose write failed
-            if _is_main():
+        if any_rank(failure is not None):  # every rank stops, not only the one whose write failed
+            if is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
             last = self.root / "LATEST"
             kept = f"the last complete checkpoint ({last.read_text().strip()}) is intact" if last.is_file() else "no earlier checkpoint exists"
             raise CheckpointWriteError(f"writing checkpoint {tmp} failed: {failure or 'on another rank'}; {kept}")
-        if _is_main():
+        if is_main():
             if final.exists():  # a stale copy from an earlier attempt that never became LATEST
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_atomic(self.root / "LATEST", name)
             self._prune(keep=name)
-        _barrier()
+        barrier()
         return final
 
     def _prune(self, keep: str) -> None:
@@ -123,8 +107,9 @@ class CheckpointManager:
         return json.loads((path / "trainer_state.json").read_text()), path
 
     @staticmethod
-    def load_tensors(path: Path, file_name: str) -> dict[str, torch.Tensor]:
-        return load_file(str(path / file_name))
+    def load_tensors(path: Path, file_name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Extra tensors of a checkpoint, placed on `device` (the module's, e.g. for the EMA)."""
+        return load_file(str(path / file_name), device=str(device))
 
 
 def fp32_weights(checkpoint: Path, engine_name: str = "student") -> dict[str, torch.Tensor]:

@@ -42,6 +42,17 @@ class RunConfig:
     # With several ranks, whether anyone got SLURM's preemption warning is agreed by an all-reduce, a
     # host-device sync on GPUs: every this many steps (the warning comes minutes ahead). One rank: free.
     preemption_check_steps: int = 10
+    # Timeout of the process group: every collective of the training step and of checkpoint writes, where
+    # all ranks work. The slowest is a checkpoint write with rank 0 also writing the EMA (SDXL: ~10 GB),
+    # a minute or two on a shared file system; 30 minutes leave room without hiding a hung rank for long.
+    collective_timeout_s: float = 1800.0
+    # How long the other ranks wait while rank 0 alone works (encoding the toy data, consolidating ZeRO
+    # partitions, exporting, the end-of-run comparison grid): minutes at SDXL size, longer on a slow file
+    # system. They wait in a group of their own, so this never loosens the step's timeout.
+    main_work_timeout_s: float = 14400.0
+    # cudnn autotuning off and torch's deterministic algorithms on (with CUBLAS_WORKSPACE_CONFIG): GPU runs
+    # repeat bit for bit, at some speed. CPU runs are deterministic either way.
+    deterministic: bool = False
 
 
 @dataclass
@@ -62,9 +73,16 @@ class ShapesDataConfig:
     samples_per_shard: int = 1000
 
 
+DATA_SOURCES = ("shards", "shapes")
+
+
 @dataclass
 class DataConfig:
-    shards: str = ""  # a folder with index.json; empty means <out_dir>/shards (made by the pipeline)
+    # shards: `shards` names a folder of encoded shards (python -m trainer.encode); shapes: the embedded
+    # captioned-shapes dataset, rendered and encoded by the run itself (into `shards`, or <out_dir>/shards).
+    # Nothing falls back to the toy data: a recipe names it.
+    source: str = "shards"
+    shards: str = ""  # a folder with index.json
     num_workers: int = 1
     max_bad_fraction: float = 0.01
     dtype: str = "float16"
@@ -111,8 +129,13 @@ class TeacherConfig:
 @dataclass
 class DiscConfig:
     """The discriminator of the adversarial phases: a trainable copy of the base UNet's encoder + head."""
+    # D's optimizer beside a full-UNet student; `lora_optim` beside a LoRA student (None: `optim`).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, betas=[0.0, 0.99], grad_clip=0.0))
+    lora_optim: Optional[OptimConfig] = None
     head_blocks: Optional[int] = None  # None: as many stride-2 blocks as bring the mid map to 4x4
+    # Width of the head's stride-2 blocks; None: the mid block's width (SDXL 1280), for both forms (the
+    # conditional head mixes its two concatenated maps down to it first).
+    head_channels: Optional[int] = None
     # Multi-timestep D (the paper's 1- and 2-step stages): both landings re-noised to t* drawn with these
     # weights; `t_star_late_weights` take over halfway through each phase (the paper: 1:1:1:1, then 5:1:1:1).
     t_star: list[int] = field(default_factory=list)
@@ -185,6 +208,9 @@ class LogConfig:
     keep_last: int = 2
     grid_prompts: list = field(default_factory=list)
     grid_seed: int = 1234
+    # The end-of-run grid of every finished stage side by side (rank 0 samples each UNet): auto = only
+    # for the embedded toy (seconds), where at SDXL size it would load and sample every stage's UNet.
+    comparison_grid: str = "auto"  # auto | always | never
 
 
 @dataclass
@@ -255,7 +281,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
 
 def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    names = [f.name for f in dataclasses.fields(cls) if not (cls is Config and f.name == "source")]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
@@ -336,6 +362,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         fail("data.dtype", "must be float16 or float32")
     if cfg.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
+    if cfg.data.source not in DATA_SOURCES:
+        fail("data.source", f"'{cfg.data.source}' is not one of {', '.join(DATA_SOURCES)}")
+    for key in ("collective_timeout_s", "main_work_timeout_s"):
+        if getattr(cfg.run, key) <= 0:
+            fail(f"run.{key}", "must be positive (seconds)")
+    if cfg.log.comparison_grid not in ("auto", "always", "never"):
+        fail("log.comparison_grid", f"'{cfg.log.comparison_grid}' is not auto, always or never")
     if not 0 <= cfg.teacher.caption_dropout < 1:
         fail("teacher.caption_dropout", "must be in [0, 1)")
     for key, value in (("teacher.samples", cfg.teacher.samples), ("teacher.micro_batch", cfg.teacher.micro_batch),
@@ -401,6 +434,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if stage.mse_optim is not None:
             _validate_optim(stage.mse_optim, f"{key}.mse_optim", fail)
         _validate_optim(disc.optim, f"{key}.disc.optim", fail)
+        if disc.lora_optim is not None:
+            _validate_optim(disc.lora_optim, f"{key}.disc.lora_optim", fail)
+        if disc.head_channels is not None and disc.head_channels < 1:
+            fail(f"{key}.disc.head_channels", f"must be positive (or null: the mid block's width), got {disc.head_channels}")
         previous_student = stage.student_steps
     names = [s.name or f"stage{i + 1}" for i, s in enumerate(cfg.stages)]
     for i, stage in enumerate(cfg.stages):
@@ -424,10 +461,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if cfg.teacher.deepspeed and not Path(cfg.teacher.deepspeed).is_file():
             fail("teacher.deepspeed", f"DeepSpeed config '{cfg.teacher.deepspeed}' does not exist")
         _validate_ds_json(cfg, fail)
-        if cfg.data.shards and not (Path(cfg.data.shards) / "index.json").is_file():
+        if cfg.data.source == "shards" and not cfg.data.shards:
+            fail("data.shards", "no shard folder given (make shards with python -m trainer.encode and set "
+                 "data.shards; data.source: shapes trains on the embedded toy dataset instead)")
+        if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "index.json").is_file():
             fail("data.shards", f"'{cfg.data.shards}' has no index.json (make shards with python -m trainer.encode)")
-        if cfg.model.base == "toy" and not cfg.data.shards and cfg.data.shapes.count < 1:
-            fail("data.shapes.count", "must be positive")
+    if cfg.data.source == "shapes" and cfg.data.shapes.count < 1:
+        fail("data.shapes.count", "must be positive")
 
 
 def _validate_ds_json(cfg: Config, fail) -> None:

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .models import Conditioning
 
 # The parts of a UNet2DConditionModel that run before (and including) its mid block.
-_ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "time_embed_act",
+ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "time_embed_act",
                   "add_time_proj", "add_embedding", "encoder_hid_proj", "down_blocks", "mid_block")
 
 
@@ -55,7 +55,7 @@ class UNetEncoder(nn.Module):
 
         # One deepcopy over all parts (one memo): the copy shares no tensor with the source UNet, so
         # training D never moves the student or teacher, and any sharing among the parts is kept.
-        parts = copy.deepcopy({name: getattr(unet, name, None) for name in _ENCODER_PARTS})
+        parts = copy.deepcopy({name: getattr(unet, name, None) for name in ENCODER_PARTS})
         self.conv_in = parts["conv_in"]
         self.time_proj = parts["time_proj"]
         self.time_embedding = parts["time_embedding"]
@@ -163,8 +163,10 @@ class Discriminator(nn.Module):
         self.conditional = conditional
         self.backbone = UNetEncoder(unet)
         in_channels = self.backbone.mid_channels * (2 if conditional else 1)
-        # GroupNorm(32) needs a multiple of 32: round a requested (or default) width up to one.
-        channels = 32 * math.ceil((head_channels or in_channels) / 32)
+        # Default width: the mid block's (SDXL: 1280), for both forms; the conditional head first mixes its
+        # two concatenated maps down to it with a 1x1 conv, instead of keeping 2x the width (4x the
+        # parameters) in every stride-2 block. GroupNorm(32) needs a multiple of 32: rounded up to one.
+        channels = 32 * math.ceil((head_channels or self.backbone.mid_channels) / 32)
 
         sample_size = sample_size or unet.config.sample_size
         if isinstance(sample_size, (tuple, list)):

@@ -29,27 +29,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
-    """Join (or create) the process group. torchrun sets RANK/WORLD_SIZE/...; under srun they come from
-    SLURM's variables (trainer/dist_env.py); a plain `python -m ...` gets a one-process group (DeepSpeed
-    otherwise goes looking for MPI)."""
-    import deepspeed
-
+def init_distributed(collective_timeout_s: float = 1800.0, main_work_timeout_s: float = 14400.0) -> DistInfo:
+    """Join (or create) the process group (trainer/collectives.py: device, groups, timeouts). torchrun sets
+    RANK/WORLD_SIZE/...; under srun they come from SLURM's variables (trainer/dist_env.py); a plain
+    `python -m ...` gets a one-process group (DeepSpeed otherwise goes looking for MPI)."""
+    from . import collectives
     from .dist_env import fill_from_slurm
 
     fill_from_slurm()  # an srun task (several per step): ranks, master and port from SLURM's variables
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    collectives.init(collective_timeout_s, main_work_timeout_s)
     return DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
 
 
 def device() -> torch.device:
+    """This process's compute device: the GPU collectives.init chose from LOCAL_RANK, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -73,15 +71,27 @@ def build_ds_config(path: str, micro_batch: int, grad_accum: int, world_size: in
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{path}: 'optimizer'/'scheduler' belong in the YAML ({key_prefix}.optim), not the JSON")
     ds.update(wanted)
-    ds["optimizer"] = {
-        "type": "AdamW" if optim.weight_decay else "Adam",
-        # torch_adam: the fused CPU Adam op compiles for ~70 s on first use; torch's is as fast here.
-        "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                   "weight_decay": optim.weight_decay, "torch_adam": not torch.cuda.is_available()},
-    }
+    ds["optimizer"] = {"type": "AdamW" if optim.weight_decay else "Adam", "params": adam_params(ds, optim)}
     if optim.grad_clip > 0:
         ds["gradient_clipping"] = optim.grad_clip
     return ds
+
+
+def adam_params(ds: dict, optim: OptimConfig) -> dict:
+    """DeepSpeed's Adam settings. Nothing may need a compiler on the nodes: DeepSpeed's FusedAdam and
+    CPUAdam are JIT-built C++/CUDA ops (nvcc, ninja, a shared build cache that many ranks race for), so
+    torch's own Adam runs the step (fused kernels on a GPU), unless the optimizer is offloaded to the
+    CPU and DeepSpeed's CPU Adam op came prebuilt with the installation (DS_BUILD_CPU_ADAM=1)."""
+    from deepspeed.git_version_info import installed_ops
+
+    offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
+    params = {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    if offload and installed_ops.get("cpu_adam"):
+        return params
+    params["torch_adam"] = True
+    if torch.cuda.is_available() and not offload:
+        params["fused"] = True
+    return params
 
 
 def make_engine(model: torch.nn.Module, ds_config: dict):
@@ -109,3 +119,15 @@ def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
 def set_learning_rate(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def release_engines() -> None:
+    """Frees what finished engines held. Call after their job returned and `engine.destroy()` removed
+    ZeRO's gradient hooks: those hooks and the engines form reference cycles that only a full garbage
+    collection breaks, so without this a phase would start with the last one's weights, fp32 master copies
+    and Adam moments still in (GPU) memory."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

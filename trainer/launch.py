@@ -21,7 +21,8 @@ checkpoint. A USR2 that arrives before trainer.run's main installed its handler 
 Executors: `slurm` (the default where `sbatch` exists) or `local` (submitit's local executor: the jobs
 run one after the other on this machine, chained by this process, which therefore waits for them).
 Exit codes: 0 every job done; 1 a job failed or was cancelled, or sbatch refused a job; 2 bad config or
-arguments, or an earlier launch of the same run is still queued: nothing submitted.
+arguments, a missing input (model folder part, shards, DeepSpeed JSON, unwritable output folder: one line
+each, also with --dry-run), or an earlier launch of the same run is still queued: nothing submitted.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from submitit.helpers import Checkpointable
 
 from .config import Config, ConfigError, load_config
 from .export import is_complete
+from .preflight import problems
 from .run import EXIT_CONFIG, EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,6 +379,11 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     except RuntimeError as err:
         print(f"launch refused: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    # What every job will need, checked now: nothing is queued that would fail after its wait.
+    found = problems(cfg, args.nodes * args.tasks_per_node)
+    if found:
+        print("\n".join(f"input error: {cfg.source}: {p}" for p in found), file=sys.stderr)
         return EXIT_CONFIG
 
     for job in jobs:

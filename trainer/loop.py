@@ -2,8 +2,9 @@
 
 It reads top to bottom: resume, then per optimizer step: learning rate, micro-batches (the objective
 does forward, backward and the engines' steps), EMA, logs, sample grid, checkpoint. Progress is counted
-in samples seen; every micro-step draws its randomness from a generator seeded by
-(seed, rank, samples seen, micro-step), so a resumed run continues exactly as an uninterrupted one.
+in samples seen; every sample draws its randomness from a generator seeded by (seed, its position in the
+job) (trainer/randomness.py), so a resumed run continues exactly as an uninterrupted one, and gradient
+accumulation computes what a larger micro-batch would.
 """
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from . import collectives
 from .checkpoint import CheckpointManager
 from .config import Config, OptimConfig
 from .engines import DistInfo, device, learning_rate, set_learning_rate
 from .loader import make_loader
 from .objectives import Objective
+from .randomness import micro_batch_random
 from .sampling import save_png
 from .tracking import Tracker
 
@@ -46,7 +48,8 @@ class Job:
 
 
 class EMA:
-    """Exponential moving average of a module's weights, kept in fp32 (the engine's module is bf16)."""
+    """Exponential moving average of a module's weights, kept in fp32 (the engine's module is bf16) on
+    the module's device."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
@@ -56,6 +59,15 @@ class EMA:
     def update(self, module: torch.nn.Module) -> None:
         for k, v in module.state_dict().items():
             self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restores a saved average into the existing shadow tensors, which stay where they are."""
+        if tensors.keys() != self.shadow.keys():
+            missing = sorted(self.shadow.keys() - tensors.keys())[:3]
+            raise RuntimeError(f"the checkpoint's EMA does not match the module (e.g. missing {missing})")
+        for k, v in tensors.items():
+            self.shadow[k].copy_(v)
 
 
 class Preemption:
@@ -75,12 +87,7 @@ class Preemption:
 
     def agreed(self) -> bool:
         """All ranks must stop at the same step; the signal may reach them at different times."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.requested
-        # On the collective's device: NCCL reduces only CUDA tensors.
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return collectives.any_rank(self.requested)
 
 
 _PREEMPTION: Optional[Preemption] = None
@@ -116,19 +123,6 @@ def replica_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _gather_strings(value: str) -> list[str]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [value]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def step_generator(seed: int, rank: int, samples_seen: int, micro: int) -> torch.Generator:
-    words = np.random.SeedSequence([seed, rank, samples_seen, micro]).generate_state(2)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
-
-
 def _to_device(batch: dict, dev: torch.device) -> dict:
     """The batch on the device, floats as float32: the cast runs after the copy (on the GPU there), so
     float16 shards cross the host and the bus at half the bytes."""
@@ -138,17 +132,6 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
         v = v.to(dev, non_blocking=True)
         return v.float() if v.is_floating_point() else v
     return {k: move(v) for k, v in batch.items()}
-
-
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Averages each key over the ranks that logged it (ranks may differ, e.g. per-t* terms)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, values)
-    keys = sorted({k for g in gathered for k in g})
-    seen = {k: [g[k] for g in gathered if k in g and not math.isnan(g[k])] for k in keys}
-    return {k: sum(v) / len(v) if v else math.nan for k, v in seen.items()}
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
@@ -163,6 +146,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     global_batch = job.micro_batch * job.grad_accum * info.world_size
     total_steps = math.ceil(job.total_samples / global_batch)
     ema = EMA(student.module, job.ema_decay) if job.ema_decay else None
+    dev = device()
 
     # -- resume ---------------------------------------------------------------------------------
     state = {"job": job.name, "step": 0, "samples_seen": 0, "done": False, **job.extra_state}
@@ -172,7 +156,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
         if state["job"] != job.name:
             raise RuntimeError(f"{latest} belongs to job '{state['job']}', not '{job.name}'")
         if ema is not None:
-            ema.shadow = CheckpointManager.load_tensors(latest, "ema.safetensors")
+            ema.load(CheckpointManager.load_tensors(latest, "ema.safetensors", device=dev))
         if info.is_main:
             print(f"[{job.name}] resumed from {latest} at {state['samples_seen']} samples", flush=True)
     if state["done"]:
@@ -184,7 +168,6 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
         return ckpt.save(engines, dict(state), tensors)
 
     # -- the loop -------------------------------------------------------------------------------
-    dev = device()
     loader = make_loader(cfg.shard_dir, job.micro_batch, cfg.run.seed, info.rank, info.world_size,
                          start_batch=state["step"] * job.grad_accum, num_workers=cfg.data.num_workers,
                          max_bad_fraction=cfg.data.max_bad_fraction)
@@ -210,8 +193,8 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             stats = batch.pop("data_stats", None)
             if stats is not None:
                 data_stats[stats["stream"]] = stats
-            gen = step_generator(cfg.run.seed, info.rank, state["samples_seen"], micro)
-            for key, value in job.objective.micro_step(batch, gen).items():
+            rand = micro_batch_random(cfg.run.seed, info.rank, state["samples_seen"], micro, job.micro_batch, job.grad_accum)
+            for key, value in job.objective.micro_step(batch, rand).items():
                 window.setdefault(key, []).append(value)
         # Engines skip a step whose gradients are not finite (check_grad_overflow): nothing is updated.
         now_skipped = {name: engine.skipped_steps for name, engine in engines.items()}
@@ -238,7 +221,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             # .item() only here: no host-device sync on the other steps
             # nanmean: a term some micro-steps could not measure (a t* no sample drew) is NaN there
             logs = {f"{job.name}/{k}": float(torch.stack(v).float().nanmean()) for k, v in window.items()}
-            logs = _mean_across_ranks(logs)
+            logs = collectives.mean_over_ranks(logs)
             elapsed = time.perf_counter() - window_start
             logs[f"{job.name}/lr"] = lrs["student"]
             logs.update({f"{job.name}/lr_{name}": lr for name, lr in lrs.items() if name != "student"})
@@ -265,7 +248,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             save()
 
     bar.close()
-    state["replica_digests"] = _gather_strings(replica_digest(student.module))
+    state["replica_digests"] = collectives.gather_strings(replica_digest(student.module))
     if len(set(state["replica_digests"])) != 1:
         raise RuntimeError(f"[{job.name}] ranks ended with different weights: {state['replica_digests']}")
     final = save(done=True)

@@ -79,16 +79,70 @@ def build_toy_unet(overrides: Optional[dict] = None, seed: int = 0) -> UNet2DCon
         return UNet2DConditionModel(**config)
 
 
-def load_unet(path: str | Path) -> UNet2DConditionModel:
-    """A UNet from a diffusers model folder (with unet/) or a UNet folder itself."""
+def unet_folder(path: str | Path) -> Path:
+    """The UNet's own folder inside a diffusers model folder (with unet/), or the UNet folder itself."""
     path = Path(path)
     folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no UNet at '{path}': expected {path}/unet/config.json or {path}/config.json")
+    return folder
+
+
+def load_unet(path: str | Path, only: Optional[tuple[str, ...]] = None) -> UNet2DConditionModel:
+    """A UNet from a diffusers model folder (with unet/) or a UNet folder itself.
+
+    `only`: read just the weights under these module names (e.g. the encoder path, for the
+    discriminator); every other parameter stays on the meta device, unread."""
+    folder = unet_folder(path)
+    if only is not None:
+        return _load_unet_parts(folder, only)
     try:
         return UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
     except Exception as err:  # a folder with a config that is not a UNet's
         raise ValueError(f"'{folder}' does not hold a UNet2DConditionModel: {err}") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The UNet's safetensors file(s), sharded or not."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"'{folder}' has no diffusion_pytorch_model.safetensors (or its index)")
+    return [single]
+
+
+def _load_unet_parts(folder: Path, only: tuple[str, ...]) -> UNet2DConditionModel:
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+    wanted = tuple(f"{name}." for name in only)
+    weights = {}
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            # float32 like from_pretrained's default, whatever the file holds
+            weights.update({k: f.get_tensor(k).float() for k in f.keys() if k.startswith(wanted)})
+    expected = [k for k in unet.state_dict() if k.startswith(wanted)]
+    missing = sorted(set(expected) - set(weights))
+    if missing or not expected:
+        raise ValueError(f"'{folder}': the weights lack {missing[:3] or list(only)}")
+    unet.load_state_dict(weights, strict=False, assign=True)
+    return unet
+
+
+def frozen_copy(unet: torch.nn.Module, device: torch.device, dtype=torch.bfloat16) -> torch.nn.Module:
+    """A frozen low-precision copy of `unet` on `device`: the same weights a fresh read of its folder
+    would give (the teacher when it starts where the student does), without the read and without a
+    second full-precision copy in memory."""
+    with torch.device("meta"):
+        twin = UNet2DConditionModel.from_config(unet.config)
+    twin.load_state_dict({k: v.detach().to(device=device, dtype=dtype) for k, v in unet.state_dict().items()},
+                         assign=True)
+    return freeze(twin, dtype)
 
 
 def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from .discriminator import d_accuracy, d_loss, g_loss
 from .models import Conditioning, guided_denoiser, unet_forward
+from .randomness import SampleRandom
 from .schedule import NoiseSchedule, move, next_timestep, teacher_jump, trailing_timesteps
 
 
 class Objective(Protocol):
     engines: dict
-    def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]: ...
+    def micro_step(self, batch: dict, rand: SampleRandom) -> dict[str, torch.Tensor]: ...
 
 
 def host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -32,20 +33,20 @@ def host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
-def _randn_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    # Drawn on the CPU from the step's generator so every device and rank count reproduces it.
-    return host_to_device(torch.randn(x.shape, generator=gen, dtype=torch.float32), x.device)
+def _randn_like(x: torch.Tensor, rand: SampleRandom) -> torch.Tensor:
+    # Drawn on the CPU from each sample's generator (trainer/randomness.py), then queued to the device.
+    return host_to_device(rand.randn(x.shape[1:]), x.device)
 
 
-def noisy_inputs(batch: dict, gen: torch.Generator, schedule: NoiseSchedule, timesteps: torch.Tensor,
+def noisy_inputs(batch: dict, rand: SampleRandom, schedule: NoiseSchedule, timesteps: torch.Tensor,
                  student_steps: int):
     """The distillation objectives' shared start: x_t at a timestep drawn from the student's grid (pure
     noise at t = T), the next timestep on that grid, and the batch's conditioning. Returns
     (x_t, t, t_next, cond), all on the batch's device. Timesteps are drawn and stepped on the CPU (where
     no copy back is ever needed) and then queued to the device."""
     x0 = batch["latent"]
-    eps = _randn_like(x0, gen)
-    t_host = timesteps[torch.randint(0, len(timesteps), (x0.shape[0],), generator=gen)]
+    eps = _randn_like(x0, rand)
+    t_host = timesteps[rand.randint(len(timesteps))]
     t_next_host = next_timestep(t_host, student_steps, schedule.num_train_timesteps, check=False)  # drawn from it
     t, t_next = host_to_device(t_host, x0.device), host_to_device(t_next_host, x0.device)
     return schedule.add_noise(x0, eps, t), t, t_next, Conditioning.from_batch(batch)
@@ -59,12 +60,11 @@ class DenoiseObjective:
         self.prediction_type = prediction_type
         self.caption_dropout = caption_dropout
 
-    def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def micro_step(self, batch: dict, rand: SampleRandom) -> dict[str, torch.Tensor]:
         x0 = batch["latent"]
-        b = x0.shape[0]
-        eps = _randn_like(x0, gen)
-        t = host_to_device(torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=gen), x0.device)
-        keep = host_to_device(torch.rand(b, generator=gen) >= self.caption_dropout, x0.device)
+        eps = _randn_like(x0, rand)
+        t = host_to_device(rand.randint(self.schedule.num_train_timesteps), x0.device)
+        keep = host_to_device(rand.rand() >= self.caption_dropout, x0.device)
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = alpha * x0 + sigma * eps  # ordinary forward process: the teacher learns the real schedule
         cond = Conditioning.from_batch(batch).drop(keep)
@@ -95,8 +95,8 @@ class MSEDistillObjective:
         self.cfg_scale = cfg_scale
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, schedule.num_train_timesteps))
 
-    def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        x_t, t, t_next, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps, self.student_steps)
+    def micro_step(self, batch: dict, rand: SampleRandom) -> dict[str, torch.Tensor]:
+        x_t, t, t_next, cond = noisy_inputs(batch, rand, self.schedule, self.timesteps, self.student_steps)
         target = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, self.cfg_scale), x_t, t,
                               self.moves_per_step, self.teacher_steps, self.teacher_prediction_type)
         out = unet_forward(self.engine, x_t, t, cond)
@@ -127,8 +127,8 @@ class X0Objective:
         self.student_steps = student_steps
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, schedule.num_train_timesteps))
 
-    def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        x_t, t, _, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps, self.student_steps)
+    def micro_step(self, batch: dict, rand: SampleRandom) -> dict[str, torch.Tensor]:
+        x_t, t, _, cond = noisy_inputs(batch, rand, self.schedule, self.timesteps, self.student_steps)
         with torch.no_grad():
             out = unet_forward(self.frozen, x_t, t, cond)
             target, _ = self.schedule.to_x0_eps(out, x_t, t, self.frozen_prediction_type)
@@ -149,7 +149,7 @@ def implied_x0(schedule: NoiseSchedule, x_t: torch.Tensor, x_next: torch.Tensor,
 
 
 class AdversarialObjective:
-    """One D step then one G step per micro-batch, on two DeepSpeed engines.
+    """One G step then one D step per micro-batch, on two DeepSpeed engines.
 
     real = the frozen teacher's n-move jump from x_t, fake = the student's one move from the same x_t.
     Conditional D judges (x_t, x_{t-ns}) pairs; unconditional D' judges x_{t-ns} alone (text-conditioned
@@ -199,10 +199,10 @@ class AdversarialObjective:
         for p in self.disc.module.parameters():
             p.requires_grad_(flag)
 
-    def prepare(self, batch: dict, gen: torch.Generator) -> dict:
+    def prepare(self, batch: dict, rand: SampleRandom) -> dict:
         """Teacher's jump (real) and the student's move (fake, with grad unless D warms up) from one x_t."""
-        x_t, t, t_next, cond = noisy_inputs(batch, gen, self.schedule, self.timesteps, self.student_steps)
-        dev, b = x_t.device, x_t.shape[0]
+        x_t, t, t_next, cond = noisy_inputs(batch, rand, self.schedule, self.timesteps, self.student_steps)
+        dev = x_t.device
         moves = self.teacher_steps // self.student_steps
         real = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, 1.0), x_t, t, moves,
                             self.teacher_steps, self.teacher_prediction_type)
@@ -213,9 +213,8 @@ class AdversarialObjective:
         if len(self.t_star):
             # Multi-timestep D: both landings to their x0, re-noised with the same fresh noise to a t*
             # drawn per sample.
-            pick = torch.multinomial(self.t_star_weights, b, replacement=True, generator=gen)
-            d_t = host_to_device(self.t_star[pick], dev)
-            noise = _randn_like(x_t, gen)
+            d_t = host_to_device(self.t_star[rand.choice(self.t_star_weights)], dev)
+            noise = _randn_like(x_t, rand)
             real = self.schedule.renoise(implied_x0(self.schedule, x_t, real, t, t_next), noise, d_t)
             fake = self.schedule.renoise(implied_x0(self.schedule, x_t, fake, t, t_next), noise, d_t)
         return {"x_t": x_t, "t": t, "cond": cond, "real": real, "fake": fake, "d_t": d_t}
@@ -247,9 +246,13 @@ class AdversarialObjective:
             self._set_disc_trainable(True)
         return {"g_loss": loss_g.detach(), "mse": loss_mse.detach()}
 
-    def micro_step(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        p = self.prepare(batch, gen)
-        logs = self.d_step(p)
-        if not self.d_only:
-            logs.update(self.g_step(p))
+    def micro_step(self, batch: dict, rand: SampleRandom) -> dict[str, torch.Tensor]:
+        """The G step, then the D step. Neither engine's weights change before its accumulation boundary,
+        so with this order every micro-batch's G step judges through the same D (the step's starting one)
+        and every D step sees the same student: k micro-batches of b accumulate exactly what one of k x b
+        computes (tested). With D first, the boundary micro-batch's G step would see an updated D and the
+        others the old one."""
+        p = self.prepare(batch, rand)
+        logs = {} if self.d_only else self.g_step(p)
+        logs.update(self.d_step(p))
         return logs

@@ -6,19 +6,19 @@ already complete, so re-running a finished or interrupted progression only does 
 """
 from __future__ import annotations
 
-import gc
 import json
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from . import collectives
 from .checkpoint import CheckpointManager
 from .config import Config, dump_config
-from .engines import DistInfo, build_ds_config, make_engine
+from .engines import DistInfo, build_ds_config, device, make_engine, release_engines
 from .export import export_unet, is_complete, prediction_type_of
 from .loop import Job, train
 from .models import Conditioning, build_toy_unet, load_unet
@@ -34,11 +34,6 @@ DEFAULT_GRID_PROMPTS = [
 ]
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # -- inputs -------------------------------------------------------------------------------------
 
 
@@ -49,23 +44,29 @@ def prepare_base(cfg: Config, info: DistInfo) -> Path:
     if cfg.teacher.init:
         # A finished toy teacher carries the text encoder and codec it was trained with: they are the base.
         return Path(cfg.teacher.init)
-    from .encoders import create_toy_encoders
-
     base = cfg.out_dir / "base"
-    if info.is_main and not (base / "unet" / "config.json").is_file():
+
+    def write() -> None:
+        from .encoders import create_toy_encoders
+
+        if (base / "unet" / "config.json").is_file():
+            return
         create_toy_encoders(base, seed=cfg.run.seed, resolution=cfg.data.shapes.resolution)
         build_toy_unet(cfg.model.unet, seed=cfg.run.seed).save_pretrained(base / "unet", safe_serialization=True)
         make_scheduler(cfg.schedule, cfg.model.prediction_type).save_pretrained(base / "scheduler")
-    _barrier()
+
+    collectives.on_main("writing the toy base model", write, log=False)
     return base
 
 
 def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
-    """Shards of the shapes dataset for the toy (user data is encoded beforehand with trainer.encode)."""
+    """The training shards: the recipe's folder (data.source: shards, encoded beforehand with
+    trainer.encode), or the embedded shapes dataset, rendered and encoded here once (data.source: shapes)."""
     shard_dir = cfg.shard_dir
-    if cfg.data.shards or (shard_dir / "index.json").is_file():
+    if cfg.data.source != "shapes" or (shard_dir / "index.json").is_file():
         return shard_dir
-    if info.is_main:
+
+    def encode() -> None:
         from .encode import encode_to_shards, iter_shapes
         from .encoders import load_encoders
 
@@ -73,25 +74,32 @@ def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
         encode_to_shards(load_encoders(base), iter_shapes(shapes.count, shapes.seed, shapes.resolution), shard_dir,
                          resolution=shapes.resolution, samples_per_shard=shapes.samples_per_shard,
                          dtype=cfg.data.dtype, total=shapes.count)
-    _barrier()
+
+    collectives.on_main(f"encoding the shapes dataset into {shard_dir}", encode)
     return shard_dir
 
 
-def load_codec(model_dir: Path):
-    """Only the latent codec (no text encoders): what sampling needs to turn latents into pixels."""
+def load_codec(model_dir: Path, dev: torch.device = torch.device("cpu")):
+    """Only the latent codec (no text encoders): what sampling needs to turn latents into pixels. The
+    VAE decodes one image at a time (slicing): a 1024 px decode's activations are the peak otherwise."""
     from .encoders import LATENT_CODEC_FILE, VaeCodec, load_toy_codec
 
     if (Path(model_dir) / LATENT_CODEC_FILE).is_file():
         return load_toy_codec(model_dir)[0]
     from diffusers import AutoencoderKL
 
-    return VaeCodec(AutoencoderKL.from_pretrained(Path(model_dir) / "vae", local_files_only=True).eval())
+    codec = VaeCodec(AutoencoderKL.from_pretrained(Path(model_dir) / "vae", local_files_only=True).eval().to(dev))
+    codec.enable_slicing()
+    return codec
 
 
-def grid_conditioning(cfg: Config, base: Path) -> Conditioning:
-    """Text conditioning of the fixed grid prompts, encoded once and cached beside the run."""
+def write_grid_conditioning(cfg: Config, base: Path) -> Path:
+    """Encodes the fixed grid prompts once (rank 0, atomically) into a cache beside the run. Collective."""
     cache = cfg.out_dir / "grid_prompts.safetensors"
-    if not cache.is_file():
+
+    def write() -> None:
+        if cache.is_file():
+            return
         from .encoders import load_encoders
 
         encoders = load_encoders(base)
@@ -105,8 +113,17 @@ def grid_conditioning(cfg: Config, base: Path) -> Conditioning:
             tensors["pooled"] = text.pooled.float().contiguous()
             tensors["time_ids"] = time_ids.expand(len(prompts), -1).contiguous()
         cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(cache))
-    t = load_file(str(cache))
+        tmp = cache.with_name(cache.name + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, cache)  # a reader never sees half a file
+
+    collectives.on_main("encoding the grid prompts", write, log=False)
+    return cache
+
+
+def grid_conditioning(cfg: Config, base: Path) -> Conditioning:
+    """The grid prompts' text conditioning (written by write_grid_conditioning), on the CPU."""
+    t = load_file(str(cfg.out_dir / "grid_prompts.safetensors"), device="cpu")
     return Conditioning(t["prompt_embeds"], t.get("pooled"), t.get("time_ids"))
 
 
@@ -115,36 +132,42 @@ def latent_shape(cfg: Config) -> list[int]:
 
 
 class GridMaker:
-    """Fixed prompts x fixed noise -> a uint8 image grid, for any UNet at any step count."""
+    """Fixed prompts x fixed noise -> a uint8 image grid, for any UNet at any step count. Sampling runs
+    where the UNet is and in its dtype (the training dtype on the GPU), decoding on this process's device.
+    Only rank 0 draws grids: the prompts' conditioning, the codec (SDXL: the VAE) and the noise are loaded
+    on first use, so the other ranks never load them."""
 
     def __init__(self, cfg: Config, base: Path):
-        self.cfg = cfg
-        self.cond = grid_conditioning(cfg, base)
-        self.codec = load_codec(base)
-        n = self.cond.prompt_embeds.shape[0]
-        gen = torch.Generator().manual_seed(cfg.log.grid_seed)
-        self.noise = torch.randn([n, *latent_shape(cfg)], generator=gen)
+        self.cfg, self.base = cfg, base
+        write_grid_conditioning(cfg, base)  # collective: every rank constructs one
+        self._cond = self._codec = self._noise = None
+
+    def _load(self) -> None:
+        if self._cond is None:
+            self._cond = grid_conditioning(self.cfg, self.base)
+            self._codec = load_codec(self.base, device())
+            gen = torch.Generator().manual_seed(self.cfg.log.grid_seed)
+            self._noise = torch.randn([self._cond.prompt_embeds.shape[0], *latent_shape(self.cfg)], generator=gen)
+
+    @property
+    def columns(self) -> int:
+        return len(self.cfg.log.grid_prompts or DEFAULT_GRID_PROMPTS)
 
     @torch.no_grad()
     def __call__(self, unet: torch.nn.Module, steps: int, prediction_type: str, guidance: float = 1.0) -> np.ndarray:
-        return make_grid(self.images(unet, steps, prediction_type, guidance), ncols=len(self.noise), scale=2)
+        return make_grid(self.images(unet, steps, prediction_type, guidance), ncols=self.columns, scale=2)
 
     @torch.no_grad()
     def images(self, unet: torch.nn.Module, steps: int, prediction_type: str, guidance: float = 1.0) -> np.ndarray:
+        self._load()
         dtype = next(unet.parameters()).dtype
         dev = next(unet.parameters()).device
-        latents = sample_latents(unet, make_scheduler(self.cfg.schedule, prediction_type), self.cond.to(dev),
-                                 self.noise.to(dev), steps, guidance, dtype)
-        return to_uint8(self.codec.decode(latents.cpu().float()))
+        latents = sample_latents(unet, make_scheduler(self.cfg.schedule, prediction_type), self._cond.to(dev),
+                                 self._noise.to(dev), steps, guidance, dtype)
+        return to_uint8(self._codec.decode(latents.float()))
 
     def bind(self, steps: int, prediction_type: str, guidance: float = 1.0) -> Callable[[torch.nn.Module], np.ndarray]:
         return lambda unet: self(unet, steps, prediction_type, guidance)
-
-
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -159,40 +182,63 @@ def run_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> Pa
         return base
     if is_complete(export_dir):
         return export_dir
-    tc = cfg.teacher
-    unet = load_unet(base)
-    if tc.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    engine = make_engine(unet, build_ds_config(tc.deepspeed or cfg.deepspeed, tc.micro_batch, tc.grad_accum, info.world_size, tc.optim, "teacher"))
-    objective = DenoiseObjective(engine, NoiseSchedule.from_config(cfg.schedule), cfg.model.prediction_type, tc.caption_dropout)
-    job = Job("teacher", cfg.out_dir / "jobs" / "teacher", tc.samples, tc.micro_batch, tc.grad_accum, tc.optim,
-              objective, ema_decay=tc.ema_decay, make_grid=grids.bind(tc.sample_steps, cfg.model.prediction_type, tc.guidance))
-    final = train(job, cfg, info)
-    if info.is_main:
-        export_unet(CheckpointManager.load_tensors(final, "ema.safetensors"), dict(engine.module.config), export_dir,
-                    base_dir=base, schedule=cfg.schedule, prediction_type=cfg.model.prediction_type,
-                    steps=tc.sample_steps, guidance=tc.guidance, stage="teacher")
-    _barrier()
-    del engine, objective, job
-    _release()
+    final, unet_config = _train_teacher(cfg, info, base, grids)
+    release_engines()  # the engine is gone before rank 0 exports and before the first stage starts
+    collectives.on_main("exporting the teacher", lambda: export_unet(
+        CheckpointManager.load_tensors(final, "ema.safetensors"), unet_config, export_dir, base_dir=base,
+        schedule=cfg.schedule, prediction_type=cfg.model.prediction_type, steps=cfg.teacher.sample_steps,
+        guidance=cfg.teacher.guidance, stage="teacher"))
     return export_dir
 
 
+def _train_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> tuple[Path, dict]:
+    tc = cfg.teacher
+    unet = load_unet(base)
+    unet_config = dict(unet.config)
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    engine = make_engine(unet, build_ds_config(tc.deepspeed or cfg.deepspeed, tc.micro_batch, tc.grad_accum, info.world_size, tc.optim, "teacher"))
+    try:
+        objective = DenoiseObjective(engine, NoiseSchedule.from_config(cfg.schedule), cfg.model.prediction_type, tc.caption_dropout)
+        job = Job("teacher", cfg.out_dir / "jobs" / "teacher", tc.samples, tc.micro_batch, tc.grad_accum, tc.optim,
+                  objective, ema_decay=tc.ema_decay, make_grid=grids.bind(tc.sample_steps, cfg.model.prediction_type, tc.guidance))
+        return train(job, cfg, info), unet_config
+    finally:
+        engine.destroy()
+
+
+def wants_comparison_grid(cfg: Config) -> bool:
+    return cfg.log.comparison_grid == "always" or (cfg.log.comparison_grid == "auto" and cfg.model.base == "toy")
+
+
 def comparison_grid(cfg: Config, grids: GridMaker, rows: list[tuple[str, Path, int, float]]) -> Path:
-    """Side by side: one row per model (same prompts, same noise)."""
+    """Side by side: one row per model (same prompts, same noise), each UNet loaded in turn onto this
+    process's device (bf16 on a GPU)."""
+    dev = device()
     images = []
     for _, model_dir, steps, guidance in rows:
-        unet = load_unet(model_dir).eval()
+        unet = load_unet(model_dir).eval().to(dev)
+        if dev.type == "cuda":
+            unet = unet.to(torch.bfloat16)
         images.extend(grids.images(unet, steps, prediction_type_of(model_dir, cfg.model.prediction_type), guidance))
-    grid = make_grid(images, ncols=len(grids.noise), scale=3)
+        del unet
+    grid = make_grid(images, ncols=grids.columns, scale=3)
     path = save_png(grid, cfg.out_dir / "grids" / "progression.png")
     (path.with_suffix(".txt")).write_text("rows, top to bottom:\n" + "\n".join(
         f"{name}: {steps} steps, guidance {g}" for name, _, steps, g in rows) + "\n")
     return path
 
 
+def job_names(cfg: Config) -> list[str]:
+    """The names `--jobs` accepts: the teacher and every stage."""
+    return ["teacher", *(stage.name for stage in cfg.stages)]
+
+
 def run_progression(cfg: Config, info: DistInfo, only: Optional[list[str]] = None) -> dict:
     """Everything the recipe asks for, in order; returns the paths a user wants to look at."""
+    unknown = [name for name in only or [] if name not in job_names(cfg)]
+    if unknown:
+        raise ValueError(f"unknown job {', '.join(repr(n) for n in unknown)}: the recipe's jobs are {', '.join(job_names(cfg))}")
     if info.is_main:
         dump_config(cfg, cfg.out_dir / "config.yaml")
     base = prepare_base(cfg, info)
@@ -221,11 +267,12 @@ def run_progression(cfg: Config, info: DistInfo, only: Optional[list[str]] = Non
         exports[stage.name] = previous
         rows.append((stage.name, previous, stage.student_steps, 1.0))
 
-    result = {"exports": {k: str(v) for k, v in exports.items()}, "tensorboard": str(cfg.out_dir / "jobs"),
+    # only what exists: a stage neither run now nor before has no export to show
+    present = lambda path: is_complete(path) or path in (base, Path(cfg.teacher.init or base))
+    result = {"exports": {k: str(v) for k, v in exports.items() if present(v)}, "tensorboard": str(cfg.out_dir / "jobs"),
               "grids": str(cfg.out_dir / "grids")}
-    if info.is_main:
-        done = [r for r in rows if is_complete(r[1])]
-        if done:
-            result["comparison_grid"] = str(comparison_grid(cfg, grids, done))
-    _barrier()
+    done = [r for r in rows if is_complete(r[1])]
+    if done and wants_comparison_grid(cfg):
+        result["comparison_grid"] = str(collectives.on_main(
+            "drawing the comparison grid", lambda: comparison_grid(cfg, grids, done)))
     return result

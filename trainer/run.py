@@ -1,12 +1,13 @@
 """`python -m trainer.run --config configs/shapes.yaml`: run a recipe's progression (or some of its jobs).
 
     python -m trainer.run --config configs/shapes.yaml                      # everything
-    python -m trainer.run --config configs/shapes.yaml --jobs stage1        # one job (needs its teacher)
+    python -m trainer.run --config configs/shapes.yaml --jobs stage1_32     # one job (needs its teacher)
     python -m trainer.run --config configs/shapes.yaml --stage 2            # the recipe's second stage
     python -m trainer.run --config configs/shapes.yaml --set stages.0.samples=512
     torchrun --standalone --nproc_per_node 2 -m trainer.run --config ...    # 2 ranks
 
-Exit codes: 0 done; 2 bad configuration (nothing started); 3 stopped on a fault it reports (non-finite steps, checkpoint write failed); 75 stopped with a checkpoint (preempted,
+Exit codes: 0 done; 2 bad configuration or missing inputs (nothing started: one line per problem); 3 stopped
+on a fault it reports (non-finite steps, checkpoint write failed); 75 stopped with a checkpoint (preempted,
 or run.stop_after_samples): run the same command again to resume.
 """
 from __future__ import annotations
@@ -48,20 +49,30 @@ def main(argv=None) -> int:
             print(f"config error: {args.config}: --stage {args.stage}: the recipe has {len(cfg.stages)} stages", file=sys.stderr)
             return EXIT_CONFIG
         only.append(cfg.stages[args.stage - 1].name)
+    from .pipeline import job_names
+    from .preflight import problems
+
+    unknown = [name for name in only if name not in job_names(cfg)]
+    if unknown:
+        print(f"config error: {args.config}: --jobs: unknown job {', '.join(repr(n) for n in unknown)}; the recipe's "
+              f"jobs are {', '.join(job_names(cfg))}", file=sys.stderr)
+        return EXIT_CONFIG
+    found = problems(cfg, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))))
+    if found:
+        print("\n".join(f"input error: {args.config}: {p}" for p in found), file=sys.stderr)
+        return EXIT_CONFIG
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from .loop import preemption_handler
 
     preemption_handler()  # before any work: a SLURM warning during set-up must not kill the process
-
-    import torch
 
     from .engines import init_distributed
     from .checkpoint import CheckpointWriteError
     from .loop import NonFiniteError, Preempted
     from .pipeline import run_progression
 
-    torch.backends.cudnn.benchmark = True
-    info = init_distributed()
+    set_determinism(cfg.run.deterministic)
+    info = init_distributed(cfg.run.collective_timeout_s, cfg.run.main_work_timeout_s)
     start = time.time()
     try:
         result = run_progression(cfg, info, only or None)
@@ -78,6 +89,19 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
         print(f"TensorBoard: tensorboard --logdir {cfg.out_dir / 'jobs'}")
     return 0
+
+
+def set_determinism(deterministic: bool) -> None:
+    """run.deterministic: GPU runs repeat bit for bit (cudnn's autotuner picks kernels by timing, and some
+    CUDA kernels accumulate in a varying order); otherwise the autotuner picks the fastest kernels. On a
+    CPU the step is deterministic either way."""
+    import torch
+
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
 
 
 if __name__ == "__main__":

@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from . import collectives
 from .checkpoint import CheckpointManager, fp32_weights
 from .config import Config, OptimConfig, StageConfig
-from .discriminator import discriminator_from_unet
-from .engines import DistInfo, build_ds_config, device, make_engine
+from .discriminator import ENCODER_PARTS, discriminator_from_unet
+from .engines import DistInfo, build_ds_config, device, make_engine, release_engines
 from .export import export_unet, is_complete, prediction_type_of, read_manifest
 from .loop import Job, train
-from .models import freeze, load_unet
+from .models import freeze, frozen_copy, load_unet
 from .objectives import AdversarialObjective, MSEDistillObjective, X0Objective
 from .schedule import NoiseSchedule
 
@@ -68,9 +69,12 @@ def phase_optim(stage: StageConfig, phase: Phase) -> OptimConfig:
     return stage.optim
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def phase_disc_optim(stage: StageConfig, phase: Phase) -> OptimConfig:
+    """D's optimizer in an adversarial phase: beside a LoRA student disc.lora_optim when set (the paper's
+    learning rates follow what the student trains: 1e-6 with a LoRA, 5e-7 with the full UNet)."""
+    if phase.train == "lora" and stage.disc.lora_optim is not None:
+        return stage.disc.lora_optim
+    return stage.disc.optim
 
 
 def x0_head_from_v(unet, schedule: NoiseSchedule) -> None:
@@ -110,87 +114,113 @@ class StageRunner:
             student_dir = result
             if phase.train == "lora":
                 lora_dir = result
-        if self.info.is_main:
+
+        def publish() -> None:
             self._publish(student_dir, export_dir)
             if lora_dir is not None:
                 self._publish(lora_dir, self.cfg.out_dir / "exports" / f"{self.stage.name}_lora", lora=True)
-        _barrier()
+
+        collectives.on_main(f"publishing {self.stage.name}", publish)
         return export_dir
 
     # -- one phase ------------------------------------------------------------------------------
 
     def _run_phase(self, phase: Phase, name: str, student_dir: Path, result: Path, lora_dir: Optional[Path]) -> None:
+        """Trains the phase, frees its engines and networks, then rank 0 exports its result."""
+        student_pred = prediction_type_of(student_dir, self.cfg.model.prediction_type)
+        out_pred = "sample" if phase.kind == "x0" else student_pred
+        final, unet_config = self._train_phase(phase, name, student_dir, lora_dir, student_pred, out_pred)
+        release_engines()
+        ema_decay = self.stage.ema_decay if phase.train == "full" else 0.0
+
+        def export() -> None:
+            # the average when there is one (the ZeRO consolidation of the last iterate would go unused)
+            if ema_decay:
+                weights = CheckpointManager.load_tensors(final, "ema.safetensors")
+            else:
+                start = time.perf_counter()
+                weights = fp32_weights(final, "student")
+                print(f"[rank 0] consolidating {name}'s ZeRO partitions: {time.perf_counter() - start:.1f} s", flush=True)
+            extra = None
+            if phase.train == "lora":
+                weights, extra = self._lora_result(weights)
+            export_unet(weights, unet_config, result, base_dir=self.base, schedule=self.cfg.schedule,
+                        prediction_type=out_pred, steps=self.stage.student_steps, stage=name,
+                        notes={"phase": phase.kind, "train": phase.train}, extra=extra)
+
+        collectives.on_main(f"exporting {name}", export)
+
+    def _train_phase(self, phase: Phase, name: str, student_dir: Path, lora_dir: Optional[Path],
+                     student_pred: str, out_pred: str) -> tuple[Path, dict]:
+        """Builds the phase's networks, engines and objective and trains it; returns the final checkpoint
+        and the student's UNet config. Each folder is read from disk once: the teacher (or the x0 phase's
+        frozen copy) is copied from the student in memory when they start from the same weights, and D's
+        encoder is read alone from the base model."""
         cfg, stage, info = self.cfg, self.stage, self.info
         dev = device()
-        student_pred = prediction_type_of(student_dir, cfg.model.prediction_type)
         teacher_pred = prediction_type_of(self.teacher_dir, cfg.model.prediction_type)
-        out_pred = "sample" if phase.kind == "x0" else student_pred
+        if info.is_main and dev.type == "cuda":
+            print(f"[{name}] GPU memory at phase start: {torch.cuda.memory_allocated(dev) / 2**30:.2f} GiB allocated, "
+                  f"{torch.cuda.memory_reserved(dev) / 2**30:.2f} GiB reserved", flush=True)
 
-        optim = phase_optim(stage, phase)
-        if phase.train == "lora":
-            # One LoRA per stage, relative to the stage's teacher: a later LoRA phase continues the
-            # earlier phase's adapter (not a new one on merged weights), so the exported file alone turns
-            # the teacher into this stage's student.
-            student = self._lora_unet(lora_dir)
+        # A LoRA phase's student is the teacher plus this stage's adapter; any other starts from student_dir.
+        source = self.teacher_dir if phase.train == "lora" else student_dir
+        plain = load_unet(source)
+        teacher = frozen = None
+        if phase.kind == "x0":
+            frozen = frozen_copy(plain, dev)  # the network whose x0 the student learns to output directly
+        elif _same_folder(source, self.teacher_dir):
+            teacher = frozen_copy(plain, dev)
         else:
-            student = load_unet(student_dir)
+            teacher = freeze(load_unet(self.teacher_dir)).to(dev)
+        student = self._lora_unet(lora_dir, plain) if phase.train == "lora" else plain
         if phase.kind == "x0" and student_pred == "v_prediction" and stage.student_steps == 1:
             x0_head_from_v(student, self.schedule)
-        unet_config = dict(student.config)
+        unet_config = dict(plain.config)
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         accum = stage.accumulation(info.world_size, self.key)
         ds = lambda o: build_ds_config(cfg.deepspeed, stage.micro_batch, accum, info.world_size, o, self.key)
-        engine = make_engine(student, ds(optim))
+        optim = phase_optim(stage, phase)
+        engines = {"student": make_engine(student, ds(optim))}
+        del plain, student
+        try:
+            if phase.kind == "mse":
+                objective = MSEDistillObjective(engines["student"], teacher, self.schedule, student_pred, teacher_pred,
+                                                stage.student_steps, stage.teacher_steps, stage.cfg_scale,
+                                                loss_space=stage.mse_space)
+            elif phase.kind == "x0":
+                objective = X0Objective(engines["student"], frozen, self.schedule, student_pred, stage.student_steps)
+            else:
+                disc = discriminator_from_unet(load_unet(self.disc_base, only=ENCODER_PARTS),
+                                               conditional=phase.kind == "adv_cond", head_blocks=stage.disc.head_blocks,
+                                               head_channels=stage.disc.head_channels, seed=cfg.run.seed)
+                if stage.disc.gradient_checkpointing:
+                    disc.enable_gradient_checkpointing()
+                engines["disc"] = make_engine(disc, ds(phase_disc_optim(stage, phase)))
+                del disc
+                objective = PhasedAdversarial(
+                    AdversarialObjective(engines["student"], engines["disc"], teacher, self.schedule, student_pred,
+                                         teacher_pred, stage.student_steps, stage.teacher_steps,
+                                         conditional=phase.kind == "adv_cond", t_star=stage.disc.t_star,
+                                         t_star_weights=stage.disc.t_star_weights, mse_weight=stage.mse_weight),
+                    warmup_steps=stage.disc.warmup_samples // (stage.micro_batch * accum * info.world_size),
+                    late_weights=stage.disc.t_star_late_weights)
+            ema_decay = stage.ema_decay if phase.train == "full" else 0.0
+            job = Job(name, self.stage_dir / name, phase.samples, stage.micro_batch, accum, optim, objective,
+                      make_grid=self.grids.bind(stage.student_steps, out_pred), ema_decay=ema_decay,
+                      other_optims={"disc": phase_disc_optim(stage, phase)} if "disc" in engines else {})
+            return train(job, cfg, info), unet_config
+        finally:
+            for engine in engines.values():
+                engine.destroy()
 
-        if phase.kind == "mse":
-            teacher = freeze(load_unet(self.teacher_dir)).to(dev)
-            objective = MSEDistillObjective(engine, teacher, self.schedule, student_pred, teacher_pred,
-                                            stage.student_steps, stage.teacher_steps, stage.cfg_scale,
-                                            loss_space=stage.mse_space)
-        elif phase.kind == "x0":
-            frozen = freeze(load_unet(student_dir)).to(dev)
-            objective = X0Objective(engine, frozen, self.schedule, student_pred, stage.student_steps)
-        else:
-            teacher = freeze(load_unet(self.teacher_dir)).to(dev)
-            disc = discriminator_from_unet(load_unet(self.disc_base), conditional=phase.kind == "adv_cond",
-                                           head_blocks=stage.disc.head_blocks, seed=cfg.run.seed)
-            if stage.disc.gradient_checkpointing:
-                disc.enable_gradient_checkpointing()
-            disc_engine = make_engine(disc, ds(stage.disc.optim))
-            objective = PhasedAdversarial(
-                AdversarialObjective(engine, disc_engine, teacher, self.schedule, student_pred, teacher_pred,
-                                     stage.student_steps, stage.teacher_steps, conditional=phase.kind == "adv_cond",
-                                     t_star=stage.disc.t_star, t_star_weights=stage.disc.t_star_weights,
-                                     mse_weight=stage.mse_weight),
-                warmup_steps=stage.disc.warmup_samples // (stage.micro_batch * accum * info.world_size),
-                late_weights=stage.disc.t_star_late_weights)
-
-        ema_decay = stage.ema_decay if phase.train == "full" else 0.0
-        job = Job(name, self.stage_dir / name, phase.samples, stage.micro_batch, accum, optim, objective,
-                  make_grid=self.grids.bind(stage.student_steps, out_pred), ema_decay=ema_decay,
-                  other_optims={"disc": stage.disc.optim} if "disc" in objective.engines else {})
-        final = train(job, cfg, info)
-        if info.is_main:
-            # the average when there is one (the ZeRO consolidation of the last iterate would go unused)
-            weights = CheckpointManager.load_tensors(final, "ema.safetensors") if ema_decay else fp32_weights(final, "student")
-            extra = None
-            if phase.train == "lora":
-                weights, extra = self._lora_result(weights)
-            export_unet(weights, unet_config, result, base_dir=self.base, schedule=cfg.schedule,
-                        prediction_type=out_pred, steps=stage.student_steps, stage=name,
-                        notes={"phase": phase.kind, "train": phase.train}, extra=extra)
-        _barrier()
-        del engine, objective, job
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _lora_unet(self, lora_dir: Optional[Path]):
-        """The stage's teacher with this stage's LoRA: a fresh one, or the previous LoRA phase's."""
+    def _lora_unet(self, lora_dir: Optional[Path], teacher_unet) -> torch.nn.Module:
+        """The stage's teacher (a plain UNet read from its folder) with this stage's LoRA: a fresh one, or
+        the previous LoRA phase's."""
         from .lora import add_lora, load_lora_into
 
-        unet = add_lora(load_unet(self.teacher_dir), rank=self.stage.lora.rank, alpha=self.stage.lora.alpha,
-                        init_seed=self.cfg.run.seed)
+        unet = add_lora(teacher_unet, rank=self.stage.lora.rank, alpha=self.stage.lora.alpha, init_seed=self.cfg.run.seed)
         if lora_dir is not None:
             load_lora_into(unet, lora_dir / "lora" / "pytorch_lora_weights.safetensors")
         return unet
@@ -200,7 +230,7 @@ class StageRunner:
         bf16, so the base comes from the teacher's fp32 folder and only the LoRA weights from the checkpoint."""
         from .lora import merge_lora, save_lora
 
-        unet = self._lora_unet(None)
+        unet = self._lora_unet(None, load_unet(self.teacher_dir))
         lora = {k: v for k, v in trained.items() if ".lora_" in k}
         missing = [k for k in unet.state_dict() if ".lora_" in k and k not in lora]
         if not lora or missing:
@@ -234,6 +264,10 @@ class StageRunner:
         tmp.rename(export_dir)
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 class PhasedAdversarial:
     """Wraps the adversarial objective with what changes along a phase: D-only warm-up steps, then the
     multi-timestep weights' switch halfway (both pure functions of the step, so resume is exact)."""
@@ -250,5 +284,5 @@ class PhasedAdversarial:
         if self.late_weights is not None:
             self.inner.t_star_weights = self.late_weights if step >= total_steps // 2 else self.early_weights
 
-    def micro_step(self, batch, gen):
-        return self.inner.micro_step(batch, gen)
+    def micro_step(self, batch, rand):
+        return self.inner.micro_step(batch, rand)

@@ -6,6 +6,7 @@
     FAULT=kill_at_step:JOB:K     SIGKILL at the K-th micro-step of job JOB, between its forward and backward
     FAULT=kill_after_export:NAME SIGKILL right after the export NAME (a stage, or a phase result) is published
     FAULT=usr2_in_setup          SIGUSR2 (SLURM's preemption warning) while the run is still setting up
+    FAULT=slow_export:S          every export takes S seconds longer (rank 0's solo work, slowed)
 """
 import errno
 import os
@@ -54,11 +55,11 @@ elif kind == "kill_at_step":
         if job.name == job_name:
             inner = job.objective.micro_step
 
-            def micro_step(batch, gen):
+            def micro_step(batch, rand):
                 calls["n"] += 1
                 if calls["n"] == int(k):
                     die()
-                return inner(batch, gen)
+                return inner(batch, rand)
 
             job.objective.micro_step = micro_step
         return original_train(job, cfg, info)
@@ -76,6 +77,20 @@ elif kind == "kill_after_export":
         if arg in str(out_dir):
             die()
         return result
+
+    export.export_unet = export_unet
+    stages.export_unet = export_unet
+    import trainer.pipeline as pipeline
+    pipeline.export_unet = export_unet
+
+elif kind == "slow_export":
+    import time
+
+    original_export = export.export_unet
+
+    def export_unet(*a, **kw):
+        time.sleep(float(arg))
+        return original_export(*a, **kw)
 
     export.export_unet = export_unet
     stages.export_unet = export_unet

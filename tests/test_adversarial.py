@@ -150,3 +150,25 @@ def test_mse_objective_in_x0_space_is_the_landing_error_rescaled(dist):
     torch.testing.assert_close(err, scale * (landed - target), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="loss_space"):
         MSEDistillObjective(None, None, SCHED, "v_prediction", "v_prediction", 4, 4, 1.0, loss_space="eps")
+
+
+def test_accumulated_micro_batches_equal_one_larger_micro_batch(tmp_path):
+    """2 ranks, fp32 ZeRO-2: grad_accum 4 x micro-batch 2 gives the same student and D as one micro-batch
+    of 8 (two optimizer steps, conditional multi-timestep D, MSE term), within float32 summation error.
+    The control, D stepped before G in each micro-batch, moves the student 100x further off: the last
+    micro-batch's G step would judge through an updated D and the others through the old one."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests" / "accumulation_runner.py")], cwd=ROOT, env=cli_env(OUT=str(tmp_path)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "accumulation.json").read_text())
+    for name in ("student", "disc"):
+        assert result[name]["update"] > 1e-5, result  # the step really moved the weights
+        assert result[name]["difference"] <= 1e-2 * result[name]["update"], result
+    assert result["student"]["control_difference"] > 10 * 1e-2 * result["student"]["update"], result

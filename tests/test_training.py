@@ -166,3 +166,40 @@ def test_stage_lora_applied_to_its_teacher_gives_the_lora_student(smoke_run):
             x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
     assert torch.allclose(a, b, atol=1e-4)
     assert not torch.allclose(a, plain, atol=1e-6)  # the LoRA did something
+
+
+def test_a_phases_engines_are_gone_before_the_next_phase_starts(tmp_path, monkeypatch):
+    """With Python's automatic garbage collection off, every engine of a phase (ZeRO-2's gradient hooks tie
+    each engine into reference cycles) is freed before the next phase builds its own: memory stays flat
+    across the phases of a stage, instead of holding every earlier phase's weights and Adam moments."""
+    import gc
+    import weakref
+
+    from trainer import stages
+    from trainer.config import load_config
+    from trainer.engines import init_distributed
+    from trainer.pipeline import run_progression
+
+    from conftest import ROOT
+
+    info = init_distributed()
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"run.out_dir={tmp_path}", "teacher.samples=0",
+                                                         "data.shapes.count=64", "log.comparison_grid=never"])
+    cfg.stages = [cfg.stages[1]]  # stage2_8, taught by the base: LoRA cond, LoRA uncond, then full uncond
+    refs, alive_at_build = [], []
+    original = stages.make_engine
+
+    def make_engine(model, ds_config):
+        alive_at_build.append(sum(ref() is not None for ref in refs))
+        engine = original(model, ds_config)
+        refs.append(weakref.ref(engine))
+        return engine
+
+    monkeypatch.setattr(stages, "make_engine", make_engine)
+    gc.disable()
+    try:
+        run_progression(cfg, info)
+    finally:
+        gc.enable()
+    assert alive_at_build == [0, 1] * 3  # each phase: the student's engine, then D's beside it; nothing older
+    assert all(ref() is None for ref in refs)

@@ -1,0 +1,64 @@
+"""DeepSpeed engines as the GPU recipe builds them: fp32 gradient accumulation and reduction, an optimizer
+that no node has to compile, and the determinism switch."""
+import json
+
+import pytest
+import torch
+
+from trainer.config import OptimConfig
+from trainer.engines import adam_params, build_ds_config, init_distributed, make_engine
+from trainer.models import Conditioning, build_toy_unet, unet_forward
+
+from conftest import ROOT
+
+GPU_JSONS = ("zero2_gpu.json", "zero2_gpu_offload.json")
+
+
+@pytest.mark.parametrize("name", GPU_JSONS)
+def test_gpu_json_accumulates_and_reduces_in_fp32(name):
+    """8 accumulated micro-batches and a 64-way reduction in bf16 would make the recipe's numerics depend on
+    the world size; the GPU JSONs state fp32 for both, and DeepSpeed (built here on the CPU) applies it."""
+    ds_json = json.loads((ROOT / "ds_configs" / name).read_text())
+    assert ds_json["data_types"] == {"grad_accum_dtype": "fp32"} and ds_json["communication_data_type"] == "fp32"
+    init_distributed()
+    engine = make_engine(build_toy_unet(), build_ds_config(str(ROOT / "ds_configs" / name), 2, 2, 1, OptimConfig(lr=1e-4), "t"))
+    assert engine.communication_data_type == torch.float32
+    assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+    assert next(engine.module.parameters()).dtype == torch.bfloat16  # the weights stay bf16
+    assert type(engine.optimizer.optimizer) is torch.optim.AdamW  # torch's: nothing was compiled
+    cond = Conditioning(torch.randn(2, 16, 32), torch.randn(2, 32), torch.tensor([[32., 32, 0, 0, 32, 32]] * 2))
+    for _ in range(2):  # one optimizer step through the accumulation
+        engine.backward(unet_forward(engine, torch.randn(2, 12, 16, 16), torch.full((2,), 500), cond).square().mean())
+        engine.step()
+    assert engine.global_steps == 1
+    engine.destroy()
+
+
+def test_adam_needs_no_compiler(monkeypatch):
+    """torch's Adam (fused on a GPU) unless the optimizer is offloaded and DeepSpeed's CPU Adam came prebuilt."""
+    import deepspeed.git_version_info as info
+
+    optim = OptimConfig(lr=1e-5)
+    plain = {"zero_optimization": {"stage": 2}}
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert adam_params(plain, optim)["torch_adam"] is True and "fused" not in adam_params(plain, optim)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert adam_params(plain, optim)["fused"] is True
+    assert adam_params(offload, optim)["torch_adam"] is True and "fused" not in adam_params(offload, optim)
+    monkeypatch.setitem(info.installed_ops, "cpu_adam", True)
+    assert "torch_adam" not in adam_params(offload, optim)  # prebuilt: DeepSpeed's CPU Adam, nothing to compile
+    assert adam_params(plain, optim)["torch_adam"] is True
+
+
+def test_deterministic_switch():
+    from trainer.run import set_determinism
+
+    try:
+        set_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        set_determinism(False)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        set_determinism(False)
+        torch.backends.cudnn.benchmark = False

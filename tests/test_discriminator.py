@@ -57,8 +57,13 @@ def test_toy_shapes_and_head_depth(toy_unet, conditional):
     extra = (torch.randn(B, 12, 16, 16), torch.tensor([999, 999])) if conditional else ()
     logits = d(x, t, toy_cond(), *extra)
     assert logits.shape == (B,) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
-    # Default head width: mid channels (64), doubled for the concatenated conditional maps.
-    assert d.head[0].in_channels == d.head[0].out_channels == (128 if conditional else 64)
+    # Default head width: the mid block's (64) for both forms; the conditional head's 1x1 conv first mixes
+    # the two concatenated maps (128 channels) down to it.
+    if conditional:
+        assert d.head[0].kernel_size == (1, 1) and (d.head[0].in_channels, d.head[0].out_channels) == (128, 64)
+    else:
+        assert d.head[0].kernel_size == (4, 4) and d.head[0].in_channels == 64
+    assert d.head[-1].in_channels == 64
 
 
 def test_head_depth_rule_and_width_rounding(toy_unet):
@@ -272,3 +277,20 @@ def test_unconditional_toy_d_learns_to_separate_two_batches(toy_unet):
         acc_real, acc_fake = d_accuracy(d(real, t, cond), d(fake, t, cond))
     assert acc_real > 0.9 and acc_fake > 0.9, (step, loss.item(), acc_real, acc_fake)
     assert loss.item() < 2 * math.log(2)
+
+
+def test_d_reads_only_the_encoder_from_disk(tmp_path):
+    """D's backbone needs the encoder path alone: load_unet(only=ENCODER_PARTS) reads just those weights (the
+    decoder stays unread on the meta device) and D built from it equals D built from the whole UNet."""
+    from trainer.discriminator import ENCODER_PARTS
+    from trainer.models import load_unet
+
+    unet = build_toy_unet(seed=2)
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    part = load_unet(tmp_path, only=ENCODER_PARTS)
+    assert part.conv_out.weight.is_meta and all(p.is_meta for p in part.up_blocks.parameters())
+    assert not any(p.is_meta for p in part.down_blocks.parameters())
+    from_part = discriminator_from_unet(part, conditional=True, seed=1).state_dict()
+    from_whole = discriminator_from_unet(unet, conditional=True, seed=1).state_dict()
+    assert from_part.keys() == from_whole.keys()
+    assert all(torch.equal(from_part[k], from_whole[k]) for k in from_whole)

@@ -195,7 +195,15 @@ def test_a_phases_engines_are_gone_before_the_next_phase_starts(tmp_path, monkey
         refs.append(weakref.ref(engine))
         return engine
 
+    reads = []
+    original_load = stages.load_unet
+
+    def load_unet(path, only=None):
+        reads.append((Path(path).resolve().relative_to(tmp_path.resolve()).as_posix(), "encoder" if only else "all"))
+        return original_load(path, only)
+
     monkeypatch.setattr(stages, "make_engine", make_engine)
+    monkeypatch.setattr(stages, "load_unet", load_unet)
     gc.disable()
     try:
         run_progression(cfg, info)
@@ -203,3 +211,9 @@ def test_a_phases_engines_are_gone_before_the_next_phase_starts(tmp_path, monkey
         gc.enable()
     assert alive_at_build == [0, 1] * 3  # each phase: the student's engine, then D's beside it; nothing older
     assert all(ref() is None for ref in refs)
+    # Each folder read once per phase: phases 0 and 1 start from the teacher (the base here), whose copy in
+    # memory is also the teacher and D's encoder; phase 2 reads phase 1's result (the student) and the base
+    # (teacher and D's encoder). +2: rank 0 reads the teacher again to merge each LoRA phase's adapter for
+    # its export.
+    phase1 = "jobs/stage2_8/stage2_8.1_adv_uncond_lora/result"
+    assert sorted(reads) == sorted([("base", "all")] * 2 + [(phase1, "all"), ("base", "all")] + [("base", "all")] * 2)

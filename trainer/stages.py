@@ -154,8 +154,8 @@ class StageRunner:
                      student_pred: str, out_pred: str) -> tuple[Path, dict]:
         """Builds the phase's networks, engines and objective and trains it; returns the final checkpoint
         and the student's UNet config. Each folder is read from disk once: the teacher (or the x0 phase's
-        frozen copy) is copied from the student in memory when they start from the same weights, and D's
-        encoder is read alone from the base model."""
+        frozen copy) and D's encoder are copied from the student's starting weights in memory when they are
+        the same folder's; otherwise D reads only the base model's encoder weights."""
         cfg, stage, info = self.cfg, self.stage, self.info
         dev = device()
         teacher_pred = prediction_type_of(self.teacher_dir, cfg.model.prediction_type)
@@ -166,13 +166,22 @@ class StageRunner:
         # A LoRA phase's student is the teacher plus this stage's adapter; any other starts from student_dir.
         source = self.teacher_dir if phase.train == "lora" else student_dir
         plain = load_unet(source)
-        teacher = frozen = None
+        in_memory = {source: plain}
+        frozen = teacher = disc = None
         if phase.kind == "x0":
             frozen = frozen_copy(plain, dev)  # the network whose x0 the student learns to output directly
-        elif _same_folder(source, self.teacher_dir):
-            teacher = frozen_copy(plain, dev)
         else:
-            teacher = freeze(load_unet(self.teacher_dir)).to(dev)
+            teacher_net = _read_once(in_memory, self.teacher_dir)
+        if phase.kind in ("adv_cond", "adv_uncond"):  # D copies its encoder before anything changes those modules
+            encoder_source = _read_once(in_memory, self.disc_base, only=ENCODER_PARTS)
+            disc = discriminator_from_unet(encoder_source, conditional=phase.kind == "adv_cond",
+                                           head_blocks=stage.disc.head_blocks, head_channels=stage.disc.head_channels,
+                                           seed=cfg.run.seed)
+            del encoder_source
+        if phase.kind != "x0":
+            teacher = frozen_copy(plain, dev) if teacher_net is plain else freeze(teacher_net).to(dev)
+            del teacher_net
+        del in_memory
         student = self._lora_unet(lora_dir, plain) if phase.train == "lora" else plain
         if phase.kind == "x0" and student_pred == "v_prediction" and stage.student_steps == 1:
             x0_head_from_v(student, self.schedule)
@@ -192,9 +201,6 @@ class StageRunner:
             elif phase.kind == "x0":
                 objective = X0Objective(engines["student"], frozen, self.schedule, student_pred, stage.student_steps)
             else:
-                disc = discriminator_from_unet(load_unet(self.disc_base, only=ENCODER_PARTS),
-                                               conditional=phase.kind == "adv_cond", head_blocks=stage.disc.head_blocks,
-                                               head_channels=stage.disc.head_channels, seed=cfg.run.seed)
                 if stage.disc.gradient_checkpointing:
                     disc.enable_gradient_checkpointing()
                 engines["disc"] = make_engine(disc, ds(phase_disc_optim(stage, phase)))
@@ -264,8 +270,16 @@ class StageRunner:
         tmp.rename(export_dir)
 
 
-def _same_folder(a: Path, b: Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+def _read_once(in_memory: dict, folder: Path, only: Optional[tuple[str, ...]] = None):
+    """The UNet of `folder`: the module already read from it in this phase if there is one, else read now
+    (only the `only` parts, if given; a partial read is not kept for reuse)."""
+    for path, module in in_memory.items():
+        if Path(path).resolve() == Path(folder).resolve():
+            return module
+    module = load_unet(folder, only=only)
+    if only is None:
+        in_memory[folder] = module
+    return module
 
 
 class PhasedAdversarial:

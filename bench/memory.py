@@ -8,33 +8,34 @@ meta device (no weights are allocated, no GPU is needed), not a measurement of a
 
 One rank's GPU memory is modelled as static terms plus the largest activation "moment" of a step:
 
-Static (DeepSpeed ZeRO-2 engines, bf16, settings from the recipe's DeepSpeed JSON):
+Static (DeepSpeed 0.19 ZeRO-2 engines, bf16 weights; buckets and dtypes from the recipe's DeepSpeed JSON:
+data_types.grad_accum_dtype and communication_data_type, the model dtype where the JSON leaves them out):
 - student weights: bf16 full replica, 2 B x params (ZeRO-2 partitions gradients and optimizer
   state, never weights). LoRA mode: the frozen base and the LoRA factors, all bf16.
-- student gradients: ZeRO-2 keeps only this rank's partition, 2 B x trainable / N, plus the reduce
-  buckets: reduce_bucket_size elements x 2 B, twice with overlap_comm (DeepSpeed double-buffers them).
-  The allgather bucket costs nothing: DeepSpeed gathers the updated weights with all_gather_into_tensor
-  straight into the flat bf16 weights (allgather_bucket_size only sizes its fallback path).
+- student gradients: this rank's partition only. grad_accum_dtype fp32 (the GPU JSONs): DeepSpeed sums
+  each reduced bucket into an fp32 partition, 4 B x trainable / N, from the first backward of a step to
+  the optimizer step, on the GPU also with optimizer offload. bf16: a bf16 partition, 2 B x trainable / N
+  (none on the GPU with offload: each gradient goes to the CPU as it is reduced).
 - student optimizer: fp32 master weights + Adam m and v, 12 B x trainable / N. With optimizer offload
-  (zero_optimization.offload_optimizer.device = cpu) they live in CPU memory instead, with the fp32
-  gradient partition the CPU Adam reads and a pinned bf16 copy of the updated partition (18 B x
-  trainable / N of CPU memory per rank; + 4 B for the fp32 accumulator when a step accumulates
-  micro-batches). The GPU keeps the bf16 weights and the gradient partition (conservative: with offload
-  DeepSpeed streams reduced gradients to the CPU and may not hold that partition on the GPU at all).
+  (zero_optimization.offload_optimizer.device = cpu) they are in CPU memory, with the pinned fp32
+  gradient the CPU Adam reads and a pinned bf16 copy of the updated partition: 18 B x trainable / N of
+  CPU memory per rank (+ 2 B for a bf16 accumulator when a bf16-accumulating step accumulates).
+  The allgather bucket costs nothing: the updated weights are gathered straight into the flat weights.
 - teacher: a frozen bf16 copy, 2 B x params, no gradients (in LoRA mode it is a second copy of the
   base weights: the trainer loads teacher and LoRA student separately). The one-step stage's x0
   conversion phase holds a frozen copy of the student instead: same size.
 - discriminator (adversarial phases): its own ZeRO-2 engine over all its parameters (the copy of the
-  UNet's encoder and mid block, plus the head): the same three terms as the student's.
+  UNet's encoder and mid block, plus the head: the recipe's disc.head_channels, or --head-channels).
 
 Activation moments (the largest one is added to the static terms):
 - saved-for-backward bytes, MEASURED on the meta device with torch.autograd.graph.saved_tensors_hooks
   during a bf16 forward at micro-batch B: the student (gradient checkpointing as the recipe says), and D
-  (the D step runs it on real and fake: two forwards, each on a doubled batch for the conditional D).
-  Tensors are deduplicated by the id of their root tensor (a view counts as the tensor it views: meta
-  tensors have no data_ptr to compare); parameters are excluded (counted as weights). Under
-  non-reentrant checkpointing torch's own hooks hold each checkpointed block's tensors and ours never
-  see them; what the block keeps is its inputs, which our checkpoint function adds explicitly.
+  (the D step judges real and fake in one stacked call, as AdversarialObjective.judge_real_and_fake:
+  the conditional D's backbone runs on x_t and both candidates, 3B rows). Tensors are deduplicated by
+  the id of their root tensor (a view counts as the tensor it views: meta tensors have no data_ptr to
+  compare); parameters are excluded (counted as weights). Under non-reentrant checkpointing torch's own
+  hooks hold each checkpointed block's tensors and ours never see them; what the block keeps is its
+  inputs, which our checkpoint function adds explicitly.
 - the recompute of one checkpointed block in backward: the largest block's own saved bytes (measured).
 - attention: on the meta device torch's SDPA takes the math path, which saves the L x L probabilities
   in fp32; a GPU runs the flash kernel, which saves q, k, v, the output and an fp32 logsumexp. A
@@ -43,11 +44,17 @@ Activation moments (the largest one is added to the static terms):
   intermediate tensors, MEASURED with a dispatch mode that tracks every freshly allocated op output
   until it is freed (views and in-place results are not new memory). This replaces the cruder
   "largest single intermediate x a small factor", which is printed alongside as a cross-check.
-- the optimizer step's fp32 gradient partition (4 B x trainable / N; on the CPU with offload), which
-  DeepSpeed builds only at the step: the D step's happens while the student's graph is still alive.
+- an engine's backward also holds its reduce buckets (reduce_bucket_size elements, bf16, two with
+  overlap_comm; freed when the backward ends) and one bucket's reduction copies: a flat bf16 copy, and
+  the fp32 copy that is all-reduced when communication_data_type is fp32 (2 + 4 B per element).
+- the optimizer step: Adam reads the fp32 partition in place; a bf16 partition is flattened and cast to
+  fp32 first (2 + 4 B x trainable / N).
+- adversarial phases run the G step, then the D step (AdversarialObjective.micro_step): the G backward
+  frees the student's graph before D's forward.
 
 Not modelled: the CUDA context, NCCL buffers, allocator fragmentation (hence the reserve subtracted from
-the card), gradients of activations in backward beyond one block's recompute, data-loader tensors.
+the card), gradients of activations in backward beyond one block's recompute, data-loader tensors,
+offload's staging buffers (one largest parameter's gradient, bf16).
 Activations are measured at the table's micro-batch and scaled in proportion for the search of the
 largest micro-batch that fits (every activation tensor has the batch dimension; the tests check that
 the toy's terms at micro-batch 1 and 3 are exactly proportional).
@@ -112,10 +119,13 @@ def build_lora_unet(preset: Preset) -> nn.Module:
     return unet.to(torch.bfloat16)
 
 
-def build_discriminator(unet: nn.Module, conditional: bool, head_blocks: Optional[int]) -> nn.Module:
+def build_discriminator(unet: nn.Module, conditional: bool, head_blocks: Optional[int],
+                        head_channels: Optional[int] = None) -> nn.Module:
+    """trainer.discriminator's D (head_channels None: the mid block's width, as the trainer's default)."""
     from trainer.discriminator import discriminator_from_unet
 
-    return discriminator_from_unet(unet, conditional=conditional, head_blocks=head_blocks).to(torch.bfloat16)
+    return discriminator_from_unet(unet, conditional=conditional, head_blocks=head_blocks,
+                                   head_channels=head_channels).to(torch.bfloat16)
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
@@ -127,6 +137,7 @@ class ParamCounts:
     student: int  # the UNet: what full mode trains, and the teacher's size
     lora: int  # the LoRA factors add_lora adds: what LoRA mode trains
     disc: dict  # "cond" / "uncond" -> all parameters of D (all trainable)
+    disc_head: dict = dataclasses.field(default_factory=dict)  # "cond" / "uncond" -> D's head alone
 
 
 @dataclass
@@ -136,14 +147,21 @@ class MetaModels:
     discs: dict  # "cond" / "uncond" -> Discriminator
 
     @classmethod
-    def build(cls, preset: Preset, head_blocks: Optional[int]) -> "MetaModels":
+    def build(cls, preset: Preset, head_blocks: Optional[int], head_channels: Optional[int] = None) -> "MetaModels":
         unet = build_unet(preset)
-        discs = {form: build_discriminator(unet, form == "cond", head_blocks) for form in ("cond", "uncond")}
+        discs = {form: build_discriminator(unet, form == "cond", head_blocks, head_channels)
+                 for form in ("cond", "uncond")}
         return cls(unet, build_lora_unet(preset), discs)
 
     def counts(self) -> ParamCounts:
         return ParamCounts(student=count_params(self.unet), lora=count_params(self.lora_unet, trainable_only=True),
-                           disc={form: count_params(d) for form, d in self.discs.items()})
+                           disc={form: count_params(d) for form, d in self.discs.items()},
+                           disc_head={form: count_params(d.head) for form, d in self.discs.items()})
+
+    def head_shape(self) -> tuple[int, int]:
+        """(channels, stride-2 blocks) of D's head, the same for both forms."""
+        head = self.discs["cond"].head
+        return head[-1].in_channels, self.discs["cond"].head_blocks
 
 
 def meta_batch(preset: Preset, batch: int) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
@@ -359,11 +377,12 @@ def student_saved(unet: nn.Module, preset: Preset, batch: int, checkpointing: bo
 
 
 def disc_step_saved(disc: nn.Module, preset: Preset, batch: int, checkpointing: bool) -> SavedReport:
-    """The D step: D judges the teacher's landing (real) and the detached student's (fake)."""
+    """The D step: D judges the teacher's landing (real) and the detached student's (fake) in one stacked
+    call, as AdversarialObjective.judge_real_and_fake does (the conditional D's x_t branch runs once)."""
     x_t, t, cond = meta_batch(preset, batch)
-    real, fake = torch.empty_like(x_t), torch.empty_like(x_t)
+    both = torch.empty(2 * batch, *x_t.shape[1:], device="meta")
     extra = (x_t, t) if disc.conditional else ()
-    return saved_for_backward(disc, lambda: (disc(real, t, cond, *extra), disc(fake, t, cond, *extra)), checkpointing)
+    return saved_for_backward(disc, lambda: disc(both, torch.cat([t, t]), cond, *extra), checkpointing)
 
 
 def disc_g_step_saved(disc: nn.Module, preset: Preset, batch: int, checkpointing: bool) -> SavedReport:
@@ -401,51 +420,104 @@ def measure_activations(models: MetaModels, preset: Preset, batch: int, student_
 # ZeRO-2 engines and the phases of the recipe
 
 
+# DeepSpeed's spellings: data_types.grad_accum_dtype goes through its DtypeEnum (several aliases),
+# communication_data_type accepts fp32 / fp16 / bf16 only (lower-cased).
+DTYPE_BYTES = {"fp32": FP32, "fp16": 2, "bf16": BF16}
+_DTYPE_ALIASES = {alias: name for name, aliases in {
+    "fp32": ("fp32", "float32", "float", "torch.float32"), "fp16": ("fp16", "float16", "half", "torch.float16"),
+    "bf16": ("bf16", "bfloat16", "torch.bfloat16")}.items() for alias in aliases}
+
+
+def _dtype_name(value: str, key: str, path: str | Path) -> str:
+    name = _DTYPE_ALIASES.get(str(value).lower())
+    if name is None:
+        raise SystemExit(f"{path}: {key}={value!r} is not a dtype this model knows (fp32, fp16, bf16)")
+    return name
+
+
 @dataclass(frozen=True)
 class ZeroSettings:
     reduce_bucket: int  # elements
     overlap_comm: bool
+    model_dtype: str = "bf16"  # the weights, the reduce buckets (ZeRO-2 stages gradients in it)
+    grad_accum_dtype: str = "bf16"  # the gradient partition (data_types.grad_accum_dtype)
+    comm_dtype: str = "bf16"  # what the reduction runs in (communication_data_type)
 
     @classmethod
     def from_ds_json(cls, path: str | Path) -> "ZeroSettings":
-        zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+        ds = json.loads(Path(path).read_text())
+        zero = ds.get("zero_optimization", {})
         if zero.get("stage") != 2:
             raise SystemExit(f"{path}: this model is for ZeRO stage 2, the file sets {zero.get('stage')}")
-        # DeepSpeed's defaults when the JSON leaves them out.
-        return cls(int(float(zero.get("reduce_bucket_size", 5e8))), bool(zero.get("overlap_comm", False)))
+        bf16 = ds.get("bf16", ds.get("bfloat16", {})).get("enabled", False)
+        if not bf16 or ds.get("fp16", {}).get("enabled", False):
+            raise SystemExit(f"{path}: this model is for bf16 engines (bf16.enabled true)")
+        offload = (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
+        if not zero.get("contiguous_gradients", True) and not offload:
+            raise SystemExit(f"{path}: this model assumes contiguous_gradients (DeepSpeed's default)")
+        # DeepSpeed's defaults when the JSON leaves them out: both dtypes follow the model's (engine.py's
+        # get_data_types and communication_data_type).
+        model = "bf16"
+        accum = ds.get("data_types", {}).get("grad_accum_dtype")
+        comm = ds.get("communication_data_type")
+        return cls(int(float(zero.get("reduce_bucket_size", 5e8))), bool(zero.get("overlap_comm", False)), model,
+                   _dtype_name(accum, "data_types.grad_accum_dtype", path) if accum is not None else model,
+                   _dtype_name(comm, "communication_data_type", path) if comm is not None else model)
+
+    @property
+    def fp32_partition(self) -> bool:
+        """DeepSpeed 0.19's compact gradient partition (stage_1_and_2.py, _use_compact_grad_partition_buffer):
+        every reduced bucket is summed straight into an fp32 partition, which the optimizer step reads."""
+        return self.grad_accum_dtype == "fp32" and self.model_dtype != "fp32"
+
+    def describe(self) -> str:
+        return (f"ZeRO-2, {self.model_dtype} weights, gradients accumulated in {self.grad_accum_dtype} and reduced "
+                f"in {self.comm_dtype}, reduce bucket {self.reduce_bucket:.0e} elements"
+                f"{', x2 for overlap_comm' if self.overlap_comm else ''}")
 
 
 @dataclass(frozen=True)
 class EngineMemory:
     """One ZeRO-2 engine on one rank, bytes."""
-    weights: float  # bf16, full replica
-    grads: float  # bf16 partition
-    buckets: float  # reduce buckets
+    weights: float  # model dtype, full replica
+    grads: float  # the gradient partition on the GPU (grad_accum dtype), first backward to optimizer step
+    buckets: float  # reduce buckets, during this engine's backward
+    comm: float  # one bucket's reduction temporaries, during this engine's backward
     optimizer: float  # fp32 master + Adam m, v on the GPU (0 with offload)
     cpu: float  # what offload puts in CPU memory
-    step_transient: float  # fp32 gradient partition built at the optimizer step, on the GPU
+    step_transient: float  # what the optimizer step allocates on the GPU beyond the static terms
 
     @property
     def gpu_static(self) -> float:
-        return self.weights + self.grads + self.buckets + self.optimizer
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def backward_transient(self) -> float:
+        return self.buckets + self.comm
 
 
 def zero2_engine(total: int, trainable: int, world: int, zero: ZeroSettings, offload: bool,
                  accumulates: bool = False) -> EngineMemory:
-    """`accumulates`: more than one micro-batch per optimizer step (offload then keeps an fp32 gradient
-    accumulator per rank in CPU memory)."""
-    buffers = 2 if zero.overlap_comm else 1  # DeepSpeed double-buffers the reduce bucket with overlap_comm
+    """`accumulates`: more than one micro-batch per optimizer step (with bf16 accumulation, offload then
+    keeps a bf16 accumulator per rank in CPU memory)."""
+    model, accum, comm = (DTYPE_BYTES[d] for d in (zero.model_dtype, zero.grad_accum_dtype, zero.comm_dtype))
     partition = trainable / world
-    # Offload's CPU side: fp32 master + Adam m, v, the fp32 gradient partition the CPU Adam reads, the
-    # pinned bf16 copy of the updated partition on its way back, and the accumulator when accumulating.
-    offloaded = ADAM_FP32_STATE + FP32 + BF16 + (FP32 if accumulates else 0)
+    bucket = min(zero.reduce_bucket, trainable)
+    # Offload's CPU side: fp32 master + Adam m, v, the pinned fp32 gradient the CPU Adam reads, the pinned
+    # bf16 copy of the updated partition on its way back; with model-dtype accumulation the accumulator.
+    offloaded = ADAM_FP32_STATE + FP32 + model + (model if accumulates and not zero.fp32_partition else 0)
+    if zero.fp32_partition:
+        grads, step = FP32 * partition, 0.0  # the accumulator; Adam reads it in place (offload: a CPU copy)
+    else:  # a partition in the accumulation dtype (none on the GPU with offload), flattened + cast at the step
+        grads, step = (0.0, 0.0) if offload else (accum * partition, (accum + FP32) * partition)
     return EngineMemory(
-        weights=BF16 * total,
-        grads=BF16 * partition,
-        buckets=BF16 * min(zero.reduce_bucket, trainable) * buffers,
+        weights=model * total,
+        grads=grads,
+        buckets=model * bucket * (2 if zero.overlap_comm else 1),  # double-buffered with overlap_comm
+        comm=(model + (comm if zero.comm_dtype != zero.model_dtype else 0)) * bucket,  # flat copy (+ cast)
         optimizer=0.0 if offload else ADAM_FP32_STATE * partition,
         cpu=offloaded * partition if offload else 0.0,
-        step_transient=0.0 if offload else FP32 * partition)
+        step_transient=step)
 
 
 @dataclass(frozen=True)
@@ -532,18 +604,21 @@ class PhaseMemory:
 
 def activation_moments(spec: PhaseSpec, acts: Activations, student: EngineMemory,
                        disc: Optional[EngineMemory]) -> dict[str, float]:
-    """The step's moments of high activation memory, in the order the objectives run them."""
+    """The step's moments of high activation memory, in the order the objectives run them. A backward
+    also holds its engine's reduce buckets and one bucket's reduction temporaries."""
     lora = spec.train == "lora"
     saved, block = (acts.lora_student, acts.lora_block) if lora else (acts.student, acts.student_block)
     moments = {"frozen fwd": float(acts.teacher_cfg if spec.frozen_batch_factor == 2 else acts.teacher)}
     if disc is None:
-        moments["student bwd"] = float(saved + block)
-    else:  # AdversarialObjective: D step while the student's graph is alive, then the G step
+        moments["student bwd"] = float(saved + block) + student.backward_transient
+        moments["student opt step"] = student.step_transient
+    else:  # AdversarialObjective.micro_step: the G step (D frozen), then the D step on a freed student graph
         form = spec.disc
-        moments["D bwd"] = float(saved + acts.disc_step[form] + acts.disc_block[form])
-        moments["D opt step"] = saved + disc.step_transient
-        moments["G bwd"] = float(saved + acts.disc_g_step[form] + max(acts.disc_block[form], block))
-    moments["student opt step"] = student.step_transient
+        moments["G bwd"] = (float(saved + acts.disc_g_step[form] + max(acts.disc_block[form], block))
+                            + student.backward_transient)
+        moments["student opt step"] = student.step_transient
+        moments["D bwd"] = float(acts.disc_step[form] + acts.disc_block[form]) + disc.backward_transient
+        moments["D opt step"] = disc.step_transient
     return moments
 
 
@@ -619,6 +694,7 @@ class Report:
     largest: dict  # "lora" / "lora_offload" / "full" / "full_offload" -> micro-batch (None: no such phase)
     batch_rows: list
     comparison: list
+    head: tuple = (0, 0)  # D head's (channels, stride-2 blocks)
     seconds: float = 0.0
 
     @property
@@ -665,6 +741,15 @@ def compare_rows(path: Path, preset: Preset, specs: dict, counts: ParamCounts,
     return out
 
 
+def disc_head(cfg: Config, preset: Preset, head_channels: Optional[int] = None) -> tuple[Optional[int], Optional[int]]:
+    """D's (head_blocks, head_channels): the first adversarial stage's disc settings, which are sized for
+    SDXL's 32x32, 1280-wide mid block (the toy gets the adaptive head at its own width; None = the
+    trainer's defaults); `head_channels` (--head-channels) overrides the width for any preset."""
+    adversarial = [s for s in cfg.stages if s.objective != "mse"]
+    disc = adversarial[0].disc if adversarial and preset.name == "sdxl" else None
+    return (disc.head_blocks if disc else None), head_channels or (disc.head_channels if disc else None)
+
+
 def build_report(args: argparse.Namespace) -> Report:
     started = time.perf_counter()
     preset = PRESETS[args.preset]
@@ -672,12 +757,11 @@ def build_report(args: argparse.Namespace) -> Report:
     zero = ZeroSettings.from_ds_json(_from_root(cfg.deepspeed))
     specs = recipe_phases(cfg)
     adversarial = [s for s in cfg.stages if s.objective != "mse"]
-    # The recipe's head size is for SDXL's 32x32 mid-block map; the toy gets the adaptive head.
-    head_blocks = adversarial[0].disc.head_blocks if adversarial and preset.name == "sdxl" else None
+    head_blocks, head_channels = disc_head(cfg, preset, args.head_channels)
     student_ckpt = cfg.model.gradient_checkpointing
     disc_ckpt = adversarial[0].disc.gradient_checkpointing if adversarial else True
 
-    models = MetaModels.build(preset, head_blocks)
+    models = MetaModels.build(preset, head_blocks, head_channels)
     counts = models.counts()
     batch = args.micro_batch or max(s.micro_batch for s in specs.values())
     # D in the forms the recipe's phases use, and the conditional one bench/step.py measures.
@@ -699,7 +783,7 @@ def build_report(args: argparse.Namespace) -> Report:
                 largest_fitting_batch(mode_specs, counts, act_at, offload, zero, budget) if mode_specs else None)
     comparison = compare_rows(args.compare, preset, specs, counts, act_at, zero) if args.compare else []
     return Report(preset, cfg, zero, specs, counts, acts, student_ckpt, disc_ckpt, budget, rows, x0, largest,
-                  global_batch_rows(cfg), comparison, time.perf_counter() - started)
+                  global_batch_rows(cfg), comparison, models.head_shape(), time.perf_counter() - started)
 
 
 def _from_root(path: str | Path) -> Path:
@@ -736,8 +820,12 @@ def params_table(r: Report) -> str:
     rows = [["student UNet, full mode (= teacher)", billions(c.student), billions(c.student)],
             [f"student UNet + LoRA rank {r.preset.lora_rank}, LoRA mode", billions(c.student + c.lora),
              f"{billions(c.lora)}, counted by applying add_lora on meta"]]
-    rows += [[f"D {'conditional' if f == 'cond' else 'unconditional'} (encoder + mid copy + head)",
-              billions(n), billions(n)] for f, n in sorted(c.disc.items())]
+    channels, blocks = r.head
+    for form, n in sorted(c.disc.items()):
+        name = "conditional" if form == "cond" else "unconditional"
+        rows += [[f"D {name} (encoder + mid copy + head)", billions(n), billions(n)],
+                 [f"  of which the head ({channels} channels, {blocks} stride-2 block{'s' if blocks != 1 else ''})",
+                  billions(c.disc_head[form]), ""]]
     return markdown_table(["model", "parameters", "trainable"], rows)
 
 
@@ -748,7 +836,7 @@ def activations_table(r: Report, u: Unit) -> str:
             ["student full: largest checkpointed block (recomputed in backward)", u(a.student_block)],
             [f"student LoRA: saved for backward, checkpointing {ckpt(r.student_ckpt)}", u(a.lora_student)]]
     for form in a.disc_step:
-        rows += [[f"D {form}: D step, real + fake forwards, checkpointing {ckpt(r.disc_ckpt)}", u(a.disc_step[form])],
+        rows += [[f"D {form}: D step, real + fake in one call, checkpointing {ckpt(r.disc_ckpt)}", u(a.disc_step[form])],
                  [f"D {form}: G step, fake forward with D frozen", u(a.disc_g_step[form])],
                  [f"D {form}: largest checkpointed block", u(a.disc_block[form])]]
     rows += [[f"teacher no_grad forward: live peak at batch {a.batch}", u(a.teacher)],
@@ -769,20 +857,34 @@ def memory_table(r: Report, u: Unit) -> str:
 
 
 def notes(r: Report, u: Unit) -> list[str]:
+    z = r.zero
+    if z.fp32_partition:
+        grads = "fp32 gradient partition (4 B/param /N, on the GPU also with offload: the accumulator)"
+        step = "nothing new (Adam reads the fp32 partition in place)"
+        accum = ""
+    else:
+        grads = (f"{z.grad_accum_dtype} gradient partition ({DTYPE_BYTES[z.grad_accum_dtype]} B/param /N; "
+                 "none on the GPU with offload)")
+        step = f"flat {z.grad_accum_dtype} copy + its fp32 cast of the partition"
+        accum = f", + a {z.model_dtype} gradient accumulator when a step accumulates micro-batches"
+    comm = (f"a flat {z.model_dtype} copy + an {z.comm_dtype} copy to reduce" if z.comm_dtype != z.model_dtype
+            else f"a flat {z.model_dtype} copy")
     out = [
         ("A MODEL of one rank's memory, not a measurement: static terms from parameter counts, activations "
          "measured on the meta device (bench/memory.py's docstring explains every term)."),
-        ("student / D: bf16 weights (full replica) + bf16 gradient partition (/N) + reduce buckets + fp32 "
-         "master and Adam m, v (12 B/param /N; in CPU memory with offload). teacher: frozen bf16 copy."),
-        ("activations: the largest moment of a step. frozen fwd = teacher jump under no_grad (live peak; "
-         "doubled batch with CFG); student bwd = saved + one block's recompute; D bwd = student saved + D on "
-         "real and fake + one block; D opt step = student saved + D's fp32 gradient partition; G bwd; "
-         "student opt step = its fp32 gradient partition."),
-        ("CPU/rank: with offload, both engines' fp32 master + Adam m, v + fp32 gradient partition + pinned bf16 "
-         "copy (18 B/param /N), + an fp32 gradient accumulator (4 B/param /N) when a step accumulates micro-batches."),
+        (f"student / D (static): {z.model_dtype} weights (full replica) + {grads} + fp32 master and Adam m, v "
+         "(12 B/param /N; in CPU memory with offload). teacher: frozen bf16 copy."),
+        (f"activations: the largest moment of a step. frozen fwd = teacher jump under no_grad (live peak; doubled "
+         f"batch with CFG); student bwd = saved + one block's recompute; G bwd = student saved + D (frozen) on "
+         f"the fake + one block; D bwd = D on real and fake in one call + one block (the G step has freed the "
+         f"student's graph); every bwd adds its engine's reduce buckets ({z.model_dtype}) and one bucket's "
+         f"reduction copies ({comm}); opt step = {step}."),
+        (f"CPU/rank: with offload, both engines' fp32 master + Adam m, v + pinned fp32 gradient + pinned "
+         f"{z.model_dtype} copy (18 B/param /N){accum}. The offload rows use the same JSON's dtypes and buckets."),
         (f"fits 80 GB: total <= {r.budget / GIB:.1f} GiB ({CARD_GIB} GiB an 80 GB card reports, minus a reserve "
          "for the CUDA context, NCCL buffers and fragmentation, which the model leaves out)."),
-        ("adversarial rows use the conditional D (it runs its backbone on a doubled batch); the unconditional "
+        ("adversarial rows use the conditional D (its D step runs the backbone on x_t and both candidates, 3 x "
+         "the micro-batch, against 2 x for the unconditional D); the unconditional "
          "D of the lora+full stages' final full phase is smaller."),
     ]
     if r.x0:
@@ -793,8 +895,8 @@ def notes(r: Report, u: Unit) -> list[str]:
 
 def print_report(r: Report) -> None:
     u = unit_for(r.counts)
-    print(f"# Memory model: {r.preset.name}, {r.cfg.source}, {r.cfg.deepspeed} (ZeRO-2, bf16, reduce bucket "
-          f"{r.zero.reduce_bucket:.0e} elements{', x2 for overlap_comm' if r.zero.overlap_comm else ''}); {u.name}\n")
+    print(f"# Memory model: {r.preset.name}, {r.cfg.source}, {r.cfg.deepspeed} ({r.zero.describe()}); "
+          f"D head {r.head[0]} channels; {u.name}\n")
     print(f"## Parameters\n\n{params_table(r)}\n")
     print(f"## Activations, measured on meta at micro-batch {r.acts.batch} (bf16)\n\n{activations_table(r, u)}\n")
     print(f"## Per-GPU memory by phase ({u.name})\n\n{memory_table(r, u)}\n")
@@ -828,7 +930,9 @@ def report_json(r: Report) -> dict:
         "preset": r.preset.name, "config": r.cfg.source, "deepspeed": r.cfg.deepspeed,
         "zero": dataclasses.asdict(r.zero), "budget_gib": r.budget / GIB,
         "params": {"student": r.counts.student, "lora_trainable": r.counts.lora,
-                   "student_with_lora": r.counts.student + r.counts.lora, "disc": r.counts.disc},
+                   "student_with_lora": r.counts.student + r.counts.lora, "disc": r.counts.disc,
+                   "disc_head": r.counts.disc_head},
+        "disc_head": {"channels": r.head[0], "blocks": r.head[1]},
         "activations_bytes": dataclasses.asdict(r.acts),
         "rows": [m.as_dict() for m in r.rows], "x0_phase_1gpu": [m.as_dict() for m in r.x0],
         "largest_micro_batch_1gpu": r.largest, "targets": r.targets,
@@ -849,6 +953,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="sdxl")
     parser.add_argument("--config", default="configs/sdxl.yaml", help="the recipe: stages, micro-batch, DeepSpeed JSON")
     parser.add_argument("--micro-batch", type=int, default=None, help="instead of every stage's micro_batch")
+    parser.add_argument("--head-channels", type=int, default=None,
+                        help="D head width instead of the recipe's disc.head_channels (null: the mid block's, "
+                             "1280 for SDXL); 2560 = the old conditional head")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     parser.add_argument("--compare", type=Path, default=None,
                         help="JSON list of measured peaks: preset, mode, micro_batch, world_size, offload, peak_gib")
@@ -858,6 +965,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.micro_batch is not None and args.micro_batch < 1:
         parser.error("--micro-batch must be >= 1")
+    if args.head_channels is not None and args.head_channels < 1:
+        parser.error("--head-channels must be >= 1")
     return args
 
 

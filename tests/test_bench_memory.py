@@ -102,21 +102,96 @@ def test_live_intermediates_follow_frees():
     assert live.peak == 2 * mib and live.largest == mib and live.live == 0
 
 
-def test_zero2_partitioned_terms_scale_as_one_over_world_size():
-    zero = memory.ZeroSettings(reduce_bucket=int(2e8), overlap_comm=True)
+@pytest.mark.parametrize("accum", ["bf16", "fp32"])
+def test_zero2_partitioned_terms_scale_as_one_over_world_size(accum):
+    zero = memory.ZeroSettings(reduce_bucket=int(2e8), overlap_comm=True, grad_accum_dtype=accum, comm_dtype=accum)
     total, trainable = 2_000_000_000, 1_000_000_000
     for offload in (False, True):
         engines = {n: memory.zero2_engine(total, trainable, n, zero, offload, accumulates=True) for n in (1, 8, 64)}
         for n, e in engines.items():
             assert e.weights == engines[1].weights == 2 * total  # ZeRO-2 never partitions weights
-            assert e.buckets == engines[1].buckets == 2 * 2 * 2e8
+            assert e.buckets == engines[1].buckets == 2 * 2 * 2e8  # bf16, double-buffered: not partitioned
+            assert e.comm == engines[1].comm
             for term in ("grads", "optimizer", "cpu", "step_transient"):
                 assert getattr(e, term) * n == pytest.approx(getattr(engines[1], term))
-        assert engines[1].grads == 2 * trainable
+        one = engines[1]
         if offload:
-            assert engines[1].optimizer == engines[1].step_transient == 0 and engines[1].cpu == 22 * trainable
+            assert one.optimizer == one.step_transient == 0
         else:
-            assert engines[1].optimizer == 12 * trainable and engines[1].cpu == 0
+            assert one.optimizer == 12 * trainable and one.cpu == 0
+        if accum == "bf16":  # DeepSpeed's default: a bf16 partition, flattened and cast to fp32 at the step
+            assert one.comm == 2 * 2e8  # the flat bucket copy, reduced as it is
+            if offload:  # gradients go to the CPU as they are reduced; a bf16 accumulator there
+                assert one.grads == 0 and one.cpu == 20 * trainable
+            else:
+                assert one.grads == 2 * trainable and one.step_transient == 6 * trainable
+
+
+def test_fp32_gradient_partition_and_reduction():
+    """grad_accum_dtype fp32: DeepSpeed 0.19 sums each reduced bucket into an fp32 partition (on the GPU, with
+    offload too) that Adam reads in place; communication_data_type fp32: the bf16 bucket is all-reduced as
+    an fp32 copy. Ignoring either would leave these terms at their bf16 values."""
+    bf16 = memory.ZeroSettings(reduce_bucket=int(2e8), overlap_comm=True)
+    fp32 = memory.ZeroSettings(reduce_bucket=int(2e8), overlap_comm=True, grad_accum_dtype="fp32", comm_dtype="fp32")
+    total = trainable = 1_000_000_000
+    for offload in (False, True):
+        new, old = (memory.zero2_engine(total, trainable, 8, z, offload, accumulates=True) for z in (fp32, bf16))
+        assert new.grads == 4 * trainable / 8 and new.step_transient == 0
+        assert new.buckets == old.buckets == 2 * 2 * 2e8  # ZeRO-2 stages gradients in bf16 either way
+        assert new.comm == (2 + 4) * 2e8 and old.comm == 2 * 2e8
+        assert new.cpu == (18 * trainable / 8 if offload else 0)  # no CPU accumulator: the fp32 partition is it
+    with_fp32 = memory.zero2_engine(total, trainable, 1, fp32, offload=False)
+    assert with_fp32.gpu_static == (2 + 4 + 12) * trainable  # bf16 weights, fp32 gradients, fp32 master + Adam
+    comm_only = memory.ZeroSettings(reduce_bucket=int(2e8), overlap_comm=False, comm_dtype="fp32")
+    assert memory.zero2_engine(total, trainable, 8, comm_only, offload=False).comm == (2 + 4) * 2e8
+
+
+def test_zero_settings_follow_the_deepspeed_json(tmp_path):
+    for name in ("zero2_gpu.json", "zero2_gpu_offload.json"):  # what the GPU recipes run
+        zero = memory.ZeroSettings.from_ds_json(ROOT / "ds_configs" / name)
+        assert (zero.model_dtype, zero.grad_accum_dtype, zero.comm_dtype) == ("bf16", "fp32", "fp32")
+        assert zero.fp32_partition and zero.reduce_bucket == int(2e8) and zero.overlap_comm
+    ds = json.loads((ROOT / "ds_configs" / "zero2_gpu.json").read_text())
+
+    def write(settings: dict):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(settings))
+        return path
+
+    plain = {k: v for k, v in ds.items() if k not in ("data_types", "communication_data_type")}
+    zero = memory.ZeroSettings.from_ds_json(write(plain))  # absent: DeepSpeed uses the model dtype for both
+    assert (zero.grad_accum_dtype, zero.comm_dtype) == ("bf16", "bf16") and not zero.fp32_partition
+    zero = memory.ZeroSettings.from_ds_json(write({**plain, "data_types": {"grad_accum_dtype": "float32"}}))
+    assert (zero.grad_accum_dtype, zero.comm_dtype) == ("fp32", "bf16")  # DeepSpeed's aliases
+    with pytest.raises(SystemExit, match="communication_data_type"):
+        memory.ZeroSettings.from_ds_json(write({**plain, "communication_data_type": "fp8"}))
+    with pytest.raises(SystemExit, match="bf16"):
+        memory.ZeroSettings.from_ds_json(write({**plain, "bf16": {"enabled": False}}))
+
+
+def test_head_width_reaches_the_discriminator():
+    """--head-channels (or the recipe's disc.head_channels) builds the trainer's D at that width."""
+    real = build_toy_unet()
+    models = memory.MetaModels.build(TINY, head_blocks=None, head_channels=96)
+    counts = models.counts()
+    assert models.head_shape()[0] == 96
+    for form in ("cond", "uncond"):
+        real_d = discriminator_from_unet(real, conditional=form == "cond", head_channels=96)
+        assert counts.disc[form] == sum(p.numel() for p in real_d.parameters())
+        assert counts.disc_head[form] == sum(p.numel() for p in real_d.head.parameters())
+    default = memory.MetaModels.build(TINY, head_blocks=None).counts()
+    assert counts.disc_head["cond"] > default.disc_head["cond"]  # 96 > the toy's mid width
+
+
+def test_disc_head_settings_come_from_the_recipe():
+    sdxl, tiny = memory.PRESETS["sdxl"], TINY
+    cfg = load_config(ROOT / "configs/sdxl.yaml", check_paths=False)
+    assert memory.disc_head(cfg, sdxl) == (3, None)  # null: the mid block's width
+    wide = load_config(ROOT / "configs/sdxl.yaml", ["stages.1.disc.head_channels=2560"], check_paths=False)
+    assert memory.disc_head(wide, sdxl) == (3, 2560)
+    assert memory.disc_head(wide, sdxl, head_channels=640) == (3, 640)  # --head-channels wins
+    assert memory.disc_head(wide, tiny) == (None, None)  # sized for SDXL: the toy keeps its defaults
+    assert memory.disc_head(cfg, tiny, head_channels=96) == (None, 96)
 
 
 def test_global_batch_check_flags_a_wrong_recipe():
@@ -143,6 +218,11 @@ def test_tiny_main_writes_json_and_compares(tmp_path, capsys):
     assert report["compare"][0]["ratio"] == pytest.approx(0.1 / report["compare"][0]["modelled_gib"])
     assert {r["micro_batch"] for r in report["rows"]} == {4}
     assert "Measured vs modelled" in capsys.readouterr().out
+    # The recipe's GPU JSON accumulates and reduces in fp32: the fp32 gradient partition is static.
+    assert (report["zero"]["grad_accum_dtype"], report["zero"]["comm_dtype"]) == ("fp32", "fp32")
+    full_1gpu = next(r for r in report["rows"] if r["phase"] == "stage1_mse" and r["world_size"] == 1
+                     and not r["offload"])
+    assert full_1gpu["student_gib"] * memory.GIB == pytest.approx(18 * report["params"]["student"])
 
 
 def test_sdxl_report(sdxl_run):
@@ -158,4 +238,10 @@ def test_sdxl_report(sdxl_run):
     assert acts["student"] < acts["student_no_ckpt"]
     assert {(r["phase"], r["world_size"], r["offload"]) for r in report["rows"]} == {
         (p, w, o) for p in ("stage1_mse", "adv_lora", "adv_full") for w in (1, 8, 64) for o in (False, True)}
+    # configs/sdxl.yaml's disc.head_channels is null: SDXL's mid width, 1280, for both forms; the conditional
+    # head only adds the 1x1 conv that mixes its 2 x 1280 maps down (the old 2560-wide head: ~315 M).
+    assert report["disc_head"] == {"channels": 1280, "blocks": 3}
+    heads = report["params"]["disc_head"]
+    assert heads["cond"] - heads["uncond"] == 2560 * 1280 + 1280 and heads["cond"] < 100_000_000
+    assert report["params"]["disc"]["cond"] - heads["cond"] == report["params"]["disc"]["uncond"] - heads["uncond"]
     assert "global_batch" in stdout.lower() or "Global batch" in stdout

@@ -152,74 +152,75 @@ class StageRunner:
 
     def _train_phase(self, phase: Phase, name: str, student_dir: Path, lora_dir: Optional[Path],
                      student_pred: str, out_pred: str) -> tuple[Path, dict]:
-        """Builds the phase's networks, engines and objective and trains it; returns the final checkpoint
-        and the student's UNet config. Each folder is read from disk once: the teacher (or the x0 phase's
-        frozen copy) and D's encoder are copied from the student's starting weights in memory when they are
-        the same folder's; otherwise D reads only the base model's encoder weights."""
+        """Builds the phase's engines and objective and trains it; returns the final checkpoint and the
+        student's UNet config. The engines are destroyed on the way out, whatever happens."""
         cfg, stage, info = self.cfg, self.stage, self.info
         dev = device()
-        teacher_pred = prediction_type_of(self.teacher_dir, cfg.model.prediction_type)
         if info.is_main and dev.type == "cuda":
             print(f"[{name}] GPU memory at phase start: {torch.cuda.memory_allocated(dev) / 2**30:.2f} GiB allocated, "
                   f"{torch.cuda.memory_reserved(dev) / 2**30:.2f} GiB reserved", flush=True)
-
-        # A LoRA phase's student is the teacher plus this stage's adapter; any other starts from student_dir.
-        source = self.teacher_dir if phase.train == "lora" else student_dir
-        plain = load_unet(source)
-        in_memory = {source: plain}
-        frozen = teacher = disc = None
-        if phase.kind == "x0":
-            frozen = frozen_copy(plain, dev)  # the network whose x0 the student learns to output directly
-        else:
-            teacher_net = _read_once(in_memory, self.teacher_dir)
-        if phase.kind in ("adv_cond", "adv_uncond"):  # D copies its encoder before anything changes those modules
-            encoder_source = _read_once(in_memory, self.disc_base, only=ENCODER_PARTS)
-            disc = discriminator_from_unet(encoder_source, conditional=phase.kind == "adv_cond",
-                                           head_blocks=stage.disc.head_blocks, head_channels=stage.disc.head_channels,
-                                           seed=cfg.run.seed)
-            del encoder_source
-        if phase.kind != "x0":
-            teacher = frozen_copy(plain, dev) if teacher_net is plain else freeze(teacher_net).to(dev)
-            del teacher_net
-        del in_memory
-        student = self._lora_unet(lora_dir, plain) if phase.train == "lora" else plain
+        student, frozen, disc = self._phase_networks(phase, student_dir, lora_dir, dev)
         if phase.kind == "x0" and student_pred == "v_prediction" and stage.student_steps == 1:
             x0_head_from_v(student, self.schedule)
-        unet_config = dict(plain.config)
+        unet_config = dict(student.config)
         if cfg.model.gradient_checkpointing:
             student.enable_gradient_checkpointing()
+        if disc is not None and stage.disc.gradient_checkpointing:
+            disc.enable_gradient_checkpointing()
         accum = stage.accumulation(info.world_size, self.key)
         ds = lambda o: build_ds_config(cfg.deepspeed, stage.micro_batch, accum, info.world_size, o, self.key)
         optim = phase_optim(stage, phase)
         engines = {"student": make_engine(student, ds(optim))}
-        del plain, student
+        del student
         try:
-            if phase.kind == "mse":
-                objective = MSEDistillObjective(engines["student"], teacher, self.schedule, student_pred, teacher_pred,
-                                                stage.student_steps, stage.teacher_steps, stage.cfg_scale,
-                                                loss_space=stage.mse_space)
-            elif phase.kind == "x0":
-                objective = X0Objective(engines["student"], frozen, self.schedule, student_pred, stage.student_steps)
-            else:
-                if stage.disc.gradient_checkpointing:
-                    disc.enable_gradient_checkpointing()
+            if disc is not None:
                 engines["disc"] = make_engine(disc, ds(phase_disc_optim(stage, phase)))
                 del disc
-                objective = PhasedAdversarial(
-                    AdversarialObjective(engines["student"], engines["disc"], teacher, self.schedule, student_pred,
-                                         teacher_pred, stage.student_steps, stage.teacher_steps,
-                                         conditional=phase.kind == "adv_cond", t_star=stage.disc.t_star,
-                                         t_star_weights=stage.disc.t_star_weights, mse_weight=stage.mse_weight),
-                    warmup_steps=stage.disc.warmup_samples // (stage.micro_batch * accum * info.world_size),
-                    late_weights=stage.disc.t_star_late_weights)
-            ema_decay = stage.ema_decay if phase.train == "full" else 0.0
+            objective = self._objective(phase, engines, frozen, student_pred, accum)
             job = Job(name, self.stage_dir / name, phase.samples, stage.micro_batch, accum, optim, objective,
-                      make_grid=self.grids.bind(stage.student_steps, out_pred), ema_decay=ema_decay,
+                      make_grid=self.grids.bind(stage.student_steps, out_pred),
+                      ema_decay=stage.ema_decay if phase.train == "full" else 0.0,
                       other_optims={"disc": phase_disc_optim(stage, phase)} if "disc" in engines else {})
             return train(job, cfg, info), unet_config
         finally:
             for engine in engines.values():
                 engine.destroy()
+
+    def _phase_networks(self, phase: Phase, student_dir: Path, lora_dir: Optional[Path], dev: torch.device):
+        """(student, frozen network, D or None). Each folder is read from disk once: the frozen network (the
+        teacher, or the x0 phase's copy of the student) and D's encoder come from a module already read in
+        this phase when they are the same folder's; otherwise D reads only the base model's encoder."""
+        # A LoRA phase's student is the teacher plus this stage's adapter; any other starts from student_dir.
+        source = self.teacher_dir if phase.train == "lora" else student_dir
+        plain = load_unet(source)
+        in_memory = {source: plain}
+        # the x0 phase: the network whose x0 the student learns to output directly is its own start
+        frozen_net = plain if phase.kind == "x0" else _read_once(in_memory, self.teacher_dir)
+        disc = None
+        if phase.kind in ("adv_cond", "adv_uncond"):  # D copies its encoder before the modules below change
+            disc = discriminator_from_unet(_read_once(in_memory, self.disc_base, only=ENCODER_PARTS),
+                                           conditional=phase.kind == "adv_cond", head_blocks=self.stage.disc.head_blocks,
+                                           head_channels=self.stage.disc.head_channels, seed=self.cfg.run.seed)
+        frozen = frozen_copy(plain, dev) if frozen_net is plain else freeze(frozen_net).to(dev)
+        student = self._lora_unet(lora_dir, plain) if phase.train == "lora" else plain
+        return student, frozen, disc
+
+    def _objective(self, phase: Phase, engines: dict, frozen: torch.nn.Module, student_pred: str, accum: int):
+        stage = self.stage
+        if phase.kind == "x0":
+            return X0Objective(engines["student"], frozen, self.schedule, student_pred, stage.student_steps)
+        teacher_pred = prediction_type_of(self.teacher_dir, self.cfg.model.prediction_type)
+        if phase.kind == "mse":
+            return MSEDistillObjective(engines["student"], frozen, self.schedule, student_pred, teacher_pred,
+                                       stage.student_steps, stage.teacher_steps, stage.cfg_scale,
+                                       loss_space=stage.mse_space)
+        return PhasedAdversarial(
+            AdversarialObjective(engines["student"], engines["disc"], frozen, self.schedule, student_pred,
+                                 teacher_pred, stage.student_steps, stage.teacher_steps,
+                                 conditional=phase.kind == "adv_cond", t_star=stage.disc.t_star,
+                                 t_star_weights=stage.disc.t_star_weights, mse_weight=stage.mse_weight),
+            warmup_steps=stage.disc.warmup_samples // (stage.micro_batch * accum * self.info.world_size),
+            late_weights=stage.disc.t_star_late_weights)
 
     def _lora_unet(self, lora_dir: Optional[Path], teacher_unet) -> torch.nn.Module:
         """The stage's teacher (a plain UNet read from its folder) with this stage's LoRA: a fresh one, or

@@ -55,8 +55,9 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    unet = UNet2DConditionModel.from_config(unet_config)
-    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    with torch.device("meta"):  # no random initialisation of weights that are overwritten next
+        unet = UNet2DConditionModel.from_config(unet_config)
+    missing, unexpected = unet.load_state_dict(weights, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"export {out_dir}: weights do not match the UNet config "
                            f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")

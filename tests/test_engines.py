@@ -62,3 +62,24 @@ def test_deterministic_switch():
     finally:
         set_determinism(False)
         torch.backends.cudnn.benchmark = False
+
+
+def test_starting_compiles_nothing(tmp_path):
+    """Joining the process group and training a step build no DeepSpeed op (DeepSpeed's CPU backend would
+    JIT-compile a shared-memory all-reduce into TORCH_EXTENSIONS_DIR, and a build killed midway leaves a
+    lock every later run waits on)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    script = ("from trainer.config import OptimConfig\n"
+              "from trainer.engines import build_ds_config, init_distributed, make_engine\n"
+              "from trainer.models import build_toy_unet\n"
+              "init_distributed()\n"
+              f"make_engine(build_toy_unet(), build_ds_config('{ROOT}/ds_configs/zero2_cpu.json', 2, 1, 1, OptimConfig(), 't'))\n")
+    extensions = tmp_path / "torch_extensions"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=cli_env(TORCH_EXTENSIONS_DIR=str(extensions)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not extensions.exists() or not any(extensions.rglob("*")), sorted(extensions.rglob("*"))

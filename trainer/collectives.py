@@ -40,10 +40,23 @@ def init(collective_timeout_s: float, main_work_timeout_s: float) -> None:
     if not dist.is_initialized():
         import deepspeed
 
+        _skip_deepspeed_shm_build()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                    timeout=timedelta(seconds=collective_timeout_s))
     if _main_wait_group is None and dist.get_world_size() > 1:
         _main_wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=main_work_timeout_s))
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce, used only for inference, whenever a
+    process group starts: a compiler run on every fresh machine, and a build killed midway leaves a lock
+    file that every later run on that machine waits on forever. Training never uses it: mark it unusable."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def is_distributed() -> bool:

@@ -172,3 +172,27 @@ def test_preemption_warning_during_setup_is_kept_until_the_first_step(tmp_path):
     assert "[teacher] stopped at 8 samples" in proc.stdout
     proc = _fault_run("", _teacher_args(tmp_path))
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_resumed_job_logs_each_step_once(tmp_path):
+    """SIGKILL at the 7th step, after steps logged past the last checkpoint (32 samples): the relaunch
+    resumes at 32 and logs 40 and 48 again. metrics.jsonl and TensorBoard (as its reader sees the event
+    files) hold every step once, ending with the run's 8 steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.tracking import read_metrics
+
+    out = tmp_path / "run"
+    args = ["--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}", "--set", "log.checkpoint_every_samples=32",
+            "--set", "log.every_steps=1", "--jobs", "teacher"]
+    proc = _fault_run("kill_at_step:teacher:7", args)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    tb = out / "jobs" / "teacher" / "tb"
+    assert [r["step"] for r in read_metrics(tb, "teacher/loss")] == [8, 16, 24, 32, 40, 48]  # 40, 48 past the checkpoint
+    proc = _fault_run("", args)
+    assert proc.returncode == 0 and "at 32 samples" in proc.stdout, proc.stderr[-2000:]
+    steps = [r["step"] for r in read_metrics(tb, "teacher/loss")]
+    assert steps == [8 * i for i in range(1, 9)]
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert [e.step for e in events.Scalars("teacher/loss")] == steps

@@ -172,7 +172,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
                          start_batch=state["step"] * job.grad_accum, num_workers=cfg.data.num_workers,
                          max_bad_fraction=cfg.data.max_bad_fraction)
     batches = iter(loader)
-    tracker = Tracker(job.out_dir / "tb", enabled=info.is_main)
+    tracker = Tracker(job.out_dir / "tb", enabled=info.is_main, resume_at=state["samples_seen"])
     preemption = preemption_handler()
     stop_at = state["samples_seen"] + cfg.run.stop_after_samples if cfg.run.stop_after_samples else None
     window: dict[str, list] = {}

@@ -7,6 +7,12 @@
     FAULT=kill_after_export:NAME SIGKILL right after the export NAME (a stage, or a phase result) is published
     FAULT=usr2_in_setup          SIGUSR2 (SLURM's preemption warning) while the run is still setting up
     FAULT=slow_export:S          every export takes S seconds longer (rank 0's solo work, slowed)
+    FAULT=slow_step:S            every micro-step takes S seconds longer; each rank writes its pid to
+                                 $TRACE/rank<r>.pid, appends each micro-step's start to $TRACE/micro<r>.log
+                                 and the time every checkpoint write starts to $TRACE/saves<r>.log
+    FAULT=usr2_in_export:NAME    SIGUSR2 to this process as the export NAME starts (inside rank 0's solo work)
+    FAULT=usr2_after_export:NAME SIGUSR2 to this process right after the export NAME is published
+    FAULT=usr2_at_start:JOB      SIGUSR2 to this process as job JOB starts training (models and engines built)
 """
 import errno
 import os
@@ -96,6 +102,63 @@ elif kind == "slow_export":
     stages.export_unet = export_unet
     import trainer.pipeline as pipeline
     pipeline.export_unet = export_unet
+
+elif kind == "slow_step":
+    import time
+    from pathlib import Path
+
+    trace, rank = Path(os.environ["TRACE"]), os.environ.get("RANK", "0")
+    (trace / f"rank{rank}.pid").write_text(str(os.getpid()))
+    original_train, original_save = loop.train, checkpoint.CheckpointManager.save
+
+    def train(job, cfg, info):
+        inner = job.objective.micro_step
+
+        def micro_step(batch, rand):
+            with open(trace / f"micro{rank}.log", "a") as f:
+                f.write(f"{time.time()}\n")
+            time.sleep(float(arg))
+            return inner(batch, rand)
+
+        job.objective.micro_step = micro_step
+        return original_train(job, cfg, info)
+
+    def save(self, engines, state, tensors=None):
+        with open(trace / f"saves{rank}.log", "a") as f:
+            f.write(f"{time.time()} {state['samples_seen']}\n")
+        return original_save(self, engines, state, tensors)
+
+    loop.train = stages.train = train
+    checkpoint.CheckpointManager.save = save
+    import trainer.pipeline as pipeline
+    pipeline.train = train
+
+elif kind in ("usr2_in_export", "usr2_after_export"):
+    original_export = export.export_unet
+
+    def export_unet(weights, unet_config, out_dir, **kw):
+        if kind == "usr2_in_export" and arg in str(out_dir):
+            os.kill(os.getpid(), signal.SIGUSR2)
+        result = original_export(weights, unet_config, out_dir, **kw)
+        if kind == "usr2_after_export" and arg in str(out_dir):
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return result
+
+    export.export_unet = stages.export_unet = export_unet
+    import trainer.pipeline as pipeline
+    pipeline.export_unet = export_unet
+
+elif kind == "usr2_at_start":
+    original_train = loop.train
+
+    def train(job, cfg, info):
+        if job.name == arg:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return original_train(job, cfg, info)
+
+    loop.train = stages.train = train
+    import trainer.pipeline as pipeline
+    pipeline.train = train
 
 elif kind == "usr2_in_setup":
     import trainer.pipeline as pipeline

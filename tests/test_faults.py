@@ -164,14 +164,132 @@ def test_a_shard_sample_holding_a_pickle_is_refused_not_unpickled(tmp_path):
         decode_sample(raw, {"latent": [12, 16, 16], "prompt_embeds": [8, 32]}, "train-000000.tar")
 
 
-def test_preemption_warning_during_setup_is_kept_until_the_first_step(tmp_path):
-    """SLURM's USR2 can come before training starts (while shards are made): the process must not die of
-    it; the first step boundary writes a checkpoint and exits 75, and the relaunch resumes."""
+def test_preemption_warning_during_setup_stops_the_run_at_once(tmp_path):
+    """SLURM's USR2 can come before training starts (as rank 0 is about to write the toy base model, its
+    solo work): that work does not start, the run exits 75 with nothing trained and no checkpoint, and the
+    relaunch does everything."""
     proc = _fault_run("usr2_in_setup", _teacher_args(tmp_path))
     assert proc.returncode == 75, proc.stderr[-2000:]
-    assert "[teacher] stopped at 8 samples" in proc.stdout
+    assert "SIGUSR2 received" in proc.stdout and not (tmp_path / "base").exists()
+    assert not (tmp_path / "jobs" / "teacher" / "ckpt").exists()
     proc = _fault_run("", _teacher_args(tmp_path))
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0 and (tmp_path / "exports" / "teacher" / "export.json").is_file(), proc.stderr[-2000:]
+
+
+def test_a_signal_before_the_first_step_stops_without_a_checkpoint(tmp_path):
+    """USR2 while the job's models and engines are built (no solo work running): the loop's first check
+    stops it before any step; there is nothing to save, so no checkpoint is written."""
+    proc = _fault_run("usr2_at_start:teacher", _teacher_args(tmp_path))
+    assert proc.returncode == 75 and "[teacher] stopped at 0 samples" in proc.stdout, proc.stderr[-2000:]
+    assert not (tmp_path / "jobs" / "teacher" / "ckpt").exists()
+
+
+def test_a_signal_during_an_export_stops_every_rank(tmp_path, two_rank_run):
+    """2 ranks: USR2 reaches rank 0 as it exports the teacher (its solo work; rank 1 waits): the export
+    stops half-written and unpublished, both ranks stop (rank 1 with Preempted, not an error), and the
+    relaunch exports exactly what the uninterrupted 2-rank run did."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = ["--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}", "--jobs", "teacher"]
+    proc = _fault_run("usr2_in_export:exports/teacher", args, ranks=2)
+    assert "SIGUSR2 received during rank 0's solo work" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "MainWorkFailed" not in proc.stderr and "exitcode  : 75" in proc.stderr  # both ranks: 75
+    assert not (out / "exports" / "teacher").exists()
+    proc = _fault_run("", args, ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(two_rank_run / "exports/teacher/unet/diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "exports/teacher/unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _teacher_accumulating(out) -> list[str]:
+    """The smoke teacher as 4 steps of 4 accumulated micro-batches of 8, with a loader worker."""
+    return ["--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}", "--jobs", "teacher",
+            "--set", "teacher.samples=256", "--set", "teacher.grad_accum=4", "--set", "data.num_workers=1",
+            "--set", "log.checkpoint_every_samples=100000"]
+
+
+def _start(fault: str, args: list[str], trace, ranks: int):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    runner = [str(ROOT / "tests" / "fault_runner.py"), *args]
+    cmd = [sys.executable, *runner] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *runner]
+    return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(FAULT=fault, TRACE=str(trace)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_micro_steps(trace, count: int, proc, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    log = trace / "micro0.log"
+    while not (log.is_file() and len(log.read_text().split()) >= count):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "training did not reach the micro-step"
+        time.sleep(0.1)
+
+
+def test_a_stop_signal_mid_accumulation_checkpoints_within_a_micro_step(tmp_path):
+    """2 ranks, 4 accumulated micro-batches of ~1.5 s per step (a step ~6 s), a loader worker each. USR2
+    reaches rank 1 alone in the middle of the second step: both ranks agree before the next micro-step,
+    write the checkpoint of the first step (the unfinished step's gradients dropped) well within one
+    micro-step of the signal, and stop; the relaunch ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    out = tmp_path / "run"
+    proc = _start("slow_step:1.5", _teacher_accumulating(out), trace, ranks=2)
+    _wait_for_micro_steps(trace, 6, proc)  # step 2, micro-batch 2
+    sent = time.time()
+    os.kill(int((trace / "rank1.pid").read_text()), signal.SIGUSR2)
+    stdout, stderr = proc.communicate(timeout=300)
+    saves = [line.split() for line in (trace / "saves0.log").read_text().splitlines()]
+    assert len(saves) == 1 and saves[0][1] == "64", saves  # the first step's state: 64 samples (8 x 4 x 2)
+    assert 0 < float(saves[0][0]) - sent < 3.0, f"checkpoint started {float(saves[0][0]) - sent:.1f} s after the signal"
+    assert "[teacher] stopped at 64 samples (a stop signal on another rank)" in stdout, stdout[-2000:] + stderr[-2000:]
+    proc = _fault_run("", _teacher_accumulating(out), ranks=2)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout and "at 64 samples" in proc.stdout, proc.stderr[-3000:]
+    reference = tmp_path / "reference"
+    assert _fault_run("", _teacher_accumulating(reference), ranks=2).returncode == 0
+    a = load_file(str(reference / "exports/teacher/unet/diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "exports/teacher/unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_the_whole_task_with_a_loader_worker(tmp_path, smoke_run):
+    """SIGTERM to every process of the task, its DataLoader worker included (what SLURM does on preemption):
+    the worker ignores it, the trainer writes its checkpoint and exits 75; the relaunch ends bit-identical
+    to the uninterrupted run (one worker reads the same stream as none)."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    out = tmp_path / "run"
+    args = _teacher_args(out) + ["--set", "data.num_workers=1"]
+    proc = _start("slow_step:0.5", args, trace, ranks=1)
+    _wait_for_micro_steps(trace, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "stopped at" in stdout and "SIGTERM" in stdout and "killed by signal" not in stderr
+    proc = _fault_run("", args)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+    a = load_file(str(smoke_run / "exports/teacher/unet/diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "exports/teacher/unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_resumed_job_logs_each_step_once(tmp_path):

@@ -136,14 +136,17 @@ def test_sbatch_scripts_run_a_stage_with_two_ranks(reference):
     assert not (out / "exports" / "stage2_8").exists()  # stage1.sh ran stage 1 only
 
 
-def test_sbatch_preemption_requeues_and_resumes_bit_identical(reference, tmp_path):
+@pytest.mark.parametrize("sig, workers", [("USR2", 0), ("TERM", 1)])
+def test_sbatch_preemption_requeues_and_resumes_bit_identical(reference, tmp_path, sig, workers):
+    """SLURM's warning (USR2), and SIGTERM with a DataLoader worker in every task (SLURM signals every
+    process of the step, the workers included): checkpoint, requeue, resume, the same weights."""
     ref, *_ = reference
     out = start_from_teacher(ref, tmp_path / "preempted")
-    job = sbatch("slurm/stage1.sh", out, args=("--set", f"run.out_dir={out}"))
+    job = sbatch("slurm/stage1.sh", out, args=("--set", f"run.out_dir={out}", "--set", f"data.num_workers={workers}"))
     wait_for(out / PHASE / "tb")  # training has started (the trainer's signal handler is in place)
     time.sleep(1.5)
     assert not (out / "exports" / "stage1_32").exists(), "stage 1 finished before it could be preempted"
-    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+    subprocess.run(["scancel", f"--signal={sig}", job], check=True, timeout=60)
     assert wait_final([job]) == {job: "COMPLETED"}
     log = next(out.glob("slurm-*.out")).read_text()
     stopped = [line for line in log.splitlines() if "[stage1_32.0_mse] stopped at" in line]

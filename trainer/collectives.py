@@ -7,10 +7,11 @@ exists, so NCCL's communicator, `torch.cuda.current_device()` and the engines ag
 Two groups, two timeouts:
 - the default group (NCCL on GPUs, gloo on CPUs), `run.collective_timeout_s`: the training step's
   collectives and checkpoint writes, where every rank works and none should wait long for another;
-- a gloo group, `run.main_work_timeout_s`, in which the other ranks wait while rank 0 alone works
-  (`on_main`: writing the toy base model, encoding the toy data, consolidating and exporting weights,
-  the comparison grid). At SDXL size that work takes minutes, longer than a collective of the step
-  should ever be allowed to hang.
+- the host group (gloo, CPU tensors, `run.main_work_timeout_s`): the other ranks wait in it while rank 0
+  alone works (`on_main`: writing the toy base model, encoding the toy data, consolidating and exporting
+  weights, the comparison grid), which at SDXL size takes minutes, longer than a collective of the step
+  should ever be allowed to hang; and small agreements that must not wait for the GPU (`any_rank_host`,
+  e.g. whether a stop signal came, asked before every micro-step).
 
 Every function is also right for a single process without a process group (tests, tools).
 """
@@ -27,13 +28,13 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
-_main_wait_group = None
+_host_group = None
 
 
 def init(collective_timeout_s: float, main_work_timeout_s: float) -> None:
     """Picks this process's GPU, then joins (or creates) the process group and the rank-0 wait group.
     RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* must be set (trainer.engines.init_distributed does it)."""
-    global _main_wait_group
+    global _host_group
     cuda = torch.cuda.is_available()
     if cuda:  # before the group: NCCL binds its communicator to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -43,8 +44,8 @@ def init(collective_timeout_s: float, main_work_timeout_s: float) -> None:
         _skip_deepspeed_shm_build()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                    timeout=timedelta(seconds=collective_timeout_s))
-    if _main_wait_group is None and dist.get_world_size() > 1:
-        _main_wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=main_work_timeout_s))
+    if _host_group is None and dist.get_world_size() > 1:
+        _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=main_work_timeout_s))
 
 
 def _skip_deepspeed_shm_build() -> None:
@@ -96,6 +97,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_rank_host(flag: bool) -> bool:
+    """any_rank in the host group: a CPU all-reduce that never waits for the GPU's queue to drain."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(t.item())
+
+
 def gather_strings(value: str) -> list[str]:
     """Every rank's `value`, in rank order, on every rank."""
     if not is_distributed():
@@ -129,25 +139,29 @@ def broadcast(value: T, src: int = 0) -> T:
 class MainWorkFailed(RuntimeError):
     """Rank 0's solo work raised; the other ranks stop with its message instead of hanging."""
 
+    def __init__(self, message: str, error_type: str):
+        super().__init__(message)
+        self.error_type = error_type  # the class name of what rank 0 raised
+
 
 def on_main(what: str, work: Callable[[], T], log: bool = True) -> T:
     """Rank 0 runs `work` alone; the other ranks wait for it in the rank-0 wait group (up to
     run.main_work_timeout_s, not the step's collective timeout) and receive its result, which must be
     small and picklable. If rank 0's work raises, every rank raises."""
-    outcome: list = [None, ""]
+    outcome: list = [None, "", ""]  # result, error type, error message
     error: Optional[BaseException] = None
     if is_main():
         start = time.perf_counter()
         try:
             outcome[0] = work()
         except Exception as err:  # every rank must hear about it, or they wait until the timeout
-            error, outcome[1] = err, f"{type(err).__name__}: {err}"
+            error, outcome[1], outcome[2] = err, type(err).__name__, str(err)
         if log:
             print(f"[rank 0] {what}: {time.perf_counter() - start:.1f} s", flush=True)
     if is_distributed():
-        dist.broadcast_object_list(outcome, src=0, group=_main_wait_group)
+        dist.broadcast_object_list(outcome, src=0, group=_host_group)
     if error is not None:
         raise error
     if outcome[1]:
-        raise MainWorkFailed(f"rank 0 failed while {what}: {outcome[1]}")
+        raise MainWorkFailed(f"rank 0 failed while {what}: {outcome[1]}: {outcome[2]}", outcome[1])
     return outcome[0]

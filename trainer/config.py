@@ -39,9 +39,9 @@ class RunConfig:
     # A step whose gradients hold NaN/Inf is skipped by the engine (no update, optimizer moments untouched;
     # DeepSpeed's check_grad_overflow); this many in a row stops the run with a message.
     max_consecutive_skips: int = 5
-    # With several ranks, whether anyone got SLURM's preemption warning is agreed by an all-reduce, a
-    # host-device sync on GPUs: every this many steps (the warning comes minutes ahead). One rank: free.
-    preemption_check_steps: int = 10
+    # A stop signal (SLURM's USR2 warning, SIGTERM) starts a checkpoint before the next micro-step; a
+    # micro-step slower than this many seconds is reported (the signal would wait that long).
+    preemption_deadline_s: float = 60.0
     # Timeout of the process group: every collective of the training step and of checkpoint writes, where
     # all ranks work. The slowest is a checkpoint write with rank 0 also writing the EMA (SDXL: ~10 GB),
     # a minute or two on a shared file system; 30 minutes leave room without hiding a hung rank for long.
@@ -376,8 +376,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if value < 0 or (value == 0 and key != "teacher.samples"):
             fail(key, f"must be positive, got {value}")
     _validate_optim(cfg.teacher.optim, "teacher.optim", fail)
-    if cfg.run.preemption_check_steps < 1:
-        fail("run.preemption_check_steps", "must be at least 1")
+    if cfg.run.preemption_deadline_s <= 0:
+        fail("run.preemption_deadline_s", "must be positive (seconds)")
     if cfg.run.max_consecutive_skips < 1:
         fail("run.max_consecutive_skips", "must be at least 1")
     if cfg.log.keep_last < 1:

@@ -13,8 +13,8 @@ anything is submitted (a bad one: one line, exit code 2).
 
 Inside a job, every task is one rank: the distributed environment comes from submitit's JobEnvironment
 (global rank, local rank, task count; rank 0's host is the master), then trainer.run's main runs the
-job. Preemption: SLURM's USR2 warning (and SIGTERM) reach the trainer, which writes a checkpoint at the
-next step boundary and returns 75; the task then hands over to submitit's own preemption handler, which
+job. Preemption: SLURM's USR2 warning (and SIGTERM) reach the trainer, which writes a checkpoint before
+its next micro-step (trainer/preemption.py) and returns 75; the task then hands over to submitit's own preemption handler, which
 calls `TrainerJob.checkpoint()` (the same job again) and requeues it; the requeued job resumes from that
 checkpoint. A USR2 that arrives before trainer.run's main installed its handler goes straight to submitit's.
 

@@ -31,6 +31,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .preemption import ignore_in_worker as ignore_stop_signals
 from .shards import BadSample, decode_sample, read_index
 from .tarscan import read_plain_shard
 
@@ -266,5 +267,8 @@ def make_loader(shard_dir: Union[str, Path], batch_size: int, seed: int, rank: i
                          max_bad_fraction=max_bad_fraction)
     # The stream batches itself; persistent workers would keep a stale resume position.
     # Pinned batches let the loop's host-to-GPU copies run asynchronously.
+    # Workers ignore SLURM's stop signals (SLURM signals every process of a task): the main process
+    # writes the checkpoint; a worker killed by SIGTERM would fail the run instead.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_stop_signals if num_workers else None)

@@ -9,7 +9,6 @@ accumulation computes what a larger micro-batch would.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from .config import Config, OptimConfig
 from .engines import DistInfo, device, learning_rate, set_learning_rate
 from .loader import make_loader
 from .objectives import Objective
+from .preemption import Preempted, preemption_handler
 from .randomness import micro_batch_random
 from .sampling import save_png
 from .tracking import Tracker
@@ -70,45 +70,8 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
-class Preemption:
-    """SIGUSR2 (SLURM's warning before preemption or time limit) and SIGTERM ask for a checkpoint at the
-    next step boundary and a clean exit; the job is then requeued and resumes from it."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. inside a test runner's worker)
-                pass
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """All ranks must stop at the same step; the signal may reach them at different times."""
-        return collectives.any_rank(self.requested)
-
-
-_PREEMPTION: Optional[Preemption] = None
-
-
-def preemption_handler() -> Preemption:
-    """One handler per process, installed as early as possible (trainer.run does it before any work):
-    a warning that arrives while shards are encoded or between two phases is kept, and the next step
-    boundary of whichever job runs then writes the checkpoint and stops."""
-    global _PREEMPTION
-    if _PREEMPTION is None:
-        _PREEMPTION = Preemption()
-    return _PREEMPTION
-
-
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with NaN/Inf gradients."""
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint is written; the launcher requeues the job."""
 
 
 def replica_digest(module: torch.nn.Module) -> str:
@@ -162,15 +125,29 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     if state["done"]:
         return latest
 
+    saved_at = state["samples_seen"]  # what the newest checkpoint (if any) holds
+
     def save(done: bool = False) -> Path:
+        nonlocal saved_at
         state["done"] = done
         tensors = {"ema.safetensors": ema.shadow} if ema is not None else None
+        saved_at = state["samples_seen"]
         return ckpt.save(engines, dict(state), tensors)
+
+    def stop(reason: str) -> None:
+        """The checkpoint of the last completed step (unless the newest one holds it), then Preempted: the
+        gradients accumulated in an unfinished step are dropped, and the resumed job redoes that step."""
+        if state["samples_seen"] != saved_at:
+            save()
+        bar.close()
+        tracker.close()
+        raise Preempted(f"[{job.name}] stopped at {state['samples_seen']} samples ({reason}); checkpoint written")
 
     # -- the loop -------------------------------------------------------------------------------
     loader = make_loader(cfg.shard_dir, job.micro_batch, cfg.run.seed, info.rank, info.world_size,
                          start_batch=state["step"] * job.grad_accum, num_workers=cfg.data.num_workers,
                          max_bad_fraction=cfg.data.max_bad_fraction)
+    slow = SlowMicroStepWarning(cfg.run.preemption_deadline_s, job.name, enabled=info.is_main)
     batches = iter(loader)
     tracker = Tracker(job.out_dir / "tb", enabled=info.is_main, resume_at=state["samples_seen"])
     preemption = preemption_handler()
@@ -189,6 +166,10 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
         for name, engine in engines.items():
             set_learning_rate(engine, lrs[name])
         for micro in range(job.grad_accum):
+            # Before every micro-step: the checkpoint starts one micro-batch after a stop signal at most.
+            if preemption.agreed():
+                stop(f"{preemption.signal_name or 'a stop signal on another rank'}")
+            started = time.monotonic()
             batch = _to_device(next(batches), dev)
             stats = batch.pop("data_stats", None)
             if stats is not None:
@@ -196,6 +177,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             rand = micro_batch_random(cfg.run.seed, info.rank, state["samples_seen"], micro, job.micro_batch, job.grad_accum)
             for key, value in job.objective.micro_step(batch, rand).items():
                 window.setdefault(key, []).append(value)
+            slow.check(time.monotonic() - started)
         # Engines skip a step whose gradients are not finite (check_grad_overflow): nothing is updated.
         now_skipped = {name: engine.skipped_steps for name, engine in engines.items()}
         bad = [name for name in engines if now_skipped[name] > skipped[name]]
@@ -234,16 +216,10 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
         if job.make_grid is not None and info.is_main and _crossed(before, state["samples_seen"], cfg.log.sample_every_samples):
             _log_grid(job, tracker, student.module, state["samples_seen"])
 
-        finished = state["step"] == total_steps
-        stop_now = stop_at is not None and state["samples_seen"] >= stop_at
-        if finished:
+        if state["step"] == total_steps:
             break
-        check_preemption = info.world_size == 1 or state["step"] % cfg.run.preemption_check_steps == 0
-        if (check_preemption and preemption.agreed()) or stop_now:
-            save()
-            bar.close()
-            tracker.close()
-            raise Preempted(f"[{job.name}] stopped at {state['samples_seen']} samples; checkpoint written")
+        if stop_at is not None and state["samples_seen"] >= stop_at:
+            stop("run.stop_after_samples")
         if _crossed(before, state["samples_seen"], cfg.log.checkpoint_every_samples):
             save()
 
@@ -256,6 +232,22 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
         _log_grid(job, tracker, student.module, state["samples_seen"])
     tracker.close()
     return final
+
+
+class SlowMicroStepWarning:
+    """Says once when a micro-step (the spacing of the preemption checks) takes longer than
+    run.preemption_deadline_s: a stop signal then waits that long for its checkpoint."""
+
+    def __init__(self, deadline_s: float, job_name: str, enabled: bool):
+        self.deadline_s, self.job_name, self.enabled = deadline_s, job_name, enabled
+        self.warned = False
+
+    def check(self, seconds: float) -> None:
+        if self.enabled and not self.warned and seconds > self.deadline_s:
+            print(f"[{self.job_name}] warning: a micro-step took {seconds:.0f} s, more than run.preemption_deadline_s="
+                  f"{self.deadline_s:g}: a stop signal waits that long for its checkpoint; a smaller micro_batch "
+                  f"(global_batch kept) shortens it", flush=True)
+            self.warned = True
 
 
 def _log_grid(job: Job, tracker: Tracker, module: torch.nn.Module, samples_seen: int) -> None:

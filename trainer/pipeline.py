@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import collectives
+from .preemption import preemption_handler, solo
 from .checkpoint import CheckpointManager
 from .config import Config, dump_config
 from .engines import DistInfo, build_ds_config, device, make_engine, release_engines
@@ -55,7 +55,7 @@ def prepare_base(cfg: Config, info: DistInfo) -> Path:
         build_toy_unet(cfg.model.unet, seed=cfg.run.seed).save_pretrained(base / "unet", safe_serialization=True)
         make_scheduler(cfg.schedule, cfg.model.prediction_type).save_pretrained(base / "scheduler")
 
-    collectives.on_main("writing the toy base model", write, log=False)
+    solo("writing the toy base model", write, log=False)
     return base
 
 
@@ -75,7 +75,7 @@ def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
                          resolution=shapes.resolution, samples_per_shard=shapes.samples_per_shard,
                          dtype=cfg.data.dtype, total=shapes.count)
 
-    collectives.on_main(f"encoding the shapes dataset into {shard_dir}", encode)
+    solo(f"encoding the shapes dataset into {shard_dir}", encode)
     return shard_dir
 
 
@@ -117,7 +117,7 @@ def write_grid_conditioning(cfg: Config, base: Path) -> Path:
         save_file(tensors, str(tmp))
         os.replace(tmp, cache)  # a reader never sees half a file
 
-    collectives.on_main("encoding the grid prompts", write, log=False)
+    solo("encoding the grid prompts", write, log=False)
     return cache
 
 
@@ -182,9 +182,10 @@ def run_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> Pa
         return base
     if is_complete(export_dir):
         return export_dir
+    preemption_handler().check("before the teacher job")
     final, unet_config = _train_teacher(cfg, info, base, grids)
     release_engines()  # the engine is gone before rank 0 exports and before the first stage starts
-    collectives.on_main("exporting the teacher", lambda: export_unet(
+    solo("exporting the teacher", lambda: export_unet(
         CheckpointManager.load_tensors(final, "ema.safetensors"), unet_config, export_dir, base_dir=base,
         schedule=cfg.schedule, prediction_type=cfg.model.prediction_type, steps=cfg.teacher.sample_steps,
         guidance=cfg.teacher.guidance, stage="teacher"))
@@ -273,6 +274,6 @@ def run_progression(cfg: Config, info: DistInfo, only: Optional[list[str]] = Non
               "grids": str(cfg.out_dir / "grids")}
     done = [r for r in rows if is_complete(r[1])]
     if done and wants_comparison_grid(cfg):
-        result["comparison_grid"] = str(collectives.on_main(
+        result["comparison_grid"] = str(solo(
             "drawing the comparison grid", lambda: comparison_grid(cfg, grids, done)))
     return result

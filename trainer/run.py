@@ -62,13 +62,14 @@ def main(argv=None) -> int:
         print("\n".join(f"input error: {args.config}: {p}" for p in found), file=sys.stderr)
         return EXIT_CONFIG
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from .loop import preemption_handler
+    from .preemption import preemption_handler
 
-    preemption_handler()  # before any work: a SLURM warning during set-up must not kill the process
+    preemption_handler()  # before any work: a SLURM signal during set-up must not kill the process
 
     from .engines import init_distributed
     from .checkpoint import CheckpointWriteError
-    from .loop import NonFiniteError, Preempted
+    from .loop import NonFiniteError
+    from .preemption import Preempted
     from .pipeline import run_progression
 
     set_determinism(cfg.run.deterministic)

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import collectives
+from .preemption import preemption_handler, solo
 from .checkpoint import CheckpointManager, fp32_weights
 from .config import Config, OptimConfig, StageConfig
 from .discriminator import ENCODER_PARTS, discriminator_from_unet
@@ -110,6 +110,7 @@ class StageRunner:
             name = phase.job_name(self.stage.name, i)
             result = self.stage_dir / name / "result"
             if not is_complete(result):
+                preemption_handler().check(f"before {name}")
                 self._run_phase(phase, name, student_dir, result, lora_dir)
             student_dir = result
             if phase.train == "lora":
@@ -120,7 +121,7 @@ class StageRunner:
             if lora_dir is not None:
                 self._publish(lora_dir, self.cfg.out_dir / "exports" / f"{self.stage.name}_lora", lora=True)
 
-        collectives.on_main(f"publishing {self.stage.name}", publish)
+        solo(f"publishing {self.stage.name}", publish)
         return export_dir
 
     # -- one phase ------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ class StageRunner:
                         prediction_type=out_pred, steps=self.stage.student_steps, stage=name,
                         notes={"phase": phase.kind, "train": phase.train}, extra=extra)
 
-        collectives.on_main(f"exporting {name}", export)
+        solo(f"exporting {name}", export)
 
     def _train_phase(self, phase: Phase, name: str, student_dir: Path, lora_dir: Optional[Path],
                      student_pred: str, out_pred: str) -> tuple[Path, dict]:

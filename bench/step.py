@@ -171,6 +171,7 @@ class Step:
         with timed("data"):
             batch = _to_device(next(batches), self.dev)
             batch.pop("data_stats", None)
+            batch.pop("positions", None)
         with timed("teacher"):
             x_t, t, t_next, cond = noisy_inputs(batch, rand, self.schedule, self.timesteps, self.student_steps)
             moves = self.teacher_steps // self.student_steps
@@ -203,6 +204,7 @@ class Step:
 
         batch = _to_device(next(batches), self.dev)
         batch.pop("data_stats", None)
+        batch.pop("positions", None)
         p = self.objective.prepare(batch, rand)
         judge = lambda x: self.objective._judge(x, p["d_t"], p["cond"], p["x_t"], p["t"])
         variants = {
@@ -229,6 +231,7 @@ class Step:
         start = time.perf_counter()
         batch = _to_device(next(batches), self.dev)
         batch.pop("data_stats", None)
+        batch.pop("positions", None)
         self.objective.micro_step(batch, rand)
         sync()
         return time.perf_counter() - start
@@ -284,7 +287,7 @@ def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iter
         step = Step(preset, mode, objective, micro_batch, offload, student_steps, cfg_scale, compile_student)
         loader = make_loader(shards, micro_batch, seed=0, num_workers=workers)
         batches = _forever(loader)
-        rand = SampleRandom(0, 0, micro_batch)
+        rand = SampleRandom(0, range(micro_batch))
         if is_cuda():
             torch.cuda.reset_peak_memory_stats()
         for _ in range(warmup):

@@ -19,7 +19,8 @@ from trainer.discriminator import discriminator_from_unet  # noqa: E402
 from trainer.engines import build_ds_config, init_distributed, make_engine  # noqa: E402
 from trainer.models import build_toy_unet, freeze  # noqa: E402
 from trainer.objectives import AdversarialObjective  # noqa: E402
-from trainer.randomness import micro_batch_random  # noqa: E402
+from trainer.loader import rank_positions  # noqa: E402
+from trainer.randomness import SampleRandom  # noqa: E402
 from trainer.schedule import NoiseSchedule  # noqa: E402
 
 SCHED = NoiseSchedule.from_config(ScheduleConfig())
@@ -57,9 +58,10 @@ def train(net, world: int, rank: int, micro_batch: int, objective_class=Adversar
     samples_seen = 0
     for step in range(STEPS):
         batch = data(step, rank)
+        positions = rank_positions(samples_seen, rank, world, PER_RANK)  # the loader's layout
         for micro in range(accum):
             part = {k: v[micro * micro_batch:(micro + 1) * micro_batch] for k, v in batch.items()}
-            objective.micro_step(part, micro_batch_random(SEED, rank, samples_seen, micro, micro_batch, accum))
+            objective.micro_step(part, SampleRandom(SEED, positions[micro * micro_batch:(micro + 1) * micro_batch]))
         samples_seen += PER_RANK * world
     weights = {name: {k: v.detach().clone() for k, v in e.module.state_dict().items()} for name, e in objective.engines.items()}
     for engine in objective.engines.values():

@@ -51,7 +51,7 @@ def changed(before, engine):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_d_step_moves_only_d_and_g_step_only_the_student(dist, conditional):
     obj = make_objective(dist, conditional)
-    p = obj.prepare(batch(), SampleRandom(1, 0, 4))
+    p = obj.prepare(batch(), SampleRandom(1, range(4)))
     s0, d0 = snapshot(obj.student), snapshot(obj.disc)
     logs = obj.d_step(p)
     assert changed(s0, obj.student) == 0 and changed(d0, obj.disc) > 0
@@ -69,7 +69,7 @@ def test_student_learns_only_through_d(dist):
     gradient buckets on the first backward.)"""
     for zero_head, expect_moved in ((True, False), (False, True)):
         obj = make_objective(dist)
-        p = obj.prepare(batch(), SampleRandom(2, 0, 4))
+        p = obj.prepare(batch(), SampleRandom(2, range(4)))
         obj.d_step(p)
         if zero_head:  # after D's step, which rewrites the bf16 module weights from its fp32 master copy
             with torch.no_grad():
@@ -81,7 +81,7 @@ def test_student_learns_only_through_d(dist):
 
 def test_multi_timestep_renoises_both_to_t_star(dist):
     obj = make_objective(dist, t_star=(10, 250, 500, 750), weights=(5, 1, 1, 1))
-    p = obj.prepare(batch(b=32), SampleRandom(3, 0, 32))
+    p = obj.prepare(batch(b=32), SampleRandom(3, range(32)))
     assert set(p["d_t"].tolist()) <= {10, 250, 500, 750}
     assert (p["d_t"] == 10).sum() > 8  # weight 5 of 8
     logs = obj.d_step(p)
@@ -92,7 +92,7 @@ def test_d_warmup_does_not_touch_the_student(dist):
     obj = make_objective(dist)
     obj.d_only = True
     s0, d0 = snapshot(obj.student), snapshot(obj.disc)
-    logs = obj.micro_step(batch(), SampleRandom(4, 0, 4))
+    logs = obj.micro_step(batch(), SampleRandom(4, range(4)))
     assert "g_loss" not in logs and changed(s0, obj.student) == 0 and changed(d0, obj.disc) > 0
 
 
@@ -139,7 +139,7 @@ def test_mse_objective_in_x0_space_is_the_landing_error_rescaled(dist):
         student = make_engine(copy.deepcopy(net), ds)
         obj = MSEDistillObjective(student, freeze(copy.deepcopy(net), torch.float32), SCHED, "v_prediction",
                                   "v_prediction", 4, 4, 1.0, loss_space=space)
-        losses[space] = float(obj.micro_step(batch(), SampleRandom(3, 0, 4))["loss"])
+        losses[space] = float(obj.micro_step(batch(), SampleRandom(3, range(4)))["loss"])
     assert losses["landing"] < 1e-10 and losses["x0"] < 1e-10
     x_t, landed, target = torch.randn(3, 12, 16, 16), torch.randn(3, 12, 16, 16), torch.randn(3, 12, 16, 16)
     t, t_next = torch.tensor([999, 749, 249]), torch.tensor([749, 499, -1])

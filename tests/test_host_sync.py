@@ -75,11 +75,11 @@ def objectives(dist):
 
 def test_micro_steps_read_nothing_back_from_the_device(dist):
     for name, objective in objectives(dist):
-        objective.micro_step(batch(), SampleRandom(0, 0, 4))  # DeepSpeed's first-step set-up
+        objective.micro_step(batch(), SampleRandom(0, range(4)))  # DeepSpeed's first-step set-up
         reads = HostReads()
         with reads:
             for i in range(2):
-                logs = objective.micro_step(batch(), SampleRandom(i + 1, 0, 4))
+                logs = objective.micro_step(batch(), SampleRandom(i + 1, range(4)))
         assert not reads.ours, f"{name}: the trainer reads device values on the host at {reads.ours}"
         assert all(torch.is_tensor(v) for v in logs.values()), "logs stay tensors until the loop's log step"
 

@@ -3,7 +3,6 @@
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 import webdataset as wds
 
 import trainer.loader as loader_module
-from trainer.loader import ShardStream, count_for_worker, make_loader, read_raw_samples
+from trainer.loader import auto_lanes, make_loader, rank_positions, read_raw_samples, slots_before
 from trainer.shards import (BadSample, ShardWriter, decode_sample, encode_npy, list_shards,
                             read_index)
 
@@ -153,45 +152,65 @@ def test_decode_sample_checks_every_field():
 # -- loader order ------------------------------------------------------------------------
 
 
-def test_count_for_worker():
-    assert [count_for_worker(7, w, 3) for w in range(3)] == [3, 2, 2]
-    assert [count_for_worker(0, w, 2) for w in range(2)] == [0, 0]
-    assert count_for_worker(5, 0, 0) == 5  # in-process: one stream takes every batch
+def loader_at(tmp_path, batch_size, seed, **kw):
+    return make_loader(tmp_path, batch_size=batch_size, seed=seed, **kw)
+
+
+def by_position(batches: list[dict]) -> dict[int, str]:
+    return {int(p): k for batch in batches for p, k in zip(batch["positions"], batch["keys"])}
+
+
+def test_lane_arithmetic():
+    assert [auto_lanes(n) for n in (1, 2, 3, 8, 20, 100, 1000)] == [1, 2, 2, 8, 16, 64, 64]
+    assert [slots_before(10, lane, 4) for lane in range(4)] == [3, 3, 2, 2]  # positions 0..9 over 4 lanes
+    assert rank_positions(16, 1, 2, 3) == [17, 19, 21]
 
 
 def test_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path):
-    write_shards(tmp_path)  # 8 shards x 10; 4 streams x 2 shards x 10 = 4 batches of 5 each
+    write_shards(tmp_path)  # 8 shards x 10 -> 8 lanes; 2 ranks x 2 workers, 2 lanes each
     keys = []
     for rank in range(2):
-        loader = make_loader(tmp_path, batch_size=5, seed=3, rank=rank, world_size=2,
-                             num_workers=2)
-        batches = take(loader, 8)
+        batches = take(loader_at(tmp_path, 5, 3, rank=rank, world_size=2, num_workers=2), 8)
         for batch in batches:
             assert batch["latent"].shape == (5, *LATENT) and batch["time_ids"].shape == (5, 6)
             # The stored dtype (float16) travels; the loop casts to float32 on the device.
             assert batch["latent"].dtype == torch.float16 and batch["time_ids"].dtype == torch.float32
-            # Each row is the sample its key names.
+            # Each row is the sample its key names; the positions are the rank's: p % 2 == rank.
             assert [int(v) for v in batch["latent"][:, 0, 0, 0]] == [int(k) for k in batch["keys"]]
             assert batch["caption"] == [f"caption {int(k)}" for k in batch["keys"]]
+            assert all(int(p) % 2 == rank for p in batch["positions"])
         keys += keys_of(batches)
     assert sorted(keys) == [f"{i:06d}" for i in range(80)]
 
 
 def test_order_follows_seed_and_epoch(tmp_path):
     write_shards(tmp_path)
-    first = keys_of(take(ShardStream(tmp_path, batch_size=8, seed=1), 20))
-    again = keys_of(take(ShardStream(tmp_path, batch_size=8, seed=1), 20))
-    other = keys_of(take(ShardStream(tmp_path, batch_size=8, seed=2), 20))
+    first = keys_of(take(loader_at(tmp_path, 8, 1), 20))
+    again = keys_of(take(loader_at(tmp_path, 8, 1), 20))
+    other = keys_of(take(loader_at(tmp_path, 8, 2), 20))
     assert first == again and first != other
     epoch_0, epoch_1 = first[:80], first[80:160]
     assert sorted(epoch_0) == sorted(epoch_1) == [f"{i:06d}" for i in range(80)]
     assert epoch_0 != epoch_1
 
 
+@pytest.mark.parametrize("world_size, num_workers", [(2, 0), (4, 1), (8, 2)])
+def test_positions_hold_the_same_samples_on_any_world_size(tmp_path, world_size, num_workers):
+    """A job's position p is the same sample whether 1, 2, 4 or 8 ranks read (with or without workers):
+    the same run, split differently."""
+    write_shards(tmp_path)
+    one_rank = by_position(take(loader_at(tmp_path, 4, 7), 40))  # positions 0..159: two epochs
+    split = {}
+    for rank in range(world_size):
+        split.update(by_position(take(loader_at(tmp_path, 4, 7, rank=rank, world_size=world_size,
+                                                num_workers=num_workers), 40 // world_size)))
+    assert split == one_rank and sorted(split) == list(range(160))
+
+
 def assert_same_batches(left: list[dict], right: list[dict]) -> None:
     assert len(left) == len(right)
     for a, b in zip(left, right):
-        assert a["keys"] == b["keys"] and a["caption"] == b["caption"]
+        assert a["keys"] == b["keys"] and a["caption"] == b["caption"] and torch.equal(a["positions"], b["positions"])
         for name in ("latent", "prompt_embeds", "pooled", "time_ids"):
             assert torch.equal(a[name], b[name])
 
@@ -202,8 +221,8 @@ def test_resume_gives_the_uninterrupted_batches(tmp_path, num_workers, total, st
     # batch 3 does not divide the shards: batches straddle shards and epochs.
     for rank in range(2):
         def loader(start_batch):
-            return make_loader(tmp_path, batch_size=3, seed=5, rank=rank, world_size=2,
-                               start_batch=start_batch, num_workers=num_workers)
+            return loader_at(tmp_path, 3, 5, rank=rank, world_size=2, num_workers=num_workers,
+                             start_position=start_batch * 3 * 2)
         assert_same_batches(take(loader(0), total)[start:], take(loader(start), total - start))
 
 
@@ -216,13 +235,20 @@ def test_resume_skips_whole_shards_unread(tmp_path, monkeypatch):
         return read_raw_samples(path)
 
     monkeypatch.setattr(loader_module, "read_raw_samples", recording_read)
-    full = take(ShardStream(tmp_path, batch_size=4, seed=0), 12)
+    full = take(loader_at(tmp_path, 4, 0, lanes=1), 12)
     reads_full = list(reads)
     reads.clear()
-    # Batch 7 starts at slot 28: shards 1 and 2 of the epoch are skipped, the 3rd is read.
-    assert_same_batches(full[7:], take(ShardStream(tmp_path, batch_size=4, seed=0,
-                                                   start_batch=7), 5))
+    # One lane: position 28 is slot 28, so the epoch's shards 1 and 2 are skipped, the 3rd is read.
+    assert_same_batches(full[7:], take(loader_at(tmp_path, 4, 0, lanes=1, start_position=28), 5))
     assert reads == reads_full[2:]
+
+
+def test_lanes_that_the_shards_or_the_ranks_cannot_have(tmp_path):
+    write_shards(tmp_path, num_samples=30, per_shard=10)
+    with pytest.raises(ValueError, match=r"data.lanes=4: .* only 3 shards"):
+        make_loader(tmp_path, batch_size=4, seed=0, lanes=4)
+    with pytest.raises(ValueError, match=r"2 data lanes cannot be split over 4 ranks"):
+        make_loader(tmp_path, batch_size=4, seed=0, rank=0, world_size=4)  # 3 shards -> 2 lanes
 
 
 # -- bad data ----------------------------------------------------------------------------
@@ -255,9 +281,10 @@ def test_bad_samples_and_truncated_shard_are_reported_skipped_counted(tmp_path, 
     bad_keys = corrupt_shard(tmp_path / "train-000001.tar")
     kept = truncate_shard(tmp_path / "train-000002.tar")
     assert 0 < kept < 10
-    stream = ShardStream(tmp_path, batch_size=5, seed=0, max_bad_fraction=0.5)
+    loader = loader_at(tmp_path, 5, 0, max_bad_fraction=0.5)
+    stream = loader.stream
     with caplog.at_level(logging.WARNING, logger="trainer.loader"):
-        batches = take(stream, 32)  # two epochs of 80 slots
+        batches = take(loader, 32)  # two epochs of 80 slots
 
     messages = [record.getMessage() for record in caplog.records]
     for reason in ("latent.npy: contains NaN", "latent.npy: expected shape [12,16,16] got [12,16,15]",
@@ -286,8 +313,7 @@ def test_resume_over_bad_data_gives_the_same_batches(tmp_path):
     truncate_shard(tmp_path / "train-000006.tar")
 
     def stream(start_batch):
-        return ShardStream(tmp_path, batch_size=6, seed=2, start_batch=start_batch,
-                           max_bad_fraction=0.5)
+        return loader_at(tmp_path, 6, 2, start_position=6 * start_batch, max_bad_fraction=0.5)
     assert_same_batches(take(stream(0), 30)[13:], take(stream(13), 17))
 
 
@@ -297,10 +323,10 @@ def test_batches_with_no_good_sample_keep_positions(tmp_path):
     # With batch 2, the shard's 9-10 lost slots leave whole windows without a good sample.
 
     def stream(start_batch):
-        return ShardStream(tmp_path, batch_size=2, seed=4, start_batch=start_batch,
-                           max_bad_fraction=0.5)
+        return loader_at(tmp_path, 2, 4, start_position=2 * start_batch, max_bad_fraction=0.5, lanes=1)
     full = take(stream(0), 60)
     assert all(len(batch["keys"]) == 2 for batch in full)
+    assert [int(p) for b in full for p in b["positions"]] == list(range(120))  # every position keeps its place
     # Some batch is stood in for by the next one with data.
     assert any(a["keys"] == b["keys"] for a, b in zip(full, full[1:]))
     for start in range(0, 56, 3):
@@ -312,20 +338,7 @@ def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path):
     truncate_shard(tmp_path / "train-000003.tar")
     with pytest.raises(RuntimeError, match=r"too many bad samples: \d+ of \d+ \(\d+\.\d%\) > "
                                            r"data\.max_bad_fraction=1%"):
-        take(ShardStream(tmp_path, batch_size=10, seed=0), 40)
-
-
-def test_too_few_shards_for_the_streams(tmp_path, monkeypatch):
-    write_shards(tmp_path, num_samples=30, per_shard=10)
-    with pytest.raises(ValueError, match=r"3 shards .* 4 streams .*samples_per_shard"):
-        ShardStream(tmp_path, batch_size=4, seed=0, world_size=2, num_workers=2)
-    # The worker count in effect is DataLoader's, and it is checked too (seen from inside a
-    # worker; faked here rather than forking processes that outlive the test).
-    stream = ShardStream(tmp_path, batch_size=4, seed=0, world_size=2, num_workers=0)
-    monkeypatch.setattr(loader_module, "get_worker_info",
-                        lambda: SimpleNamespace(id=1, num_workers=2))
-    with pytest.raises(ValueError, match="4 streams"):
-        iter(stream)
+        take(loader_at(tmp_path, 10, 0), 40)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "directory", "missing"])
@@ -341,9 +354,10 @@ def test_a_shard_that_cannot_be_read_is_reported_and_skipped(tmp_path, caplog, d
         shard.mkdir()
     else:
         shard.unlink()
-    stream = ShardStream(tmp_path, batch_size=5, seed=0, max_bad_fraction=0.5)
+    loader = loader_at(tmp_path, 5, 0, max_bad_fraction=0.5)
+    stream = loader.stream
     with caplog.at_level(logging.WARNING, logger="trainer.loader"):
-        batches = take(stream, 16)  # one epoch of 80 slots
+        batches = take(loader, 16)  # one epoch of 80 slots
     hits = [r.getMessage() for r in caplog.records if "train-000003.tar" in r.getMessage()]
     assert len(hits) == 1 and str(tmp_path) in hits[0]
     assert stream.stats()["samples_bad"] == 10 and stream.stats()["samples_ok"] == 70

@@ -10,21 +10,30 @@ Layout under a job's `ckpt/` folder:
 A checkpoint is written under `<name>.tmp/` and renamed to `<name>/` only when every rank finished;
 `LATEST` is then replaced atomically, and only after that are old checkpoints pruned (keep_last).
 A crash at any point leaves LATEST naming a complete checkpoint.
+
+Another world size. ZeRO partitions the fp32 weights and Adam moments by rank, and DeepSpeed refuses a
+checkpoint written at another data-parallel size. `load` then converts each engine's checkpoint once into
+DeepSpeed's universal checkpoint (`<engine>/state_universal/`: every parameter and optimizer state whole;
+rank 0 runs `deepspeed.checkpoint.ds_to_universal`, the other ranks wait) and loads that, re-partitioned
+for the ranks at hand.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .collectives import any_rank, barrier, is_main
+from .collectives import any_rank, barrier, is_main, world_size
 
 ENGINE_TAG = "state"
+UNIVERSAL_TAG = "state_universal"
 
 
 class CheckpointWriteError(RuntimeError):
@@ -97,14 +106,30 @@ class CheckpointManager:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, engines: dict) -> tuple[dict, Path]:
-        """Restores every engine (weights, optimizer moments, DeepSpeed counters) and returns the trainer
-        state; extra tensors are read with `load_tensors`."""
+    @staticmethod
+    def read_state(path: Path) -> dict:
+        return json.loads((Path(path) / "trainer_state.json").read_text())
+
+    def load(self, path: Path, engines: dict, saved_world_size: int) -> dict:
+        """Restores every engine (weights, optimizer moments, DeepSpeed counters), re-partitioned through the
+        universal checkpoint when `saved_world_size` is not this run's, and returns the trainer state.
+        Collective. Extra tensors are read with `load_tensors`."""
+        from .preemption import solo
+
+        other_size = saved_world_size != world_size()
         for engine_name, engine in engines.items():
-            load_path, _ = engine.load_checkpoint(str(path / engine_name), tag=ENGINE_TAG)
+            folder = path / engine_name
+            if other_size:
+                solo(f"converting {folder} for {world_size()} ranks (written by {saved_world_size})",
+                     lambda: to_universal(folder))
+            engine._config.load_universal_checkpoint = other_size  # DeepSpeed reads it at load time
+            try:
+                load_path, _ = engine.load_checkpoint(str(folder), tag=UNIVERSAL_TAG if other_size else ENGINE_TAG)
+            finally:
+                engine._config.load_universal_checkpoint = False
             if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load '{path / engine_name}'")
-        return json.loads((path / "trainer_state.json").read_text()), path
+                raise RuntimeError(f"DeepSpeed could not load '{folder}'")
+        return self.read_state(path)
 
     @staticmethod
     def load_tensors(path: Path, file_name: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -118,3 +143,21 @@ def fp32_weights(checkpoint: Path, engine_name: str = "student") -> dict[str, to
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / engine_name), tag=ENGINE_TAG)
     return {k: v.float() for k, v in state.items()}
+
+
+def to_universal(engine_dir: Path) -> Path:
+    """DeepSpeed's universal checkpoint of a ZeRO checkpoint, beside it (written once, atomically)."""
+    out = Path(engine_dir) / UNIVERSAL_TAG
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # A process of its own: the converter forks workers, which a process holding a GPU context must not do.
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(Path(engine_dir) / ENGINE_TAG), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {engine_dir} to a universal checkpoint failed: {proc.stderr.strip()[-2000:]}")
+    (Path(engine_dir) / "latest_universal").unlink(missing_ok=True)  # the converter's pointer; tags are explicit here
+    os.replace(tmp, out)
+    return out

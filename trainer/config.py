@@ -84,6 +84,10 @@ class DataConfig:
     source: str = "shards"
     shards: str = ""  # a folder with index.json
     num_workers: int = 1
+    # Lanes the data is read through (trainer/loader.py): fixes the order of the samples whatever the
+    # world size, which must divide it. 0: the largest power of two up to 64 that the shards can feed.
+    # Changing it (or the shards) changes the data order, so a job resumes only with the lanes it began with.
+    lanes: int = 0
     max_bad_fraction: float = 0.01
     dtype: str = "float16"
     shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
@@ -362,6 +366,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         fail("data.dtype", "must be float16 or float32")
     if cfg.data.num_workers < 0:
         fail("data.num_workers", "must be >= 0")
+    if cfg.data.lanes < 0:
+        fail("data.lanes", "must be >= 0 (0: automatic)")
     if cfg.data.source not in DATA_SOURCES:
         fail("data.source", f"'{cfg.data.source}' is not one of {', '.join(DATA_SOURCES)}")
     for key in ("collective_timeout_s", "main_work_timeout_s"):

@@ -1,22 +1,30 @@
-"""Streaming, deterministic, resumable batches from the shards.
+"""Streaming, deterministic, resumable batches from the shards, the same on any number of ranks.
 
-Order. Epoch e permutes the shard list with rng(seed, e). The R ranks x W workers are R*W
-"streams"; stream s = rank * W + worker takes shards s, s + R*W, ... of that permutation, so no
-sample is read twice in an epoch. Inside a shard the samples are permuted with
-rng(seed, e, shard_index). Each stream runs epoch after epoch, forever.
+Lanes. The data is read through K lanes (`data.lanes`, a property of the run, never of the world size;
+default: the largest power of two up to 64 that the shards can feed). Epoch e permutes the shard list
+with rng(seed, e); lane l takes shards l, l + K, ... of that permutation, each shard's samples permuted
+with rng(seed, e, shard), epoch after epoch. A lane is a sequence of slots, one per sample that index.json
+counts, so positions never depend on what was decodable.
 
-Slots. A stream's sequence is a sequence of slots, one per sample that index.json counts.
-Batch j of a stream is built from slots [j*B, (j+1)*B). Because a batch's position depends only
-on the counts in index.json and never on what was decodable, a resume can skip whole shards by
-their counts without reading them and still land on exactly the same batches, bad samples
-included. A bad slot (undecodable sample, or the unread tail of a truncated shard) is dropped
-and the batch is refilled by repeating its good samples, so every batch has B samples; a window
-with no good sample at all is stood in for by the next window that has one.
+Positions. A job's samples are numbered in the order it sees them (its samples seen): position p is
+slot p // K of lane p % K. A step of global batch G takes positions [s G, (s + 1) G); rank r of R takes
+those with p % R == r, in order, micro-batch after micro-batch. Lane l feeds rank l % R only (R must
+divide K): a rank reads its own lanes' shards, and the same positions hold the same samples on any number
+of ranks, so a job resumed on another world size continues the same sequence. Every batch carries its
+positions: a sample's randomness is keyed by its position (trainer/randomness.py).
 
-Workers. DataLoader hands out worker batches round-robin: batch b of a rank came from worker
-b % W, and a fresh DataLoader starts again at worker 0. So a rank resuming after `start_batch`
-batches gives worker w the role r = (start_batch + w) % W of the uninterrupted run: stream
-rank * W + r, skipping count_for_worker(start_batch, r, W) batches of that stream.
+Workers. A rank's lanes are split over its DataLoader workers (lane l to worker (l // R) % W). For each of
+the rank's micro-batches in turn, every worker yields its own lanes' part (possibly none); DataLoader hands
+these out round-robin, so W consecutive items are one micro-batch, merged in position order here.
+
+Resume. Starting at position P0, each lane skips the slots of the positions below P0 by index.json's
+counts: whole shards are skipped unread.
+
+Bad data. An undecodable sample, or the unread tail of a truncated shard, is a bad slot: dropped, and its
+micro-batch refilled by repeating its good samples; a micro-batch with no good sample at all is stood in
+for by the next one that has one. Reported once per shard and field, counted, and too many stop the run.
+
+Memory: each worker holds one shard per lane it reads (K / (R x W) shards).
 """
 
 from __future__ import annotations
@@ -44,10 +52,31 @@ ARRAY_KEYS = ("latent", "prompt_embeds", "pooled", "time_ids")
 READ_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
 
-def count_for_worker(start_batch: int, worker: int, num_workers: int) -> int:
-    """How many of a rank's first `start_batch` batches came from `worker` (round-robin)."""
-    num_workers = max(1, num_workers)
-    return max(0, (start_batch - worker + num_workers - 1) // num_workers)
+MAX_AUTO_LANES = 64  # enough for 64 ranks x 1 worker; each worker keeps one shard per lane in memory
+
+
+def auto_lanes(num_shards: int) -> int:
+    """The default lane count: the largest power of two up to MAX_AUTO_LANES that the shards can feed."""
+    lanes = 1
+    while lanes * 2 <= min(num_shards, MAX_AUTO_LANES):
+        lanes *= 2
+    return lanes
+
+
+def data_lanes(shard_dir: Union[str, Path], lanes: int = 0) -> int:
+    """The lanes a run reads `shard_dir` through: `lanes`, or the default for its number of shards."""
+    return lanes or auto_lanes(len(read_index(shard_dir)["shards"]))
+
+
+def slots_before(position: int, lane: int, lanes: int) -> int:
+    """How many of positions 0 .. position - 1 lane `lane` holds."""
+    return max(0, (position - lane + lanes - 1) // lanes)
+
+
+def rank_positions(start: int, rank: int, world_size: int, count: int) -> list[int]:
+    """Positions `start`, `start` + 1, ... that rank `rank` takes, the first `count` of them (start at a
+    step boundary, so a multiple of the world size)."""
+    return [start + rank + world_size * i for i in range(count)]
 
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
@@ -87,9 +116,7 @@ def read_raw_samples(path: str) -> tuple[list[dict], Optional[str]]:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stacks the samples' arrays into one batch, with numpy: torch.stack spreads small copies over its
-    intra-op threads, which on a loaded CPU made a batch 300x slower (bench/loader.py). (Building the
-    batch directly in shared memory for the worker hand-over measured no faster: 1250-1310 vs
-    1100-1310 samples/s with 2 workers, SDXL-size samples; not kept.)"""
+    intra-op threads, which on a loaded CPU made a batch 300x slower (bench/loader.py)."""
     batch: dict[str, Any] = {}
     for name in ARRAY_KEYS:
         if name not in samples[0]:
@@ -104,23 +131,20 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class ShardStream(IterableDataset):
-    """Endless batches (dicts of stacked tensors in the shards' float dtype, `caption` and `keys` lists) from a
-    shard directory, split over ranks and DataLoader workers, resumable at `start_batch`.
+    """One rank's micro-batches from a shard directory, as parts from each DataLoader worker (see the
+    module's docstring); `merge_parts` / `ShardLoader` turn W parts into one micro-batch.
 
-    `num_workers` only checks early that there are enough shards; the worker count in effect
-    is DataLoader's. `samples_ok` / `samples_bad` count in the process that iterates.
-    """
+    `samples_ok` / `samples_bad` count in the process that iterates."""
 
     def __init__(self, shard_dir: Union[str, Path], batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
-                 max_bad_fraction: float = 0.01):
+                 world_size: int = 1, start_position: int = 0, max_bad_fraction: float = 0.01, lanes: int = 0):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        if start_position < 0 or start_position % world_size:
+            raise ValueError(f"start_position {start_position} must be a non-negative multiple of world_size {world_size}")
         if not 0 <= max_bad_fraction < 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
         index = read_index(shard_dir)
@@ -129,26 +153,23 @@ class ShardStream(IterableDataset):
         self.shard_counts = [int(shard["count"]) for shard in index["shards"]]
         if any(count < 1 for count in self.shard_counts):
             raise ValueError(f"{shard_dir}/index.json lists an empty shard")
+        self.lanes = lanes or auto_lanes(len(self.shard_names))
+        if self.lanes > len(self.shard_names):
+            raise ValueError(f"data.lanes={self.lanes}: {shard_dir} has only {len(self.shard_names)} shards, and every "
+                             f"lane needs its own; write more, smaller shards or use fewer lanes")
+        if self.lanes % world_size:
+            raise ValueError(f"{self.lanes} data lanes cannot be split over {world_size} ranks: the world size must "
+                             f"divide data.lanes (or set data.lanes to a multiple of it; that changes the data order)")
         self.shapes = index["shapes"]
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.start_batch = start_batch
+        self.start_position = start_position
         self.max_bad_fraction = max_bad_fraction
         self.samples_ok = 0
         self.samples_bad = 0
         self._reported: set[tuple[str, str]] = set()
-        self.check_enough_shards(max(1, num_workers))
-
-    def check_enough_shards(self, num_workers: int) -> None:
-        streams = self.world_size * num_workers
-        if len(self.shard_names) < streams:
-            raise ValueError(
-                f"{len(self.shard_names)} shards in {self.shard_dir} cannot feed {streams} "
-                f"streams (world_size {self.world_size} x {num_workers} loader workers): each "
-                f"stream needs its own shards. Write more, smaller shards (lower the encoder's "
-                f"samples_per_shard) or use fewer workers.")
 
     def stats(self) -> dict[str, float]:
         seen = self.samples_ok + self.samples_bad
@@ -176,7 +197,7 @@ class ShardStream(IterableDataset):
                 f"data.max_bad_fraction={100 * self.max_bad_fraction:g}%; "
                 f"see the warnings above for which shards and why")
 
-    # -- the slot sequence ---------------------------------------------------------------
+    # -- a lane's slots ------------------------------------------------------------------
 
     def _read_shard(self, shard_index: int) -> list[Optional[dict]]:
         """The shard's raw samples in tar order, None for each counted sample that is missing."""
@@ -193,12 +214,12 @@ class ShardStream(IterableDataset):
                                         f"counts {count}; the extra ones are ignored")
         return (raw[:count] + [None] * count)[:count]
 
-    def _slots(self, stream: int, num_streams: int, skip: int) -> Iterator[Optional[dict]]:
-        """This stream's decoded samples, one per slot (None if bad), from slot `skip` on."""
+    def _slots(self, lane: int, skip: int) -> Iterator[Optional[dict]]:
+        """The lane's decoded samples, one per slot (None if bad), from slot `skip` on."""
         epoch = 0
         while True:
             order = epoch_shard_order(len(self.shard_names), self.seed, epoch)
-            for shard_index in order[stream::num_streams]:
+            for shard_index in order[lane::self.lanes]:
                 shard_index = int(shard_index)
                 count = self.shard_counts[shard_index]
                 if skip >= count:  # resume: skip the whole shard by its count, unread
@@ -208,7 +229,7 @@ class ShardStream(IterableDataset):
                 sample_order = shard_sample_order(count, self.seed, epoch, shard_index)
                 for position in sample_order[skip:]:
                     yield self._decode(shard_index, raw[position])
-                raw = None  # let the shard go before the next one is read: one shard in memory, not two
+                raw = None  # let the shard go before the next one is read: one shard per lane in memory
                 skip = 0
             epoch += 1
 
@@ -226,49 +247,88 @@ class ShardStream(IterableDataset):
         self._count(ok=True)
         return sample
 
-    # -- batches -------------------------------------------------------------------------
+    # -- this worker's parts of the rank's micro-batches ---------------------------------
 
-    def _batches(self, slots: Iterator[Optional[dict]], stream: int) -> Iterator[dict[str, Any]]:
-        empty_windows = 0
+    def parts(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        lanes = [lane for lane in range(self.lanes)
+                 if lane % self.world_size == self.rank and (lane // self.world_size) % num_workers == worker]
+        slots = {lane: self._slots(lane, slots_before(self.start_position, lane, self.lanes)) for lane in lanes}
+        stream = self.rank * num_workers + worker
+        start, step = self.start_position + self.rank, self.world_size * self.batch_size
         while True:
-            window = [next(slots) for _ in range(self.batch_size)]
-            good = [sample for sample in window if sample is not None]
-            if not good:  # stood in for by the next window with data, to keep positions
-                empty_windows += 1
-                continue
-            batch = collate([good[i % len(good)] for i in range(self.batch_size)])
-            # The counters live in the worker process; they travel with the batch so that the
-            # training process can log them (cumulative per stream).
-            batch["data_stats"] = {"stream": stream, "ok": self.samples_ok, "bad": self.samples_bad}
-            for _ in range(empty_windows + 1):
-                yield dict(batch)  # stand-ins are separate dicts, sharing the tensors
-            empty_windows = 0
+            positions = [p for p in range(start, start + step, self.world_size) if p % self.lanes in slots]
+            samples = [next(slots[p % self.lanes]) for p in positions]
+            good = [sample for sample in samples if sample is not None]
+            part = collate(good) if good else {}
+            part["positions"] = torch.tensor([p for p, x in zip(positions, samples) if x is not None], dtype=torch.long)
+            part["bad_positions"] = torch.tensor([p for p, x in zip(positions, samples) if x is None], dtype=torch.long)
+            # The counters live in the worker process; they travel with the part so that the training
+            # process can log them (cumulative per stream).
+            part["data_stats"] = [{"stream": stream, "ok": self.samples_ok, "bad": self.samples_bad}]
+            yield part
+            start += step
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        self.check_enough_shards(num_workers)
-        # A fresh DataLoader starts its round-robin at worker 0, but batch `start_batch` came
-        # from worker start_batch % W: so worker w takes over the role (stream and position)
-        # of the worker that produced batch start_batch + w in the uninterrupted run.
-        role = (self.start_batch + worker) % num_workers
-        stream = self.rank * num_workers + role
-        skip_batches = count_for_worker(self.start_batch, role, num_workers)
-        slots = self._slots(stream, self.world_size * num_workers, skip_batches * self.batch_size)
-        return self._batches(slots, stream)
+        return self.parts(worker, num_workers)
+
+
+def merge_parts(parts: list[dict[str, Any]], batch_size: int) -> Optional[dict[str, Any]]:
+    """One micro-batch from its workers' parts, rows in position order; the bad slots' rows are refilled by
+    repeating the good samples. None when no part holds a good sample."""
+    good = [part for part in parts if len(part["positions"])]
+    positions = torch.cat([part["positions"] for part in parts] + [part["bad_positions"] for part in parts])
+    stats = [s for part in parts for s in part["data_stats"]]
+    if not good:
+        return None
+    joined = {name: torch.cat([part[name] for part in good]) for name in ARRAY_KEYS if name in good[0]}
+    joined["caption"] = [c for part in good for c in part["caption"]]
+    joined["keys"] = [k for part in good for k in part["keys"]]
+    order = torch.argsort(torch.cat([part["positions"] for part in good]))
+    rows = [int(order[i % len(order)]) for i in range(batch_size)]
+    batch = {name: value[rows] for name, value in joined.items() if torch.is_tensor(value)}
+    batch["caption"] = [joined["caption"][i] for i in rows]
+    batch["keys"] = [joined["keys"][i] for i in rows]
+    batch["positions"] = torch.sort(positions).values
+    batch["data_stats"] = stats
+    return batch
+
+
+class ShardLoader:
+    """Iterates a rank's micro-batches: W worker parts merged into each (see the module's docstring). A
+    micro-batch without any good sample is stood in for by the next one that has one (with its own
+    positions), so every position keeps its place."""
+
+    def __init__(self, stream: ShardStream, num_workers: int):
+        self.stream, self.num_workers = stream, num_workers
+        # Workers ignore SLURM's stop signals (SLURM signals every process of a task): the main process
+        # writes the checkpoint; a worker killed by SIGTERM would fail the run instead. Pinned batches let
+        # the loop's host-to-GPU copies run asynchronously.
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                                 pin_memory=torch.cuda.is_available(),
+                                 worker_init_fn=ignore_stop_signals if num_workers else None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        parts = iter(self.loader)
+        width = max(1, self.num_workers)
+        waiting: list[torch.Tensor] = []  # positions of micro-batches without a good sample
+        while True:
+            group = [next(parts) for _ in range(width)]
+            batch = merge_parts(group, self.stream.batch_size)
+            if batch is None:
+                waiting.append(torch.sort(torch.cat([p["bad_positions"] for p in group])).values)
+                continue
+            for positions in waiting:  # stand-ins: the next good batch's data at their own positions
+                yield {**batch, "positions": positions}
+            waiting = []
+            yield batch
 
 
 def make_loader(shard_dir: Union[str, Path], batch_size: int, seed: int, rank: int = 0,
-                world_size: int = 1, start_batch: int = 0, num_workers: int = 0,
-                max_bad_fraction: float = 0.01) -> DataLoader:
-    """A DataLoader over a ShardStream; num_workers=0 iterates in this process."""
+                world_size: int = 1, start_position: int = 0, num_workers: int = 0,
+                max_bad_fraction: float = 0.01, lanes: int = 0) -> ShardLoader:
+    """A rank's endless micro-batches from `start_position` on; num_workers=0 reads in this process."""
     stream = ShardStream(shard_dir, batch_size, seed, rank=rank, world_size=world_size,
-                         start_batch=start_batch, num_workers=num_workers,
-                         max_bad_fraction=max_bad_fraction)
-    # The stream batches itself; persistent workers would keep a stale resume position.
-    # Pinned batches let the loop's host-to-GPU copies run asynchronously.
-    # Workers ignore SLURM's stop signals (SLURM signals every process of a task): the main process
-    # writes the checkpoint; a worker killed by SIGTERM would fail the run instead.
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=ignore_stop_signals if num_workers else None)
+                         start_position=start_position, max_bad_fraction=max_bad_fraction, lanes=lanes)
+    return ShardLoader(stream, num_workers)

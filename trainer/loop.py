@@ -22,10 +22,10 @@ from . import collectives
 from .checkpoint import CheckpointManager
 from .config import Config, OptimConfig
 from .engines import DistInfo, device, learning_rate, set_learning_rate
-from .loader import make_loader
+from .loader import data_lanes, make_loader
 from .objectives import Objective
 from .preemption import Preempted, preemption_handler
-from .randomness import micro_batch_random
+from .randomness import SampleRandom
 from .sampling import save_png
 from .tracking import Tracker
 
@@ -74,6 +74,31 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with NaN/Inf gradients."""
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint this run cannot continue without repeating or skipping samples (or changing the step)."""
+
+
+def check_resumable(saved: dict, layout: dict, job_name: str, path: Path) -> None:
+    """Any world size, micro-batch and worker count resume the same run; a different global batch or data
+    lanes would not (the step, or the order of the samples, would change)."""
+    if saved["job"] != job_name:
+        raise ResumeError(f"{path} belongs to job '{saved['job']}', not '{job_name}'")
+    then = saved.get("layout")
+    if then is None:  # written before the layout was recorded: same world size assumed
+        return
+    if then["global_batch"] != layout["global_batch"]:
+        raise ResumeError(
+            f"[{job_name}] {path} was written with a global batch of {then['global_batch']} ({then['world_size']} ranks "
+            f"x micro-batch {then['micro_batch']} x accumulation {then['grad_accum']}); this run's is "
+            f"{layout['global_batch']} ({layout['world_size']} x {layout['micro_batch']} x {layout['grad_accum']}): "
+            f"set the stage's global_batch to {then['global_batch']} so that the accumulation follows the world size")
+    if then["lanes"] != layout["lanes"]:
+        raise ResumeError(
+            f"[{job_name}] {path} was written reading the data through {then['lanes']} lanes, this run has "
+            f"{layout['lanes']} (data.lanes or the shards changed): the order of the samples would change; set "
+            f"data.lanes: {then['lanes']}")
+
+
 def replica_digest(module: torch.nn.Module) -> str:
     """A hash of a rank's copy of the weights. ZeRO-2 keeps full replicas on every rank; if they ever
     differ, training is silently wrong, so the final checkpoint records every rank's digest."""
@@ -112,18 +137,23 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     dev = device()
 
     # -- resume ---------------------------------------------------------------------------------
+    # How this run splits the global batch; the data order depends only on the lanes and the positions.
+    layout = {"world_size": info.world_size, "micro_batch": job.micro_batch, "grad_accum": job.grad_accum,
+              "global_batch": global_batch, "num_workers": cfg.data.num_workers,
+              "lanes": data_lanes(cfg.shard_dir, cfg.data.lanes)}
     state = {"job": job.name, "step": 0, "samples_seen": 0, "done": False, **job.extra_state}
     latest = ckpt.latest()
     if latest is not None:
-        state, _ = ckpt.load(latest, engines)
-        if state["job"] != job.name:
-            raise RuntimeError(f"{latest} belongs to job '{state['job']}', not '{job.name}'")
+        saved = ckpt.read_state(latest)
+        check_resumable(saved, layout, job.name, latest)
+        state = ckpt.load(latest, engines, saved.get("layout", layout)["world_size"])
         if ema is not None:
             ema.load(CheckpointManager.load_tensors(latest, "ema.safetensors", device=dev))
         if info.is_main:
             print(f"[{job.name}] resumed from {latest} at {state['samples_seen']} samples", flush=True)
     if state["done"]:
         return latest
+    state["layout"] = layout
 
     saved_at = state["samples_seen"]  # what the newest checkpoint (if any) holds
 
@@ -145,8 +175,8 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
 
     # -- the loop -------------------------------------------------------------------------------
     loader = make_loader(cfg.shard_dir, job.micro_batch, cfg.run.seed, info.rank, info.world_size,
-                         start_batch=state["step"] * job.grad_accum, num_workers=cfg.data.num_workers,
-                         max_bad_fraction=cfg.data.max_bad_fraction)
+                         start_position=state["samples_seen"], num_workers=cfg.data.num_workers,
+                         max_bad_fraction=cfg.data.max_bad_fraction, lanes=cfg.data.lanes)
     slow = SlowMicroStepWarning(cfg.run.preemption_deadline_s, job.name, enabled=info.is_main)
     batches = iter(loader)
     tracker = Tracker(job.out_dir / "tb", enabled=info.is_main, resume_at=state["samples_seen"])
@@ -170,12 +200,11 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             if preemption.agreed():
                 stop(f"{preemption.signal_name or 'a stop signal on another rank'}")
             started = time.monotonic()
-            batch = _to_device(next(batches), dev)
-            stats = batch.pop("data_stats", None)
-            if stats is not None:
+            batch = next(batches)
+            for stats in batch.pop("data_stats"):
                 data_stats[stats["stream"]] = stats
-            rand = micro_batch_random(cfg.run.seed, info.rank, state["samples_seen"], micro, job.micro_batch, job.grad_accum)
-            for key, value in job.objective.micro_step(batch, rand).items():
+            rand = SampleRandom(cfg.run.seed, batch.pop("positions").tolist())
+            for key, value in job.objective.micro_step(_to_device(batch, dev), rand).items():
                 window.setdefault(key, []).append(value)
             slow.check(time.monotonic() - started)
         # Engines skip a step whose gradients are not finite (check_grad_overflow): nothing is updated.

@@ -1,11 +1,11 @@
 """The randomness of a micro-step, keyed by sample rather than by batch.
 
 Every random draw a sample needs (its noise, its timestep, its t*, its caption dropout) comes from a
-generator of its own, seeded by (seed, the sample's position in the job). How samples are grouped
-into micro-batches, accumulation steps and ranks therefore changes nothing: a step of 4 micro-batches
-of 8 draws exactly what one micro-batch of 32 draws, and a run on 2 ranks what a run on 1 rank draws
-for the same global batch. That is what makes gradient accumulation equal to a larger micro-batch, and
-a resume (on any world size) continue the same run.
+generator of its own, seeded by (seed, the sample's position in the job: the loader's `positions`,
+trainer/loader.py). How samples are grouped into micro-batches, accumulation steps and ranks therefore
+changes nothing: a step of 4 micro-batches of 8 draws exactly what one micro-batch of 32 draws, and a run
+on 2 ranks what a run on 1 rank draws for the same global batch. That is what makes gradient accumulation
+equal to a larger micro-batch, and a resume (on any world size) continue the same run.
 
 Draws are made on the CPU, where every device and rank count reproduces them; the objectives copy
 them to the device without blocking.
@@ -24,14 +24,14 @@ def sample_seed(seed: int, position: int) -> int:
 
 
 class SampleRandom:
-    """One generator per sample of a micro-batch: samples `first` .. `first + count - 1` of the job."""
+    """One generator per sample of a micro-batch, seeded by (seed, the sample's position in the job)."""
 
-    def __init__(self, seed: int, first: int, count: int):
-        self.first, self.count = first, count
-        self.generators = [torch.Generator().manual_seed(sample_seed(seed, first + i)) for i in range(count)]
+    def __init__(self, seed: int, positions: Sequence[int]):
+        self.positions = [int(p) for p in positions]
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, p)) for p in self.positions]
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.positions)
 
     def randn(self, shape: Sequence[int]) -> torch.Tensor:
         """[count, *shape] standard normal; `shape` is one sample's."""
@@ -48,12 +48,3 @@ class SampleRandom:
     def choice(self, weights: torch.Tensor) -> torch.Tensor:
         """[count] indices drawn with the given (unnormalised) weights."""
         return torch.cat([torch.multinomial(weights, 1, generator=g) for g in self.generators])
-
-
-def micro_batch_random(seed: int, rank: int, samples_seen: int, micro: int, micro_batch: int,
-                       grad_accum: int) -> SampleRandom:
-    """The generators of micro-batch `micro` of rank `rank` in the step that starts at `samples_seen`.
-    A step's global batch is laid out rank after rank, each rank's micro-batches in order: sample i of
-    that micro-batch is sample samples_seen + (rank x grad_accum + micro) x micro_batch + i of the job."""
-    first = samples_seen + (rank * grad_accum + micro) * micro_batch
-    return SampleRandom(seed, first, micro_batch)

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     from .engines import init_distributed
     from .checkpoint import CheckpointWriteError
-    from .loop import NonFiniteError
+    from .loop import NonFiniteError, ResumeError
     from .preemption import Preempted
     from .pipeline import run_progression
 
@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     except (NonFiniteError, CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    except ResumeError as err:  # nothing trained: the checkpoint stays as it was
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     if info.is_main:
         result["wall_seconds"] = round(time.time() - start, 1)
         print("\n=== done ===")

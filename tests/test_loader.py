@@ -161,7 +161,7 @@ def by_position(batches: list[dict]) -> dict[int, str]:
 
 
 def test_lane_arithmetic():
-    assert [auto_lanes(n) for n in (1, 2, 3, 8, 20, 100, 1000)] == [1, 2, 2, 8, 16, 64, 64]
+    assert [auto_lanes(n) for n in (1, 2, 3, 8, 20, 1000, 1024, 4096)] == [1, 2, 1, 8, 4, 8, 64, 64]
     assert [slots_before(10, lane, 4) for lane in range(4)] == [3, 3, 2, 2]  # positions 0..9 over 4 lanes
     assert rank_positions(16, 1, 2, 3) == [17, 19, 21]
 
@@ -247,8 +247,8 @@ def test_lanes_that_the_shards_or_the_ranks_cannot_have(tmp_path):
     write_shards(tmp_path, num_samples=30, per_shard=10)
     with pytest.raises(ValueError, match=r"data.lanes=4: .* only 3 shards"):
         make_loader(tmp_path, batch_size=4, seed=0, lanes=4)
-    with pytest.raises(ValueError, match=r"2 data lanes cannot be split over 4 ranks"):
-        make_loader(tmp_path, batch_size=4, seed=0, rank=0, world_size=4)  # 3 shards -> 2 lanes
+    with pytest.raises(ValueError, match=r"1 data lanes cannot be split over 2 ranks: .*multiple of 2 shards"):
+        make_loader(tmp_path, batch_size=4, seed=0, rank=0, world_size=2)  # 3 shards -> 1 lane
 
 
 # -- bad data ----------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class DataConfig:
     shards: str = ""  # a folder with index.json
     num_workers: int = 1
     # Lanes the data is read through (trainer/loader.py): fixes the order of the samples whatever the
-    # world size, which must divide it. 0: the largest power of two up to 64 that the shards can feed.
+    # world size, which must divide it. 0: the largest power of two up to 64 dividing the number of shards.
     # Changing it (or the shards) changes the data order, so a job resumes only with the lanes it began with.
     lanes: int = 0
     max_bad_fraction: float = 0.01

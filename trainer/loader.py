@@ -1,7 +1,8 @@
 """Streaming, deterministic, resumable batches from the shards, the same on any number of ranks.
 
 Lanes. The data is read through K lanes (`data.lanes`, a property of the run, never of the world size;
-default: the largest power of two up to 64 that the shards can feed). Epoch e permutes the shard list
+default: the largest power of two up to 64 that divides the number of shards, so that every lane holds
+as many shards per epoch). Epoch e permutes the shard list
 with rng(seed, e); lane l takes shards l, l + K, ... of that permutation, each shard's samples permuted
 with rng(seed, e, shard), epoch after epoch. A lane is a sequence of slots, one per sample that index.json
 counts, so positions never depend on what was decodable.
@@ -56,9 +57,11 @@ MAX_AUTO_LANES = 64  # enough for 64 ranks x 1 worker; each worker keeps one sha
 
 
 def auto_lanes(num_shards: int) -> int:
-    """The default lane count: the largest power of two up to MAX_AUTO_LANES that the shards can feed."""
+    """The default lane count: the largest power of two up to MAX_AUTO_LANES that divides the number of
+    shards, so that every lane gets as many shards per epoch (a lane with fewer would repeat its samples
+    more often)."""
     lanes = 1
-    while lanes * 2 <= min(num_shards, MAX_AUTO_LANES):
+    while lanes * 2 <= MAX_AUTO_LANES and num_shards % (lanes * 2) == 0:
         lanes *= 2
     return lanes
 
@@ -159,7 +162,12 @@ class ShardStream(IterableDataset):
                              f"lane needs its own; write more, smaller shards or use fewer lanes")
         if self.lanes % world_size:
             raise ValueError(f"{self.lanes} data lanes cannot be split over {world_size} ranks: the world size must "
-                             f"divide data.lanes (or set data.lanes to a multiple of it; that changes the data order)")
+                             f"divide data.lanes (by default the largest power of two up to {MAX_AUTO_LANES} that "
+                             f"divides the {len(self.shard_names)} shards: write a multiple of {world_size} shards, "
+                             f"or set data.lanes, which changes the data order)")
+        if len(self.shard_names) % self.lanes:
+            logger.warning(f"data.lanes={self.lanes} does not divide the {len(self.shard_names)} shards of {shard_dir}: "
+                           f"lanes with fewer shards repeat their samples more often")
         self.shapes = index["shapes"]
         self.batch_size = batch_size
         self.seed = seed

@@ -5,6 +5,8 @@
     FAULT=enospc_in_checkpoint:N the N-th checkpoint write fails with "No space left on device"
     FAULT=kill_at_step:JOB:K     SIGKILL at the K-th micro-step of job JOB, between its forward and backward
     FAULT=kill_after_export:NAME SIGKILL right after the export NAME (a stage, or a phase result) is published
+    FAULT=kill_in_export:NAME    SIGKILL in the middle of the export NAME (its UNet written, a LoRA phase's
+                                 adapter merged, not yet published)
     FAULT=usr2_in_setup          SIGUSR2 (SLURM's preemption warning) while the run is still setting up
     FAULT=slow_export:S          every export takes S seconds longer (rank 0's solo work, slowed)
     FAULT=slow_step:S            every micro-step takes S seconds longer; each rank writes its pid to
@@ -86,6 +88,25 @@ elif kind == "kill_after_export":
 
     export.export_unet = export_unet
     stages.export_unet = export_unet
+    import trainer.pipeline as pipeline
+    pipeline.export_unet = export_unet
+
+elif kind == "kill_in_export":
+    original_export = export.export_unet
+
+    def export_unet(weights, unet_config, out_dir, **kw):
+        if arg in str(out_dir):
+            then = kw.get("extra")
+
+            def extra(tmp):
+                if then is not None:
+                    then(tmp)
+                die()
+
+            kw["extra"] = extra
+        return original_export(weights, unet_config, out_dir, **kw)
+
+    export.export_unet = stages.export_unet = export_unet
     import trainer.pipeline as pipeline
     pipeline.export_unet = export_unet
 

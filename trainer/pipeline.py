@@ -47,13 +47,18 @@ def prepare_base(cfg: Config, info: DistInfo) -> Path:
     base = cfg.out_dir / "base"
 
     def write() -> None:
+        import shutil
+
         from .encoders import create_toy_encoders
 
-        if (base / "unet" / "config.json").is_file():
+        if base.is_dir():
             return
-        create_toy_encoders(base, seed=cfg.run.seed, resolution=cfg.data.shapes.resolution)
-        build_toy_unet(cfg.model.unet, seed=cfg.run.seed).save_pretrained(base / "unet", safe_serialization=True)
-        make_scheduler(cfg.schedule, cfg.model.prediction_type).save_pretrained(base / "scheduler")
+        tmp = base.with_name(base.name + ".tmp")  # published whole: a kill midway leaves no half a model
+        shutil.rmtree(tmp, ignore_errors=True)
+        create_toy_encoders(tmp, seed=cfg.run.seed, resolution=cfg.data.shapes.resolution)
+        build_toy_unet(cfg.model.unet, seed=cfg.run.seed).save_pretrained(tmp / "unet", safe_serialization=True)
+        make_scheduler(cfg.schedule, cfg.model.prediction_type).save_pretrained(tmp / "scheduler")
+        os.replace(tmp, base)
 
     solo("writing the toy base model", write, log=False)
     return base

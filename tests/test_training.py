@@ -270,6 +270,6 @@ def test_a_resume_that_would_change_the_run_stops_with_one_line(smoke_run, tmp_p
     proc = run_cli(args, check=False)  # 1 rank x 8 x accumulation 1: global batch 8, not 16
     errors = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    assert "global batch of 16 (2 ranks x micro-batch 8 x accumulation 1)" in errors[0] and "global_batch to 16" in errors[0]
+    assert "global batch of 16 (2 ranks x micro-batch 8 x accumulation 1)" in errors[0] and "global_batch) to 16" in errors[0]
     proc = run_cli(args + ["--set", "data.lanes=4"], ranks=2, check=False)
     assert proc.returncode != 0 and "through 8 lanes, this run has 4" in proc.stderr and "data.lanes: 8" in proc.stderr

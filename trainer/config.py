@@ -122,12 +122,16 @@ class TeacherConfig:
     samples: int = 0  # training length in samples seen; 0 = no teacher training
     micro_batch: int = 32
     grad_accum: int = 1
+    global_batch: int = 0  # as in a stage: when set, grad_accum follows from the world size
     caption_dropout: float = 0.1  # so classifier-free guidance works
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=150, decay="cosine"))
     sample_steps: int = 32
     guidance: float = 3.0
+
+    def accumulation(self, world_size: int, key: str = "teacher") -> int:
+        return accumulation(self, world_size, key)
 
 
 @dataclass
@@ -194,14 +198,19 @@ class StageConfig:
     disc: DiscConfig = field(default_factory=DiscConfig)
 
     def accumulation(self, world_size: int, key: str = "stage") -> int:
-        """Micro-batches per optimizer step on `world_size` ranks: grad_accum, or what global_batch implies."""
-        if not self.global_batch:
-            return self.grad_accum
-        per_step = self.micro_batch * world_size
-        if self.global_batch % per_step:
-            raise ConfigError(f"{key}.global_batch: {self.global_batch} is not a multiple of micro_batch "
-                              f"{self.micro_batch} x world size {world_size} = {per_step}")
-        return self.global_batch // per_step
+        return accumulation(self, world_size, key)
+
+
+def accumulation(job, world_size: int, key: str) -> int:
+    """Micro-batches per optimizer step of a job (a stage, the teacher) on `world_size` ranks: grad_accum, or
+    what global_batch implies (so that the job's numerics and a resume do not depend on the world size)."""
+    if not job.global_batch:
+        return job.grad_accum
+    per_step = job.micro_batch * world_size
+    if job.global_batch % per_step:
+        raise ConfigError(f"{key}.global_batch: {job.global_batch} is not a multiple of micro_batch "
+                          f"{job.micro_batch} x world size {world_size} = {per_step}")
+    return job.global_batch // per_step
 
 
 @dataclass
@@ -382,6 +391,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if value < 0 or (value == 0 and key != "teacher.samples"):
             fail(key, f"must be positive, got {value}")
     _validate_optim(cfg.teacher.optim, "teacher.optim", fail)
+    if cfg.teacher.global_batch and (cfg.teacher.global_batch < 0 or cfg.teacher.global_batch % cfg.teacher.micro_batch):
+        fail("teacher.global_batch", f"{cfg.teacher.global_batch} is not a positive multiple of micro_batch {cfg.teacher.micro_batch}")
+    if cfg.teacher.global_batch and cfg.teacher.grad_accum != 1:
+        fail("teacher.grad_accum", "set either global_batch (grad_accum then follows from the world size) or grad_accum")
     if cfg.run.preemption_deadline_s <= 0:
         fail("run.preemption_deadline_s", "must be positive (seconds)")
     if cfg.run.max_consecutive_skips < 1:

@@ -91,7 +91,8 @@ def check_resumable(saved: dict, layout: dict, job_name: str, path: Path) -> Non
             f"[{job_name}] {path} was written with a global batch of {then['global_batch']} ({then['world_size']} ranks "
             f"x micro-batch {then['micro_batch']} x accumulation {then['grad_accum']}); this run's is "
             f"{layout['global_batch']} ({layout['world_size']} x {layout['micro_batch']} x {layout['grad_accum']}): "
-            f"set the stage's global_batch to {then['global_batch']} so that the accumulation follows the world size")
+            f"set the job's global_batch (stages[N].global_batch, teacher.global_batch) to {then['global_batch']} so that "
+            f"the accumulation follows the world size")
     if then["lanes"] != layout["lanes"]:
         raise ResumeError(
             f"[{job_name}] {path} was written reading the data through {then['lanes']} lanes, this run has "

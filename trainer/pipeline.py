@@ -203,10 +203,11 @@ def _train_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) ->
     unet_config = dict(unet.config)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    engine = make_engine(unet, build_ds_config(tc.deepspeed or cfg.deepspeed, tc.micro_batch, tc.grad_accum, info.world_size, tc.optim, "teacher"))
+    accum = tc.accumulation(info.world_size)
+    engine = make_engine(unet, build_ds_config(tc.deepspeed or cfg.deepspeed, tc.micro_batch, accum, info.world_size, tc.optim, "teacher"))
     try:
         objective = DenoiseObjective(engine, NoiseSchedule.from_config(cfg.schedule), cfg.model.prediction_type, tc.caption_dropout)
-        job = Job("teacher", cfg.out_dir / "jobs" / "teacher", tc.samples, tc.micro_batch, tc.grad_accum, tc.optim,
+        job = Job("teacher", cfg.out_dir / "jobs" / "teacher", tc.samples, tc.micro_batch, accum, tc.optim,
                   objective, ema_decay=tc.ema_decay, make_grid=grids.bind(tc.sample_steps, cfg.model.prediction_type, tc.guidance))
         return train(job, cfg, info), unet_config
     finally:

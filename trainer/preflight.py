@@ -92,9 +92,9 @@ def _check_deepspeed(cfg: Config, world_size: int, found: list[str]) -> None:
             ds_config_from_file(path)
         except ConfigError as err:
             found.append(f"{key}: {err}")
-    for i, stage in enumerate(cfg.stages):
+    for key, job in (("teacher", cfg.teacher), *((f"stages[{i}]", stage) for i, stage in enumerate(cfg.stages))):
         try:
-            stage.accumulation(world_size, f"stages[{i}]")
+            job.accumulation(world_size, key)
         except ConfigError as err:
             found.append(str(err))
 

@@ -142,7 +142,7 @@ CMD = [PY, "-m", "trainer.run", "--config", "configs/sdxl.yaml", *(a for o in ov
 
 FIRST_TARGET = f"{stages[0]}.0_mse"  # the MSE stage
 EMA_TARGET = f"{stages[4]}.1_adv_cond"  # the one-step stage: x0, then adv_cond (full UNet, EMA)
-STOPPED = re.compile(r"\[(\S+)\] stopped at (\d+) samples; checkpoint written")
+STOPPED = re.compile(r"\[(\S+)\] stopped at (\d+) samples(?: \([^)]*\))?; checkpoint written")
 RESUMED = re.compile(r"\[(\S+)\] resumed from (\S+) at (\d+) samples")
 GPU_MEM = re.compile(r"\[(\S+)\] GPU memory at phase start: ([\d.]+) GiB allocated, ([\d.]+) GiB reserved")
 SOLO = re.compile(r"\[rank 0\] (.+?): ([\d.]+) s$", re.M)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/x.py` from a clone, without installing the project
     sys.path.insert(0, str(ROOT))
 
-from trainer.models import TOY_TEXT_DIM, TOY_UNET  # noqa: E402
+from trainer.method.models import TOY_TEXT_DIM, TOY_UNET  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2.57 B parameters): the architecture only.
 SDXL_UNET = dict(

@@ -1,4 +1,4 @@
-"""Loader throughput: the project's shard loader (trainer/loader.py) against a raw sequential read of
+"""Loader throughput: the project's shard loader (trainer/data/loader.py) against a raw sequential read of
 the same shard bytes, the most that any loader can deliver on this machine and disk.
 
     python bench/loader.py                              # SDXL-size samples: 2000 (~0.9 GB), read from disk
@@ -6,7 +6,7 @@ the same shard bytes, the most that any loader can deliver on this machine and d
     python bench/loader.py --cache warm                 # against the page cache (memory speed) instead
     python bench/loader.py --json bench/results/loader.json
 
-Steps: write --samples random float16 samples with trainer.shards.ShardWriter into --dir (reused when
+Steps: write --samples random float16 samples with trainer.data.shards.ShardWriter into --dir (reused when
 it already holds the same data), then per repeat: read every shard's bytes sequentially (the limit),
 parse + np.load them without the loader ("decode-only"), and run one epoch of make_loader() batches
 with 0 and --workers DataLoader workers. Every measurement starts from the same page-cache state: the
@@ -42,8 +42,8 @@ if str(ROOT) not in sys.path:  # `python bench/loader.py` from a clone, and `imp
     sys.path.insert(0, str(ROOT))
 
 from bench.common import PRESETS, Preset  # noqa: E402
-from trainer.loader import collate, make_loader, read_raw_samples  # noqa: E402
-from trainer.shards import (ARRAY_FIELDS, ShardWriter, decode_npy, decode_sample,  # noqa: E402
+from trainer.data.loader import collate, make_loader, read_raw_samples  # noqa: E402
+from trainer.data.shards import (ARRAY_FIELDS, ShardWriter, decode_npy, decode_sample,  # noqa: E402
                             list_shards, read_index)
 
 TARGET_RATIO = 0.9
@@ -203,7 +203,7 @@ def decode_only(paths: list[str]) -> int:
 
 def touch_pages(batch: dict) -> None:
     """Read one value per memory page of every tensor of a batch, as the copy to the GPU in
-    trainer/loop.py reads them all: from workers, a batch arrives as shared memory that is only
+    trainer/runtime/loop.py reads them all: from workers, a batch arrives as shared memory that is only
     mapped in on first touch, a cost the training process pays. (numpy: no torch thread pool.)"""
     for value in batch.values():
         if torch.is_tensor(value):
@@ -213,7 +213,7 @@ def touch_pages(batch: dict) -> None:
 
 def loader_epoch(shard_dir: Path, batch_size: int, workers: int, samples: int,
                  seed: int) -> dict[str, float]:
-    """One epoch of make_loader() batches, as trainer/loop.py receives them (float32 tensors).
+    """One epoch of make_loader() batches, as trainer/runtime/loop.py receives them (float32 tensors).
 
     Timed from creating the DataLoader (so worker start-up and each worker's first whole-shard
     read count, as they do once per training job) to the last batch of the epoch. The keys must

@@ -83,7 +83,7 @@ if str(ROOT) not in sys.path:  # `python bench/memory.py` from a clone, and `imp
 
 from bench.common import PRESETS, Preset  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
-from trainer.models import Conditioning, unet_forward  # noqa: E402
+from trainer.method.models import Conditioning, unet_forward  # noqa: E402
 
 GIB = 2 ** 30
 BF16, FP32 = 2, 4
@@ -109,9 +109,9 @@ def build_unet(preset: Preset) -> nn.Module:
 
 
 def build_lora_unet(preset: Preset) -> nn.Module:
-    """The UNet with trainer.lora.add_lora applied. Under torch.device("meta") peft creates the factors on
+    """The UNet with trainer.method.lora.add_lora applied. Under torch.device("meta") peft creates the factors on
     meta too; otherwise it initialises them on the CPU first (seconds of real work for SDXL's 197 M)."""
-    from trainer.lora import add_lora
+    from trainer.method.lora import add_lora
 
     unet = build_unet(preset)
     with torch.device("meta"):
@@ -121,8 +121,8 @@ def build_lora_unet(preset: Preset) -> nn.Module:
 
 def build_discriminator(unet: nn.Module, conditional: bool, head_blocks: Optional[int],
                         head_channels: Optional[int] = None) -> nn.Module:
-    """trainer.discriminator's D (head_channels None: the mid block's width, as the trainer's default)."""
-    from trainer.discriminator import discriminator_from_unet
+    """trainer.method.discriminator's D (head_channels None: the mid block's width, as the trainer's default)."""
+    from trainer.method.discriminator import discriminator_from_unet
 
     return discriminator_from_unet(unet, conditional=conditional, head_blocks=head_blocks,
                                    head_channels=head_channels).to(torch.bfloat16)
@@ -257,7 +257,7 @@ class SavedTensorBytes:
 
 
 def counted_checkpoint(counter: SavedTensorBytes, block_bytes: list[int]) -> Callable:
-    """A `_gradient_checkpointing_func` for diffusers blocks (and trainer.discriminator's backbone): torch's
+    """A `_gradient_checkpointing_func` for diffusers blocks (and trainer.method.discriminator's backbone): torch's
     non-reentrant checkpoint, plus the bytes it costs that saved-tensor hooks cannot see.
 
     The checkpoint keeps its inputs (closed over for the recompute): added to `counter`. The block's own
@@ -541,7 +541,7 @@ class PhaseSpec:
 def recipe_phases(cfg: Config) -> dict[str, PhaseSpec]:
     """stage1_mse, adv_lora, adv_full and x0 as they occur in the recipe (first stage of each kind; the
     conditional D wherever any phase of that kind uses it, since it sees a doubled batch)."""
-    from trainer.stages import stage_phases
+    from trainer.method.stages import stage_phases
 
     specs: dict[str, PhaseSpec] = {}
     for stage in cfg.stages:

@@ -10,19 +10,19 @@ Measured, in this order (each with torch.set_num_threads(1); building the random
                         4x128x128) through an SDXL-architecture AutoencoderKL (random init, SDXL's VAE config
                         written inline), fp32, with slicing, as trainer.pipeline.load_codec / GridMaker do;
                         the second call (the first, cold one is recorded too)
-    unet_load           trainer.models.load_unet of an SDXL-architecture UNet saved as a diffusers folder (fp32,
+    unet_load           trainer.method.models.load_unet of an SDXL-architecture UNet saved as a diffusers folder (fp32,
                         evicted from the page cache), and a first read of every weight (load_unet maps the
                         files lazily; the trainer reads them all next)
     unet_export         trainer.export.export_unet of those fp32 weights: the diffusers folder + the single
                         file, the base folder's VAE linked (what every phase's export does on rank 0)
     zero_save           a one-rank ZeRO-2 checkpoint of the UNet (CheckpointManager.save, after one optimizer
                         step so Adam's moments are in it): every rank works here
-    zero_consolidate    trainer.checkpoint.fp32_weights of that checkpoint (rank 0, before a phase's export)
+    zero_consolidate    trainer.runtime.checkpoint.fp32_weights of that checkpoint (rank 0, before a phase's export)
     vae_decode_cpu      the same grid's decode on the CPU; --cpu-decode-images N decodes N of the 4 and scales
                         the time to the grid (SDXL: ~10 TFLOP per 1024 px image, ~1 min on one core). Last, so
                         that a time limit cuts it rather than the others
 
-Which timeout each one runs under (trainer/collectives.py): rank 0's solo work between jobs (consolidating,
+Which timeout each one runs under (trainer/runtime/collectives.py): rank 0's solo work between jobs (consolidating,
 exporting, the end-of-job grid) is waited for in the rank-0 wait group, run.main_work_timeout_s (default
 14400 s); a grid drawn in the middle of a job (log.sample_every_samples) is waited for by the other ranks in
 the next step's collective, and a checkpoint write is a collective: run.collective_timeout_s (default 1800 s).
@@ -235,7 +235,7 @@ class Grid:
     VAE is also saved into the base folder, where the export links it as it links SDXL's."""
 
     def __init__(self, preset: str, scratch: Path):
-        from trainer.encoders import VaeCodec
+        from trainer.data.encoders import VaeCodec
 
         self.vae = build_vae(preset)
         self.vae.save_pretrained(scratch / "base" / "vae", safe_serialization=True)
@@ -246,7 +246,7 @@ class Grid:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor):
-        from trainer.sampling import to_uint8
+        from trainer.method.sampling import to_uint8
 
         return to_uint8(self.codec.decode(latents.float()))
 
@@ -283,7 +283,7 @@ def measure_unet(rec: Recorder, preset: str, scratch: Path):
     """Save a random UNet as a diffusers folder (set-up), then time load_unet and export_unet on it."""
     from trainer.config import ScheduleConfig
     from trainer.export import export_unet
-    from trainer.models import load_unet
+    from trainer.method.models import load_unet
 
     base = scratch / "base"
     start = time.perf_counter()
@@ -331,9 +331,9 @@ def measure_unet(rec: Recorder, preset: str, scratch: Path):
 def measure_zero(rec: Recorder, preset: str, scratch: Path, unet) -> None:
     """A one-rank ZeRO-2 engine over the whole UNet, one optimizer step (zero gradients: Adam's moments exist,
     the weights do not move), the trainer's checkpoint write, then fp32_weights."""
-    from trainer.checkpoint import CheckpointManager, fp32_weights
+    from trainer.runtime.checkpoint import CheckpointManager, fp32_weights
     from trainer.config import OptimConfig
-    from trainer.engines import build_ds_config, device, init_distributed, make_engine
+    from trainer.runtime.engines import build_ds_config, device, init_distributed, make_engine
 
     info = init_distributed(rec.args.collective_timeout_s, rec.args.main_work_timeout_s)
     ds_json = ROOT / ("ds_configs/zero2_gpu.json" if torch.cuda.is_available() else "ds_configs/zero2_cpu.json")

@@ -6,11 +6,11 @@ the trainer add on top of the work itself?
     python bench/step.py --preset sdxl --mode lora,full      # a GPU: the SDXL UNet at 1024 px, bf16
     python bench/step.py --preset sdxl --meta                # no GPU: SDXL's FLOPs per part, on the meta device
 
-The step is the trainer's own (trainer.objectives): the adversarial stage's micro-step (teacher jump,
+The step is the trainer's own (trainer.method.objectives): the adversarial stage's micro-step (teacher jump,
 student move, D step, G step) or the first stage's MSE step. Parts, each timed alone (the device
 synchronised around each, so a part's time is its own):
 
-    data           next batch from a real shard loader (trainer.loader) and its copy to the device
+    data           next batch from a real shard loader (trainer.data.loader) and its copy to the device
     teacher        x_t, then the frozen teacher's n-move jump (CFG as one doubled batch where the stage has it)
     student_fwd    the student's move from x_t
     disc_fwd_bwd   D on real and fake, D's loss, D's backward           (adversarial)
@@ -19,7 +19,7 @@ synchronised around each, so a part's time is its own):
     student_step   the student's optimizer step
 
 `whole` is the same step run as the trainer runs it (the loader's next batch, then
-objective.micro_step, no synchronisation inside), and `loop` the trainer's own loop (trainer.loop.train)
+objective.micro_step, no synchronisation inside), and `loop` the trainer's own loop (trainer.runtime.loop.train)
 in steady state, read from its samples/s log. whole / sum(parts) is the trainer's overhead on the
 step's work; below 1 where the loader's worker prepares the next batch while the step runs.
 
@@ -50,11 +50,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.common import PRESETS, Preset  # noqa: E402
 from trainer.config import OptimConfig, ScheduleConfig  # noqa: E402
-from trainer.discriminator import d_loss, discriminator_from_unet, g_loss  # noqa: E402
-from trainer.models import Conditioning, guided_denoiser, unet_forward  # noqa: E402
-from trainer.objectives import AdversarialObjective, MSEDistillObjective, noisy_inputs  # noqa: E402
-from trainer.randomness import SampleRandom  # noqa: E402
-from trainer.schedule import NoiseSchedule, move, teacher_jump  # noqa: E402
+from trainer.method.discriminator import d_loss, discriminator_from_unet, g_loss  # noqa: E402
+from trainer.method.models import Conditioning, guided_denoiser, unet_forward  # noqa: E402
+from trainer.method.objectives import AdversarialObjective, MSEDistillObjective, noisy_inputs  # noqa: E402
+from trainer.runtime.randomness import SampleRandom  # noqa: E402
+from trainer.method.schedule import NoiseSchedule, move, teacher_jump  # noqa: E402
 
 # Dense bf16 peak (no sparsity) by device name, for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
@@ -77,7 +77,7 @@ def sync() -> None:
 
 def write_shards(preset: Preset, count: int, out_dir: Path) -> Path:
     """`count` random samples of the preset's shapes as real shards (the trainer's writer)."""
-    from trainer.shards import ShardWriter
+    from trainer.data.shards import ShardWriter
 
     rng = np.random.default_rng(0)
     shapes = preset.sample_shapes()
@@ -106,14 +106,14 @@ def ds_config_path(offload: bool) -> str:
 
 
 class Step:
-    """The networks, engines and objective of one stage, built as trainer.stages builds them."""
+    """The networks, engines and objective of one stage, built as trainer.method.stages builds them."""
 
     def __init__(self, preset: Preset, mode: str, objective: str, micro_batch: int, offload: bool,
                  student_steps: int, cfg_scale: float, compile_student: bool = False):
-        from trainer.engines import build_ds_config, device, init_distributed, make_engine
-        from trainer.lora import add_lora
-        from trainer.models import freeze
-        from trainer.schedule import trailing_timesteps
+        from trainer.runtime.engines import build_ds_config, device, init_distributed, make_engine
+        from trainer.method.lora import add_lora
+        from trainer.method.models import freeze
+        from trainer.method.schedule import trailing_timesteps
 
         info = init_distributed()
         self.dev = device()
@@ -156,7 +156,7 @@ class Step:
 
     def parts_once(self, batches, rand: SampleRandom) -> dict[str, float]:
         """One step with a timer around each part (the same computation as objective.micro_step)."""
-        from trainer.loop import _to_device
+        from trainer.runtime.loop import _to_device
 
         times: dict[str, float] = {}
 
@@ -200,7 +200,7 @@ class Step:
     def d_call_variants(self, batches, rand: SampleRandom, iters: int) -> dict[str, float]:
         """The D step (forward, backward, optimizer step) with real and fake judged in one stacked call
         (the trainer's way) against two separate calls, alternated in one run: seconds (median) each."""
-        from trainer.loop import _to_device
+        from trainer.runtime.loop import _to_device
 
         batch = _to_device(next(batches), self.dev)
         batch.pop("data_stats", None)
@@ -225,7 +225,7 @@ class Step:
 
     def whole_once(self, batches, rand: SampleRandom) -> float:
         """One step as the loop runs it: next batch, then the objective's micro-step, nothing in between."""
-        from trainer.loop import _to_device
+        from trainer.runtime.loop import _to_device
 
         sync()
         start = time.perf_counter()
@@ -245,7 +245,7 @@ def student_flops(preset: Preset, micro_batch: int, mode: str, device: str) -> d
     counted by torch's FLOP counter (no checkpointing recomputation; on the meta device where asked)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.lora import add_lora
+    from trainer.method.lora import add_lora
 
     unet = build_unet(preset, device=device).to(torch.bfloat16)
     if mode == "lora":
@@ -280,7 +280,7 @@ def peak_tflops(name: str, override: float) -> float:
 def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iters: int, warmup: int,
                offload: bool, student_steps: int, cfg_scale: float, workers: int, loop: bool,
                compile_student: bool, peak_override: float) -> dict:
-    from trainer.loader import make_loader
+    from trainer.data.loader import make_loader
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_shards(preset, micro_batch * 8, Path(tmp) / "shards")
@@ -332,11 +332,11 @@ def _forever(loader):
 
 
 def loop_step_seconds(step: Step, shards: Path, iters: int, workers: int) -> float:
-    """Seconds per step of trainer.loop.train itself in steady state: its samples/s log over windows of
+    """Seconds per step of trainer.runtime.loop.train itself in steady state: its samples/s log over windows of
     `iters` steps (five), the median of all but the first (loader start-up)."""
     from trainer.config import Config
-    from trainer.engines import DistInfo
-    from trainer.loop import Job, train
+    from trainer.runtime.engines import DistInfo
+    from trainer.runtime.loop import Job, train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Config()
@@ -348,7 +348,7 @@ def loop_step_seconds(step: Step, shards: Path, iters: int, workers: int) -> flo
         job = Job("bench", Path(tmp) / "job", step.micro_batch * iters * 5, step.micro_batch, 1,
                   OptimConfig(lr=1e-6, betas=[0.0, 0.99]), step.objective)
         train(job, cfg, DistInfo(0, 0, 1))
-        from trainer.tracking import read_metrics
+        from trainer.runtime.tracking import read_metrics
 
         rates = [row["bench/samples_per_s"] for row in read_metrics(Path(tmp) / "job" / "tb", "bench/samples_per_s")]
     return step.micro_batch / statistics.median(rates[1:])
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="loader workers")
     parser.add_argument("--offload", action="store_true", help="DeepSpeed optimizer offload to CPU (GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (DeepSpeed engine.compile)")
-    parser.add_argument("--loop", action="store_true", help="also time trainer.loop.train in steady state")
+    parser.add_argument("--loop", action="store_true", help="also time trainer.runtime.loop.train in steady state")
     parser.add_argument("--meta", action="store_true", help="FLOPs on the meta device only (no GPU needed)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, for MFU")
     parser.add_argument("--json", type=Path, help="append the results to this JSON list")

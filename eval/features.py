@@ -69,7 +69,7 @@ class ShapesBackend(FeatureBackend):
 
     @torch.no_grad()
     def alignment(self, images: Images, captions: Sequence[str]) -> dict[str, np.ndarray]:
-        from trainer.shapes import parse_caption
+        from trainer.data.shapes import parse_caption
 
         labels = self._sc.labels_of([parse_caption(c) for c in captions])
         _, pred = self._sc.predict(self.model, whole_view(images, self.input_size).to(self.device))

@@ -2,8 +2,8 @@
 
 - toy folders (latent_codec.json): `UNet2DConditionModel.from_pretrained(<model>/unet)` and
   `EulerDiscreteScheduler.from_pretrained(<model>/scheduler)` (prediction type from export.json), Euler
-  steps with classifier-free guidance as one doubled batch (trainer.sampling.sample_latents); the toy's
-  text encoder and pixel codec come from the folder (trainer.encoders).
+  steps with classifier-free guidance as one doubled batch (trainer.method.sampling.sample_latents); the toy's
+  text encoder and pixel codec come from the folder (trainer.data.encoders).
 - SDXL / SD 1.5 layout folders: `StableDiffusionXLPipeline` / `StableDiffusionPipeline.from_pretrained`
   with the folder's EulerDiscreteScheduler (prediction type from export.json); guidance is the pipeline's
   guidance_scale (the same convention: <= 1 means no CFG; zero negative embeddings for SDXL).
@@ -30,7 +30,7 @@ def image_seed(seed: int, index: int) -> int:
 class ExportSampler:
     def __init__(self, model_dir: str | Path, lora: Optional[str | Path] = None, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
-        from trainer.encoders import detect_kind
+        from trainer.data.encoders import detect_kind
 
         self.model_dir = Path(model_dir)
         self.device, self.dtype = torch.device(device), dtype
@@ -57,7 +57,7 @@ class ExportSampler:
     def _init_toy(self) -> None:
         from diffusers import UNet2DConditionModel
 
-        from trainer.encoders import load_encoders
+        from trainer.data.encoders import load_encoders
 
         self.unet = UNet2DConditionModel.from_pretrained(self.model_dir / "unet", local_files_only=True,
                                                          torch_dtype=self.dtype)
@@ -101,8 +101,8 @@ class ExportSampler:
         return (c.in_channels, c.sample_size, c.sample_size)
 
     def _sample_toy(self, captions, indices, steps, guidance, seed) -> np.ndarray:
-        from trainer.models import Conditioning
-        from trainer.sampling import sample_latents, to_uint8
+        from trainer.method.models import Conditioning
+        from trainer.method.sampling import sample_latents, to_uint8
 
         enc = self.encoders
         text = enc.text.encode(list(captions))

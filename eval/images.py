@@ -76,7 +76,7 @@ def patch_view(images: Images, size: int) -> Optional[torch.Tensor]:
 
 # --- degradations ---------------------------------------------------------------------------------
 
-BACKGROUND = torch.tensor([30, 30, 30]) / 255.0  # trainer.shapes.BACKGROUND
+BACKGROUND = torch.tensor([30, 30, 30]) / 255.0  # trainer.data.shapes.BACKGROUND
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

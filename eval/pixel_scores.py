@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.shapes import COLOURS, ShapesDataset, parse_caption  # noqa: E402
+from trainer.data.shapes import COLOURS, ShapesDataset, parse_caption  # noqa: E402
 
 SATURATION = 60  # max - min channel above this: shape pixel (the background is grey)
 

@@ -24,7 +24,7 @@ class ReferenceSet:
                  seed: int = REFERENCE_SEED):
         self.source = source
         if source == "shapes":
-            from trainer.shapes import ShapesDataset
+            from trainer.data.shapes import ShapesDataset
 
             self._data = ShapesDataset(count, seed=seed, resolution=resolution)
             self._files = None
@@ -77,13 +77,13 @@ class ReferenceSet:
 
 class _Rerendered:
     """ShapesDataset items with their captions kept and their geometry drawn again from (seed, index),
-    by the dataset's own rules (trainer.shapes)."""
+    by the dataset's own rules (trainer.data.shapes)."""
 
     def __init__(self, data, seed: int):
         self.data, self.seed = data, seed
 
     def __getitem__(self, index: int):
-        from trainer import shapes
+        from trainer.data import shapes
 
         item = self.data[index]
         rng = np.random.default_rng([self.seed, index])

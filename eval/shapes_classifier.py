@@ -36,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.images import random_augment, to_tensor, whole_view  # noqa: E402
-from trainer.shapes import COLOURS, POSITIONS, SHAPES, ShapesDataset  # noqa: E402
+from trainer.data.shapes import COLOURS, POSITIONS, SHAPES, ShapesDataset  # noqa: E402
 
 INPUT_SIZE = 16
 FEATURE_DIM = 128

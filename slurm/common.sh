@@ -1,7 +1,7 @@
 # Shared by slurm/teacher.sh and slurm/stage<N>.sh (sourced, never submitted itself).
 #
 # Runs one job of the recipe with one srun task per GPU; trainer.run derives rank, local rank, world size
-# and the master address/port from SLURM's variables (trainer/dist_env.py). Preemption: SLURM's warning
+# and the master address/port from SLURM's variables (trainer/runtime/dist_env.py). Preemption: SLURM's warning
 # signal (--signal=USR2@<s>, sent to the srun tasks, i.e. the python processes) makes the trainer write a
 # checkpoint and exit 75; this script then requeues the job, which resumes from that checkpoint. A job
 # killed without warning resumes from its last periodic checkpoint when started again.

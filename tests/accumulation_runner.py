@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import OptimConfig, ScheduleConfig  # noqa: E402
-from trainer.discriminator import discriminator_from_unet  # noqa: E402
-from trainer.engines import build_ds_config, init_distributed, make_engine  # noqa: E402
-from trainer.models import build_toy_unet, freeze  # noqa: E402
-from trainer.objectives import AdversarialObjective  # noqa: E402
-from trainer.loader import rank_positions  # noqa: E402
-from trainer.randomness import SampleRandom  # noqa: E402
-from trainer.schedule import NoiseSchedule  # noqa: E402
+from trainer.method.discriminator import discriminator_from_unet  # noqa: E402
+from trainer.runtime.engines import build_ds_config, init_distributed, make_engine  # noqa: E402
+from trainer.method.models import build_toy_unet, freeze  # noqa: E402
+from trainer.method.objectives import AdversarialObjective  # noqa: E402
+from trainer.data.loader import rank_positions  # noqa: E402
+from trainer.runtime.randomness import SampleRandom  # noqa: E402
+from trainer.method.schedule import NoiseSchedule  # noqa: E402
 
 SCHED = NoiseSchedule.from_config(ScheduleConfig())
 # eps 1: Adam's first steps are then ~ lr x gradient, smooth in the gradient, so summation-order

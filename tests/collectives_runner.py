@@ -1,4 +1,4 @@
-"""Run on 2 gloo ranks by tests/test_collectives.py: every collective of trainer/collectives.py, with a
+"""Run on 2 gloo ranks by tests/test_collectives.py: every collective of trainer/runtime/collectives.py, with a
 process-group timeout (3 s) shorter than rank 0's solo work (6 s). Each rank writes what it saw to
 $OUT/rank<r>.json."""
 import json
@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import collectives  # noqa: E402
-from trainer.engines import init_distributed  # noqa: E402
+from trainer.runtime import collectives  # noqa: E402
+from trainer.runtime.engines import init_distributed  # noqa: E402
 
 TIMEOUT_S, SLOW_S = 3.0, 6.0
 

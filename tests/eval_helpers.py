@@ -23,7 +23,7 @@ def random_inception_file(path: Path, seed: int = 0, drop_num_batches_tracked: b
 def tiny_clip_folder(path: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
-    from trainer.encoders import tiny_clip_tokenizer
+    from trainer.testing import tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

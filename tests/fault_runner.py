@@ -21,7 +21,9 @@ import os
 import signal
 import sys
 
-from trainer import checkpoint, export, loop, stages
+from trainer import export
+from trainer.method import stages
+from trainer.runtime import checkpoint, loop
 from trainer.run import main
 
 kind, _, arg = os.environ.get("FAULT", "").partition(":")

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.discriminator import discriminator_from_unet
-from trainer.engines import build_ds_config, init_distributed, make_engine
-from trainer.models import build_toy_unet, freeze
-from trainer.objectives import AdversarialObjective, implied_x0
-from trainer.randomness import SampleRandom
-from trainer.schedule import NoiseSchedule, move, next_timestep
+from trainer.method.discriminator import discriminator_from_unet
+from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
+from trainer.method.models import build_toy_unet, freeze
+from trainer.method.objectives import AdversarialObjective, implied_x0
+from trainer.runtime.randomness import SampleRandom
+from trainer.method.schedule import NoiseSchedule, move, next_timestep
 
 from conftest import ROOT
 
@@ -110,8 +110,8 @@ def test_implied_x0_inverts_a_ddim_move():
 
 
 def test_x0_head_from_v_predicts_x0_at_T_up_to_alpha_x_t():
-    from trainer.models import Conditioning, unet_forward
-    from trainer.stages import x0_head_from_v
+    from trainer.method.models import Conditioning, unet_forward
+    from trainer.method.stages import x0_head_from_v
 
     v_net = build_toy_unet(seed=3)
     x0_net = copy.deepcopy(v_net)
@@ -130,7 +130,7 @@ def test_x0_head_from_v_predicts_x0_at_T_up_to_alpha_x_t():
 def test_mse_objective_in_x0_space_is_the_landing_error_rescaled(dist):
     """mse_space x0 compares the x0 the two landings imply from x_t: per sample, the landing error divided
     by (a' - s' a / s); a student equal to a teacher without guidance has zero loss in both spaces."""
-    from trainer.objectives import MSEDistillObjective
+    from trainer.method.objectives import MSEDistillObjective
 
     net = build_toy_unet(seed=0)
     ds = build_ds_config(str(ROOT / "ds_configs/zero2_cpu_fp32.json"), 4, 1, dist.world_size, ADAM, "test")

@@ -16,9 +16,9 @@ if str(ROOT) not in sys.path:
 
 from bench import memory  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.discriminator import discriminator_from_unet  # noqa: E402
-from trainer.lora import add_lora, lora_state_dict  # noqa: E402
-from trainer.models import build_toy_unet  # noqa: E402
+from trainer.method.discriminator import discriminator_from_unet  # noqa: E402
+from trainer.method.lora import add_lora, lora_state_dict  # noqa: E402
+from trainer.method.models import build_toy_unet  # noqa: E402
 
 TINY = memory.PRESETS["tiny"]
 SDXL_UNET_PARAMS = 2.567e9  # stabilityai/stable-diffusion-xl-base-1.0's UNet

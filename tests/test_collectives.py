@@ -1,4 +1,4 @@
-"""trainer/collectives.py: the only module that talks to torch.distributed, with tensors on the process
+"""trainer/runtime/collectives.py: the only module that talks to torch.distributed, with tensors on the process
 group's device, and rank 0's solo work awaited outside the step's collective timeout."""
 import ast
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.collectives as collectives
+import trainer.runtime.collectives as collectives
 
 from conftest import ROOT, cli_env
 
@@ -34,8 +34,8 @@ def test_no_collective_outside_the_collectives_module():
     others = [p for p in TRAINER_FILES if p.name != "collectives.py"]
     assert len(others) > 20
     uses = [use for path in others for use in _distributed_uses(path)]
-    assert uses == [], f"torch.distributed used outside trainer/collectives.py: {uses}"
-    assert _distributed_uses(ROOT / "trainer" / "collectives.py")  # the scan does see them where they are
+    assert uses == [], f"torch.distributed used outside trainer/runtime/collectives.py: {uses}"
+    assert _distributed_uses(ROOT / "trainer" / "runtime" / "collectives.py")  # the scan does see them where they are
 
 
 def test_the_scan_catches_a_direct_collective(tmp_path):
@@ -147,7 +147,7 @@ def test_checkpointed_tensors_are_loaded_onto_an_explicit_device():
 def test_ema_resumes_into_the_modules_own_tensors():
     """The EMA shadow lives where the module lives; a checkpoint's average is copied into it, so a CPU
     file never replaces GPU tensors."""
-    from trainer.loop import EMA
+    from trainer.runtime.loop import EMA
 
     module = torch.nn.Linear(3, 2)
     ema = EMA(module, 0.9)

@@ -40,7 +40,7 @@ def stated(optim) -> dict:
 
 
 def test_sdxl_recipe_is_the_papers():
-    from trainer.stages import phase_disc_optim, phase_optim, stage_phases
+    from trainer.method.stages import phase_disc_optim, phase_optim, stage_phases
 
     cfg = load_config(ROOT / "configs" / "sdxl.yaml", check_paths=False)
     steps = [(s.teacher_steps, s.student_steps) for s in cfg.stages]
@@ -172,7 +172,7 @@ def test_cli_bad_config_is_one_line_and_starts_nothing(tmp_path):
 ])
 def test_stage_phases_follow_the_objective_and_variant(stage, phases):
     from trainer.config import StageConfig
-    from trainer.stages import stage_phases
+    from trainer.method.stages import stage_phases
 
     got = [p.job_name("s", i)[2:] + (f":{p.samples}" if ":" in phases[i] else "")
            for i, p in enumerate(stage_phases(StageConfig(**stage)))]
@@ -181,7 +181,7 @@ def test_stage_phases_follow_the_objective_and_variant(stage, phases):
 
 def test_phase_optimizers():
     from trainer.config import OptimConfig, StageConfig
-    from trainer.stages import phase_optim, stage_phases
+    from trainer.method.stages import phase_optim, stage_phases
 
     mse = OptimConfig(lr=2e-5)
     stage = StageConfig(student_steps=1, teacher_steps=2, objective="mse+adv_cond", x0_samples=8, mse_optim=mse)
@@ -194,7 +194,7 @@ def test_phase_optimizers():
 
 def test_disc_optimizer_follows_what_the_student_trains():
     from trainer.config import DiscConfig, OptimConfig, StageConfig
-    from trainer.stages import phase_disc_optim, stage_phases
+    from trainer.method.stages import phase_disc_optim, stage_phases
 
     full, lora = OptimConfig(lr=5e-7), OptimConfig(lr=1e-6)
     stage = StageConfig(student_steps=8, teacher_steps=32, objective="adv_cond+adv_uncond", variant="lora+full",

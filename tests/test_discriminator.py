@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from trainer.discriminator import (Discriminator, adaptive_head_blocks, d_accuracy, d_loss,
+from trainer.method.discriminator import (Discriminator, adaptive_head_blocks, d_accuracy, d_loss,
                                    discriminator_from_unet, g_loss)
-from trainer.encoders import make_tiny_sd15_folder, make_tiny_sdxl_folder
-from trainer.models import TOY_TEXT_DIM, Conditioning, build_toy_unet, load_unet
+from trainer.testing import make_tiny_sd15_folder, make_tiny_sdxl_folder
+from trainer.method.models import TOY_TEXT_DIM, Conditioning, build_toy_unet, load_unet
 
 B = 2
 
@@ -191,7 +191,7 @@ def test_gradients_reach_input_and_every_parameter(toy_unet, conditional):
 
 
 def test_gradient_checkpointing_same_outputs_and_grads(toy_unet, monkeypatch):
-    import trainer.discriminator as module
+    import trainer.method.discriminator as module
     calls = []
     real_checkpoint = module.checkpoint
     monkeypatch.setattr(module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
@@ -282,8 +282,8 @@ def test_unconditional_toy_d_learns_to_separate_two_batches(toy_unet):
 def test_d_reads_only_the_encoder_from_disk(tmp_path):
     """D's backbone needs the encoder path alone: load_unet(only=ENCODER_PARTS) reads just those weights (the
     decoder stays unread on the meta device) and D built from it equals D built from the whole UNet."""
-    from trainer.discriminator import ENCODER_PARTS
-    from trainer.models import load_unet
+    from trainer.method.discriminator import ENCODER_PARTS
+    from trainer.method.models import load_unet
 
     unet = build_toy_unet(seed=2)
     unet.save_pretrained(tmp_path / "unet", safe_serialization=True)

@@ -1,4 +1,4 @@
-"""SLURM -> torch.distributed environment (trainer/dist_env.py): host lists, rank mapping for N nodes x
+"""SLURM -> torch.distributed environment (trainer/runtime/dist_env.py): host lists, rank mapping for N nodes x
 G tasks, when it applies, and the hook in init_distributed with two real processes (no SLURM needed)."""
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ROOT, cli_env
 
-from trainer.dist_env import (
+from trainer.runtime.dist_env import (
     PORT_BASE,
     PORT_SPAN,
     expand_hostlist,
@@ -110,7 +110,7 @@ PROBE = """
 import os
 import torch
 import torch.distributed as dist
-from trainer.engines import init_distributed
+from trainer.runtime.engines import init_distributed
 info = init_distributed()
 x = torch.tensor([info.rank + 1.0])
 dist.all_reduce(x)

@@ -1,4 +1,4 @@
-"""Encoders (codecs, text encoders, model folders) and the caching step (trainer.encode)."""
+"""Encoders (codecs, text encoders, model folders) and the caching step (trainer.data.encode)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,16 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from trainer.encode import encode_to_shards, iter_image_folder, iter_shapes, resize_and_crop
-from trainer.encoders import (
+from trainer.data.encode import encode_to_shards, iter_image_folder, iter_shapes, resize_and_crop
+from trainer.data.encoders import (
     PixelUnshuffleCodec,
     ToyTextEncoder,
     VaeCodec,
     create_toy_encoders,
     load_encoders,
-    make_tiny_sd15_folder,
-    make_tiny_sdxl_folder,
 )
-from trainer.shapes import ShapesDataset
+from trainer.data.shapes import ShapesDataset
+from trainer.testing import make_tiny_sd15_folder, make_tiny_sdxl_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle at top left", "a blue ring at center", ""]
@@ -200,7 +199,7 @@ def test_sources_that_yield_nothing_usable_are_errors(tmp_path, toy_dir):
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "trainer.encode", *args], cwd=REPO_ROOT, env=env,
+        [sys.executable, "-m", "trainer.data.encode", *args], cwd=REPO_ROOT, env=env,
         capture_output=True, text=True, timeout=120,
     )
 

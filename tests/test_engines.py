@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trainer.config import OptimConfig
-from trainer.engines import adam_params, build_ds_config, init_distributed, make_engine
-from trainer.models import Conditioning, build_toy_unet, unet_forward
+from trainer.runtime.engines import adam_params, build_ds_config, init_distributed, make_engine
+from trainer.method.models import Conditioning, build_toy_unet, unet_forward
 
 from conftest import ROOT
 
@@ -74,8 +74,8 @@ def test_starting_compiles_nothing(tmp_path):
     from conftest import cli_env
 
     script = ("from trainer.config import OptimConfig\n"
-              "from trainer.engines import build_ds_config, init_distributed, make_engine\n"
-              "from trainer.models import build_toy_unet\n"
+              "from trainer.runtime.engines import build_ds_config, init_distributed, make_engine\n"
+              "from trainer.method.models import build_toy_unet\n"
               "init_distributed()\n"
               f"make_engine(build_toy_unet(), build_ds_config('{ROOT}/ds_configs/zero2_cpu.json', 2, 1, 1, OptimConfig(), 't'))\n")
     extensions = tmp_path / "torch_extensions"

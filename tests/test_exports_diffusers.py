@@ -1,7 +1,7 @@
 """Every export format loads and samples with diffusers (+ transformers / safetensors) alone.
 
-The exports are written with the trainer's own writers (trainer.export.export_unet, trainer.lora.save_lora
-and merge_lora, as trainer.stages does); everything after that, in each test's loading path, is plain
+The exports are written with the trainer's own writers (trainer.export.export_unet, trainer.method.lora.save_lora
+and merge_lora, as trainer.method.stages does); everything after that, in each test's loading path, is plain
 diffusers / transformers / safetensors / json. Project code appears only as an oracle to compare against.
 """
 from __future__ import annotations
@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
 
 from trainer.config import ScheduleConfig
-from trainer.encoders import create_toy_encoders, load_encoders, make_tiny_sdxl_folder
+from trainer.data.encoders import create_toy_encoders, load_encoders
+from trainer.testing import make_tiny_sdxl_folder
 from trainer.export import export_unet
-from trainer.lora import add_lora, merge_lora, save_lora
-from trainer.models import Conditioning, build_toy_unet
-from trainer.sampling import sample_latents
+from trainer.method.lora import add_lora, merge_lora, save_lora
+from trainer.method.models import Conditioning, build_toy_unet
+from trainer.method.sampling import sample_latents
 
 PROMPTS = ["a red circle at top left", "a blue frame at center"]
 
@@ -38,7 +39,7 @@ def _perturb(module: torch.nn.Module, seed: int, std: float, lora_only: bool = F
 
 def _export_with_lora(base_unet: UNet2DConditionModel, out: Path, base_dir: Path, prediction_type: str,
                       steps: int, stage: str) -> Path:
-    """What trainer.stages does for a LoRA phase: LoRA file + merged UNet in one export."""
+    """What trainer.method.stages does for a LoRA phase: LoRA file + merged UNet in one export."""
     unet = add_lora(copy.deepcopy(base_unet), rank=4, alpha=8)
     _perturb(unet, seed=1, std=0.05, lora_only=True)
     lora_file = save_lora(unet, out.parent / f"{stage}_lora_tmp" / "pytorch_lora_weights.safetensors")

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.engines import build_ds_config, init_distributed, make_engine
-from trainer.models import build_toy_unet
-from trainer.objectives import DenoiseObjective
-from trainer.randomness import SampleRandom
-from trainer.schedule import NoiseSchedule
+from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
+from trainer.method.models import build_toy_unet
+from trainer.method.objectives import DenoiseObjective
+from trainer.runtime.randomness import SampleRandom
+from trainer.method.schedule import NoiseSchedule
 
 from conftest import ROOT, run_cli
 
@@ -153,7 +153,7 @@ def test_a_shard_sample_holding_a_pickle_is_refused_not_unpickled(tmp_path):
 
     import numpy as np
 
-    from trainer.shards import BadSample, decode_sample
+    from trainer.data.shards import BadSample, decode_sample
 
     buf = io.BytesIO()
     np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)  # an object array = a pickle inside
@@ -298,7 +298,7 @@ def test_a_resumed_job_logs_each_step_once(tmp_path):
     files) hold every step once, ending with the run's 8 steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trainer.tracking import read_metrics
+    from trainer.runtime.tracking import read_metrics
 
     out = tmp_path / "run"
     args = ["--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}", "--set", "log.checkpoint_every_samples=32",

@@ -16,11 +16,12 @@ from eval import fid_patch
 from eval.generate import ExportSampler
 from tests.eval_helpers import random_inception_file, tiny_clip_folder
 from trainer.config import ScheduleConfig
-from trainer.encoders import create_toy_encoders, make_tiny_sdxl_folder
+from trainer.data.encoders import create_toy_encoders
+from trainer.testing import make_tiny_sdxl_folder
 from trainer.export import export_unet
-from trainer.lora import add_lora, merge_lora, save_lora
-from trainer.models import build_toy_unet
-from trainer.shapes import ShapesDataset
+from trainer.method.lora import add_lora, merge_lora, save_lora
+from trainer.method.models import build_toy_unet
+from trainer.data.shapes import ShapesDataset
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.discriminator import discriminator_from_unet
-from trainer.engines import build_ds_config, init_distributed, make_engine
-from trainer.models import build_toy_unet, freeze
-from trainer.objectives import AdversarialObjective, MSEDistillObjective
-from trainer.randomness import SampleRandom
-from trainer.schedule import NoiseSchedule
+from trainer.method.discriminator import discriminator_from_unet
+from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
+from trainer.method.models import build_toy_unet, freeze
+from trainer.method.objectives import AdversarialObjective, MSEDistillObjective
+from trainer.runtime.randomness import SampleRandom
+from trainer.method.schedule import NoiseSchedule
 
 from conftest import ROOT
 
@@ -91,7 +91,7 @@ def test_the_detector_catches_a_host_read(dist):
         d_t = torch.tensor([10, 250])
         _ = [ts for ts in (10, 250) if (d_t == ts).any()]  # noqa: F841
     assert reads.ours == [] and reads.others == 2  # not from trainer/: counted as someone else's
-    import trainer.objectives as objectives_module
+    import trainer.method.objectives as objectives_module
 
     source = "def probe(t):\n    return bool((t == 10).any())\n"
     code = compile(source, objectives_module.__file__, "exec")  # attributed to a trainer file

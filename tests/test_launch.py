@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, cli_env
 
 from trainer.config import ConfigError, load_config
-from trainer.dist_env import master_port
+from trainer.runtime.dist_env import master_port
 from trainer.launch import TrainerJob, distributed_env, parse_stages, plan_jobs, select_jobs
 
 RECIPE = "tests/slurm_smoke.yaml"

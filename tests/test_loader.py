@@ -9,9 +9,9 @@ import pytest
 import torch
 import webdataset as wds
 
-import trainer.loader as loader_module
-from trainer.loader import auto_lanes, make_loader, rank_positions, read_raw_samples, slots_before
-from trainer.shards import (BadSample, ShardWriter, decode_sample, encode_npy, list_shards,
+import trainer.data.loader as loader_module
+from trainer.data.loader import auto_lanes, make_loader, rank_positions, read_raw_samples, slots_before
+from trainer.data.shards import (BadSample, ShardWriter, decode_sample, encode_npy, list_shards,
                             read_index)
 
 LATENT, EMBEDS, POOLED = (12, 16, 16), (8, 32), (32,)
@@ -283,7 +283,7 @@ def test_bad_samples_and_truncated_shard_are_reported_skipped_counted(tmp_path, 
     assert 0 < kept < 10
     loader = loader_at(tmp_path, 5, 0, max_bad_fraction=0.5)
     stream = loader.stream
-    with caplog.at_level(logging.WARNING, logger="trainer.loader"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.loader"):
         batches = take(loader, 32)  # two epochs of 80 slots
 
     messages = [record.getMessage() for record in caplog.records]
@@ -356,7 +356,7 @@ def test_a_shard_that_cannot_be_read_is_reported_and_skipped(tmp_path, caplog, d
         shard.unlink()
     loader = loader_at(tmp_path, 5, 0, max_bad_fraction=0.5)
     stream = loader.stream
-    with caplog.at_level(logging.WARNING, logger="trainer.loader"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.loader"):
         batches = take(loader, 16)  # one epoch of 80 slots
     hits = [r.getMessage() for r in caplog.records if "train-000003.tar" in r.getMessage()]
     assert len(hits) == 1 and str(tmp_path) in hits[0]
@@ -365,14 +365,14 @@ def test_a_shard_that_cannot_be_read_is_reported_and_skipped(tmp_path, caplog, d
 
 
 def test_fast_shard_reader_matches_webdataset_and_falls_back(tmp_path):
-    """The project's shards take the one-read, zero-copy path (trainer/tarscan.py) and give exactly what
+    """The project's shards take the one-read, zero-copy path (trainer/data/tarscan.py) and give exactly what
     webdataset's reader gives; a tar it does not handle (here gzip-compressed) goes to webdataset's."""
     import gzip
 
     import webdataset as wds
 
-    from trainer.loader import read_raw_samples
-    from trainer.tarscan import read_plain_shard
+    from trainer.data.loader import read_raw_samples
+    from trainer.data.tarscan import read_plain_shard
 
     write_shards(tmp_path)
     path = str(sorted(tmp_path.glob("*.tar"))[0])
@@ -397,7 +397,7 @@ def test_fast_shard_reader_matches_webdataset_and_falls_back(tmp_path):
 def test_npy_views_and_refusals():
     import io as _io
 
-    from trainer.shards import decode_npy, encode_npy
+    from trainer.data.shards import decode_npy, encode_npy
 
     array = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
     buffer = bytearray(encode_npy(array))

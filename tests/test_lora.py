@@ -1,4 +1,4 @@
-"""LoRA on the UNet: which modules, frozen base, merge, and the diffusers file format (trainer.lora)."""
+"""LoRA on the UNet: which modules, frozen base, merge, and the diffusers file format (trainer.method.lora)."""
 from __future__ import annotations
 
 import copy
@@ -8,10 +8,10 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from torch import nn
 
-from trainer.encoders import make_tiny_sdxl_folder
-from trainer.lora import (add_lora, count_trainable, load_lora_into, lora_state_dict, lora_target_modules,
+from trainer.testing import make_tiny_sdxl_folder
+from trainer.method.lora import (add_lora, count_trainable, load_lora_into, lora_state_dict, lora_target_modules,
                           merge_lora, save_lora)
-from trainer.models import Conditioning, build_toy_unet, unet_forward
+from trainer.method.models import Conditioning, build_toy_unet, unet_forward
 
 EXCLUDED = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
             "add_embedding.linear_1", "add_embedding.linear_2"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from trainer.config import load_config
-from trainer.encoders import make_tiny_sdxl_folder
-from trainer.preflight import problems
-from trainer.shards import ShardWriter
+from trainer.testing import make_tiny_sdxl_folder
+from trainer.runtime.preflight import problems
+from trainer.data.shards import ShardWriter
 
 from conftest import ROOT, cli_env
 

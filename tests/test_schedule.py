@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from trainer.config import ScheduleConfig
-from trainer.models import Conditioning, guided_denoiser
-from trainer.sampling import make_scheduler
-from trainer.schedule import NoiseSchedule, move, next_timestep, teacher_jump, trailing_timesteps
+from trainer.method.models import Conditioning, guided_denoiser
+from trainer.method.sampling import make_scheduler
+from trainer.method.schedule import NoiseSchedule, move, next_timestep, teacher_jump, trailing_timesteps
 
 SCHED = NoiseSchedule.from_config(ScheduleConfig())
 

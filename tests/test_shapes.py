@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, ShapesDataset,
+from trainer.data.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, ShapesDataset,
                             parse_caption)
 
 

@@ -102,7 +102,7 @@ def test_stage_student_starts_from_teacher_and_moves(smoke_run):
 
 def test_stage_with_ema_exports_the_average(smoke_run):
     """stages[N].ema_decay: the phase exports the student's weight average, not its last iterate."""
-    from trainer.checkpoint import CheckpointManager, fp32_weights
+    from trainer.runtime.checkpoint import CheckpointManager, fp32_weights
 
     ckpt = smoke_run / "jobs" / JOBS["stage5_1.1_adv_uncond"] / "ckpt"
     final = ckpt / (ckpt / "LATEST").read_text()
@@ -175,9 +175,9 @@ def test_a_phases_engines_are_gone_before_the_next_phase_starts(tmp_path, monkey
     import gc
     import weakref
 
-    from trainer import stages
+    from trainer.method import stages
     from trainer.config import load_config
-    from trainer.engines import init_distributed
+    from trainer.runtime.engines import init_distributed
     from trainer.pipeline import run_progression
 
     from conftest import ROOT

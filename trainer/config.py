@@ -84,7 +84,7 @@ class DataConfig:
     source: str = "shards"
     shards: str = ""  # a folder with index.json
     num_workers: int = 1
-    # Lanes the data is read through (trainer/loader.py): fixes the order of the samples whatever the
+    # Lanes the data is read through (trainer/data/loader.py): fixes the order of the samples whatever the
     # world size, which must divide it. 0: the largest power of two up to 64 dividing the number of shards.
     # Changing it (or the shards) changes the data order, so a job resumes only with the lanes it began with.
     lanes: int = 0

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 from diffusers import UNet2DConditionModel
 
-from .config import ScheduleConfig
-from .sampling import make_scheduler
+from trainer.config import ScheduleConfig
+from trainer.method.sampling import make_scheduler
 
 MANIFEST = "export.json"
 SINGLE_FILE_UNET = "unet.safetensors"

@@ -14,7 +14,7 @@ anything is submitted (a bad one: one line, exit code 2).
 Inside a job, every task is one rank: the distributed environment comes from submitit's JobEnvironment
 (global rank, local rank, task count; rank 0's host is the master), then trainer.run's main runs the
 job. Preemption: SLURM's USR2 warning (and SIGTERM) reach the trainer, which writes a checkpoint before
-its next micro-step (trainer/preemption.py) and returns 75; the task then hands over to submitit's own preemption handler, which
+its next micro-step (trainer/runtime/preemption.py) and returns 75; the task then hands over to submitit's own preemption handler, which
 calls `TrainerJob.checkpoint()` (the same job again) and requeues it; the requeued job resumes from that
 checkpoint. A USR2 that arrives before trainer.run's main installed its handler goes straight to submitit's.
 
@@ -39,10 +39,10 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
-from .config import Config, ConfigError, load_config
-from .export import is_complete
-from .preflight import problems
-from .run import EXIT_CONFIG, EXIT_PREEMPTED
+from trainer.config import Config, ConfigError, load_config
+from trainer.export import is_complete
+from trainer.runtime.preflight import problems
+from trainer.run import EXIT_CONFIG, EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_FAILED = 1
@@ -118,7 +118,7 @@ def select_jobs(cfg: Config, jobs: list[PlannedJob], stages: str) -> list[Planne
 
 def distributed_env(job_env) -> dict[str, str]:
     """torch.distributed's variables for this task from submitit's JobEnvironment."""
-    from .dist_env import master_port
+    from trainer.runtime.dist_env import master_port
 
     hosts = list(job_env.hostnames) if job_env.cluster == "slurm" else ["127.0.0.1"]
     job_id = int("".join(ch for ch in str(job_env.raw_job_id) if ch.isdigit()) or 0)
@@ -164,7 +164,7 @@ class TrainerJob(Checkpointable):
         os.chdir(self.workdir)  # the recipe's relative paths mean what they meant where it was launched
         os.environ.update(distributed_env(job_env))
         submitit_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue
-        from .run import main
+        from trainer.run import main
 
         rc = main(self.argv())
         if rc == EXIT_PREEMPTED:

@@ -15,17 +15,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .preemption import preemption_handler, solo
-from .checkpoint import CheckpointManager
-from .config import Config, dump_config
-from .engines import DistInfo, build_ds_config, device, make_engine, release_engines
-from .export import export_unet, is_complete, prediction_type_of
-from .loop import Job, train
-from .models import Conditioning, build_toy_unet, load_unet
-from .objectives import DenoiseObjective
-from .stages import StageRunner
-from .sampling import make_grid, make_scheduler, sample_latents, save_png, to_uint8
-from .schedule import NoiseSchedule
+from trainer.runtime.preemption import preemption_handler, solo
+from trainer.runtime.checkpoint import CheckpointManager
+from trainer.config import Config, dump_config
+from trainer.runtime.engines import DistInfo, build_ds_config, device, make_engine, release_engines
+from trainer.export import export_unet, is_complete, prediction_type_of
+from trainer.runtime.loop import Job, train
+from trainer.method.models import Conditioning, build_toy_unet, load_unet
+from trainer.method.objectives import DenoiseObjective
+from trainer.method.stages import StageRunner
+from trainer.method.sampling import make_grid, make_scheduler, sample_latents, save_png, to_uint8
+from trainer.method.schedule import NoiseSchedule
 
 DEFAULT_GRID_PROMPTS = [
     "a red circle at top left", "a green square at top right", "a blue triangle at bottom left",
@@ -49,7 +49,7 @@ def prepare_base(cfg: Config, info: DistInfo) -> Path:
     def write() -> None:
         import shutil
 
-        from .encoders import create_toy_encoders
+        from trainer.data.encoders import create_toy_encoders
 
         if base.is_dir():
             return
@@ -66,14 +66,14 @@ def prepare_base(cfg: Config, info: DistInfo) -> Path:
 
 def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
     """The training shards: the recipe's folder (data.source: shards, encoded beforehand with
-    trainer.encode), or the embedded shapes dataset, rendered and encoded here once (data.source: shapes)."""
+    trainer.data.encode), or the embedded shapes dataset, rendered and encoded here once (data.source: shapes)."""
     shard_dir = cfg.shard_dir
     if cfg.data.source != "shapes" or (shard_dir / "index.json").is_file():
         return shard_dir
 
     def encode() -> None:
-        from .encode import encode_to_shards, iter_shapes
-        from .encoders import load_encoders
+        from trainer.data.encode import encode_to_shards, iter_shapes
+        from trainer.data.encoders import load_encoders
 
         shapes = cfg.data.shapes
         encode_to_shards(load_encoders(base), iter_shapes(shapes.count, shapes.seed, shapes.resolution), shard_dir,
@@ -87,7 +87,7 @@ def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
 def load_codec(model_dir: Path, dev: torch.device = torch.device("cpu")):
     """Only the latent codec (no text encoders): what sampling needs to turn latents into pixels. The
     VAE decodes one image at a time (slicing): a 1024 px decode's activations are the peak otherwise."""
-    from .encoders import LATENT_CODEC_FILE, VaeCodec, load_toy_codec
+    from trainer.data.encoders import LATENT_CODEC_FILE, VaeCodec, load_toy_codec
 
     if (Path(model_dir) / LATENT_CODEC_FILE).is_file():
         return load_toy_codec(model_dir)[0]
@@ -105,7 +105,7 @@ def write_grid_conditioning(cfg: Config, base: Path) -> Path:
     def write() -> None:
         if cache.is_file():
             return
-        from .encoders import load_encoders
+        from trainer.data.encoders import load_encoders
 
         encoders = load_encoders(base)
         prompts = cfg.log.grid_prompts or DEFAULT_GRID_PROMPTS

@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from .config import ConfigError, load_config
+    from trainer.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
             print(f"config error: {args.config}: --stage {args.stage}: the recipe has {len(cfg.stages)} stages", file=sys.stderr)
             return EXIT_CONFIG
         only.append(cfg.stages[args.stage - 1].name)
-    from .pipeline import job_names
-    from .preflight import problems
+    from trainer.pipeline import job_names
+    from trainer.runtime.preflight import problems
 
     unknown = [name for name in only if name not in job_names(cfg)]
     if unknown:
@@ -62,15 +62,15 @@ def main(argv=None) -> int:
         print("\n".join(f"input error: {args.config}: {p}" for p in found), file=sys.stderr)
         return EXIT_CONFIG
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from .preemption import preemption_handler
+    from trainer.runtime.preemption import preemption_handler
 
     preemption_handler()  # before any work: a SLURM signal during set-up must not kill the process
 
-    from .engines import init_distributed
-    from .checkpoint import CheckpointWriteError
-    from .loop import NonFiniteError, ResumeError
-    from .preemption import Preempted
-    from .pipeline import run_progression
+    from trainer.runtime.engines import init_distributed
+    from trainer.runtime.checkpoint import CheckpointWriteError
+    from trainer.runtime.loop import NonFiniteError, ResumeError
+    from trainer.runtime.preemption import Preempted
+    from trainer.pipeline import run_progression
 
     set_determinism(cfg.run.deterministic)
     info = init_distributed(cfg.run.collective_timeout_s, cfg.run.main_work_timeout_s)

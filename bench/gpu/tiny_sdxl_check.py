@@ -1,7 +1,7 @@
 """Part (a) of the GPU check: the paper's recipe (configs/sdxl.yaml, all five stages, every phase) on a tiny
 random SDXL through `python -m trainer.run`, one rank (NCCL and ds_configs/zero2_gpu.json on a GPU; gloo and
 ds_configs/zero2_cpu.json on a CPU), with what a long run meets on a cluster:
-  1. a tiny SDXL folder (trainer.encoders.make_tiny_sdxl_folder), 32 rendered shapes (name.png + name.txt)
+  1. a tiny SDXL folder (trainer.testing.make_tiny_sdxl_folder), 32 rendered shapes (name.png + name.txt)
      encoded into shards by `python -m trainer.encode --source folder` at the tiny VAE's resolution;
   2. run 1: periodic checkpoints; SIGUSR2 once stage1_32's MSE phase has written its first one -> exit 75;
   3. run 2 (same command): resumes there; SIGUSR2 once stage5_1's adv_cond phase (full UNet, EMA kept:
@@ -89,7 +89,7 @@ def part(name: str, fn):
 
 
 def make_model() -> int:
-    from trainer.encoders import make_tiny_sdxl_folder
+    from trainer.testing import make_tiny_sdxl_folder
 
     make_tiny_sdxl_folder(MODEL, seed=0)
     return int(json.loads((MODEL / "vae" / "config.json").read_text())["sample_size"])
@@ -98,7 +98,7 @@ def make_model() -> int:
 def make_images(resolution: int) -> None:
     from PIL import Image
 
-    from trainer.shapes import ShapesDataset
+    from trainer.data.shapes import ShapesDataset
 
     IMAGES_DIR.mkdir(parents=True)
     data = ShapesDataset(IMAGES, seed=0, resolution=resolution)
@@ -109,12 +109,12 @@ def make_images(resolution: int) -> None:
 
 
 def encode(resolution: int) -> None:
-    cmd = [PY, "-m", "trainer.encode", "--model", str(MODEL), "--source", "folder", "--input", str(IMAGES_DIR),
+    cmd = [PY, "-m", "trainer.data.encode", "--model", str(MODEL), "--source", "folder", "--input", str(IMAGES_DIR),
            "--out", str(SHARDS), "--resolution", str(resolution), "--samples-per-shard", "16", "--batch-size", "16"]
     with open(LOGS / "encode.log", "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=300).returncode
     if rc != 0 or not (SHARDS / "index.json").is_file():
-        raise RuntimeError(f"trainer.encode exited {rc} (log: {LOGS / 'encode.log'})")
+        raise RuntimeError(f"trainer.data.encode exited {rc} (log: {LOGS / 'encode.log'})")
 
 
 # -- the recipe, shrunk ------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ print(f"== (a) tiny SDXL, configs/sdxl.yaml through trainer.run: {result['device
 resolution = part("tiny SDXL model folder", make_model)
 if resolution:
     part(f"{IMAGES} images ({resolution} px, name.png + name.txt)", lambda: make_images(resolution))
-    part("trainer.encode --source folder", lambda: encode(resolution))
+    part("trainer.data.encode --source folder", lambda: encode(resolution))
 if all(p["ok"] for p in result["parts"]):
     try:
         run_all()

@@ -33,7 +33,7 @@ _host_group = None
 
 def init(collective_timeout_s: float, main_work_timeout_s: float) -> None:
     """Picks this process's GPU, then joins (or creates) the process group and the rank-0 wait group.
-    RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* must be set (trainer.engines.init_distributed does it)."""
+    RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* must be set (trainer.runtime.engines.init_distributed does it)."""
     global _host_group
     cuda = torch.cuda.is_available()
     if cuda:  # before the group: NCCL binds its communicator to the current device

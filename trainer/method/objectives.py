@@ -14,10 +14,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .discriminator import d_accuracy, d_loss, g_loss
-from .models import Conditioning, guided_denoiser, unet_forward
-from .randomness import SampleRandom
-from .schedule import NoiseSchedule, move, next_timestep, teacher_jump, trailing_timesteps
+from trainer.method.discriminator import d_accuracy, d_loss, g_loss
+from trainer.method.models import Conditioning, guided_denoiser, unet_forward
+from trainer.runtime.randomness import SampleRandom
+from trainer.method.schedule import NoiseSchedule, move, next_timestep, teacher_jump, trailing_timesteps
 
 
 class Objective(Protocol):
@@ -34,7 +34,7 @@ def host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _randn_like(x: torch.Tensor, rand: SampleRandom) -> torch.Tensor:
-    # Drawn on the CPU from each sample's generator (trainer/randomness.py), then queued to the device.
+    # Drawn on the CPU from each sample's generator (trainer/runtime/randomness.py), then queued to the device.
     return host_to_device(rand.randn(x.shape[1:]), x.device)
 
 

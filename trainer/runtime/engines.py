@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, OptimConfig, ds_config_from_file
+from trainer.config import ConfigError, OptimConfig, ds_config_from_file
 
 
 @dataclass
@@ -30,11 +30,11 @@ def _free_port() -> int:
 
 
 def init_distributed(collective_timeout_s: float = 1800.0, main_work_timeout_s: float = 14400.0) -> DistInfo:
-    """Join (or create) the process group (trainer/collectives.py: device, groups, timeouts). torchrun sets
-    RANK/WORLD_SIZE/...; under srun they come from SLURM's variables (trainer/dist_env.py); a plain
+    """Join (or create) the process group (trainer/runtime/collectives.py: device, groups, timeouts). torchrun sets
+    RANK/WORLD_SIZE/...; under srun they come from SLURM's variables (trainer/runtime/dist_env.py); a plain
     `python -m ...` gets a one-process group (DeepSpeed otherwise goes looking for MPI)."""
-    from . import collectives
-    from .dist_env import fill_from_slurm
+    from trainer.runtime import collectives
+    from trainer.runtime.dist_env import fill_from_slurm
 
     fill_from_slurm()  # an srun task (several per step): ranks, master and port from SLURM's variables
     if "RANK" not in os.environ:

@@ -12,7 +12,7 @@ slot p // K of lane p % K. A step of global batch G takes positions [s G, (s + 1
 those with p % R == r, in order, micro-batch after micro-batch. Lane l feeds rank l % R only (R must
 divide K): a rank reads its own lanes' shards, and the same positions hold the same samples on any number
 of ranks, so a job resumed on another world size continues the same sequence. Every batch carries its
-positions: a sample's randomness is keyed by its position (trainer/randomness.py).
+positions: a sample's randomness is keyed by its position (trainer/runtime/randomness.py).
 
 Workers. A rank's lanes are split over its DataLoader workers (lane l to worker (l // R) % W). For each of
 the rank's micro-batches in turn, every worker yields its own lanes' part (possibly none); DataLoader hands
@@ -40,9 +40,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .preemption import ignore_in_worker as ignore_stop_signals
-from .shards import BadSample, decode_sample, read_index
-from .tarscan import read_plain_shard
+from trainer.runtime.preemption import ignore_in_worker as ignore_stop_signals
+from trainer.data.shards import BadSample, decode_sample, read_index
+from trainer.data.tarscan import read_plain_shard
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def read_raw_samples(path: str) -> tuple[list[dict], Optional[str]]:
     Samples read before an error are kept: a truncated shard loses only its tail.
     """
     try:
-        fast = read_plain_shard(path)  # the project's own shards: one read, no copies (trainer/tarscan.py)
+        fast = read_plain_shard(path)  # the project's own shards: one read, no copies (trainer/data/tarscan.py)
     except OSError as error:
         return [], f"{type(error).__name__}: {error}"
     if fast is not None:

@@ -205,7 +205,7 @@ def read_index(shard_dir: Union[str, Path]) -> dict[str, Any]:
     path = Path(shard_dir) / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no shard index at {path}: write shards with "
-                                f"trainer.shards.ShardWriter (it writes index.json on close)")
+                                f"trainer.data.shards.ShardWriter (it writes index.json on close)")
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT:
         raise ValueError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")

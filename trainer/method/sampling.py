@@ -9,8 +9,8 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
-from .config import ScheduleConfig
-from .models import Conditioning, guided_denoiser
+from trainer.config import ScheduleConfig
+from trainer.method.models import Conditioning, guided_denoiser
 
 
 def make_scheduler(schedule: ScheduleConfig, prediction_type: str) -> EulerDiscreteScheduler:

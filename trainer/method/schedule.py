@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ScheduleConfig
+from trainer.config import ScheduleConfig
 
 
 @dataclass

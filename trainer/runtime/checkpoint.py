@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .collectives import any_rank, barrier, is_main, world_size
+from trainer.runtime.collectives import any_rank, barrier, is_main, world_size
 
 ENGINE_TAG = "state"
 UNIVERSAL_TAG = "state_universal"
@@ -114,7 +114,7 @@ class CheckpointManager:
         """Restores every engine (weights, optimizer moments, DeepSpeed counters), re-partitioned through the
         universal checkpoint when `saved_world_size` is not this run's, and returns the trainer state.
         Collective. Extra tensors are read with `load_tensors`."""
-        from .preemption import solo
+        from trainer.runtime.preemption import solo
 
         other_size = saved_world_size != world_size()
         for engine_name, engine in engines.items():

@@ -2,7 +2,7 @@
 
 Every random draw a sample needs (its noise, its timestep, its t*, its caption dropout) comes from a
 generator of its own, seeded by (seed, the sample's position in the job: the loader's `positions`,
-trainer/loader.py). How samples are grouped into micro-batches, accumulation steps and ranks therefore
+trainer/data/loader.py). How samples are grouped into micro-batches, accumulation steps and ranks therefore
 changes nothing: a step of 4 micro-batches of 8 draws exactly what one micro-batch of 32 draws, and a run
 on 2 ranks what a run on 1 rank draws for the same global batch. That is what makes gradient accumulation
 equal to a larger micro-batch, and a resume (on any world size) continue the same run.

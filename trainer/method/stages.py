@@ -25,16 +25,16 @@ from typing import Optional
 
 import torch
 
-from .preemption import preemption_handler, solo
-from .checkpoint import CheckpointManager, fp32_weights
-from .config import Config, OptimConfig, StageConfig
-from .discriminator import ENCODER_PARTS, discriminator_from_unet
-from .engines import DistInfo, build_ds_config, device, make_engine, release_engines
-from .export import export_unet, is_complete, prediction_type_of, read_manifest
-from .loop import Job, train
-from .models import freeze, frozen_copy, load_unet
-from .objectives import AdversarialObjective, MSEDistillObjective, X0Objective
-from .schedule import NoiseSchedule
+from trainer.runtime.preemption import preemption_handler, solo
+from trainer.runtime.checkpoint import CheckpointManager, fp32_weights
+from trainer.config import Config, OptimConfig, StageConfig
+from trainer.method.discriminator import ENCODER_PARTS, discriminator_from_unet
+from trainer.runtime.engines import DistInfo, build_ds_config, device, make_engine, release_engines
+from trainer.export import export_unet, is_complete, prediction_type_of, read_manifest
+from trainer.runtime.loop import Job, train
+from trainer.method.models import freeze, frozen_copy, load_unet
+from trainer.method.objectives import AdversarialObjective, MSEDistillObjective, X0Objective
+from trainer.method.schedule import NoiseSchedule
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ class StageRunner:
     def _lora_unet(self, lora_dir: Optional[Path], teacher_unet) -> torch.nn.Module:
         """The stage's teacher (a plain UNet read from its folder) with this stage's LoRA: a fresh one, or
         the previous LoRA phase's."""
-        from .lora import add_lora, load_lora_into
+        from trainer.method.lora import add_lora, load_lora_into
 
         unet = add_lora(teacher_unet, rank=self.stage.lora.rank, alpha=self.stage.lora.alpha, init_seed=self.cfg.run.seed)
         if lora_dir is not None:
@@ -236,7 +236,7 @@ class StageRunner:
     def _lora_result(self, trained: dict[str, torch.Tensor]):
         """(merged fp32 weights, writer of the LoRA file). The checkpoint holds the frozen base weights in
         bf16, so the base comes from the teacher's fp32 folder and only the LoRA weights from the checkpoint."""
-        from .lora import merge_lora, save_lora
+        from trainer.method.lora import merge_lora, save_lora
 
         unet = self._lora_unet(None, load_unet(self.teacher_dir))
         lora = {k: v for k, v in trained.items() if ".lora_" in k}

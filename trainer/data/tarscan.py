@@ -3,7 +3,7 @@ members returned as zero-copy views of that buffer.
 
 webdataset's reader pulls a tar through Python's tarfile in 10 KB pieces and copies every member out;
 on SDXL-size samples (~450 KB) that was over half of the loader's time (bench/loader.py). The shards
-this project writes (trainer.shards.ShardWriter) are plain ustar files: regular members with short
+this project writes (trainer.data.shards.ShardWriter) are plain ustar files: regular members with short
 names. This scanner reads exactly that and nothing more. Anything else (compression, pax or GNU
 headers, links, a bad header checksum, a member that runs past the end, a missing end-of-archive
 block, a duplicate member) makes it return None, and the caller reads the shard again with

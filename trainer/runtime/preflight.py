@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import Config, ConfigError, ds_config_from_file
+from trainer.config import Config, ConfigError, ds_config_from_file
 
 
 def problems(cfg: Config, world_size: int) -> list[str]:
@@ -25,7 +25,7 @@ def problems(cfg: Config, world_size: int) -> list[str]:
 
 def _check_models(cfg: Config, found: list[str]) -> dict | None:
     """The base folder's parts and the teacher's UNet; returns the UNet config the shards must fit."""
-    from .encoders import detect_kind
+    from trainer.data.encoders import detect_kind
 
     unet_dir = None
     if cfg.model.base != "toy":
@@ -58,7 +58,7 @@ def _unet_problems(unet_dir: Path) -> list[str]:
 def _check_shards(cfg: Config, unet_config: dict | None, found: list[str]) -> None:
     if cfg.data.source == "shapes" and not (cfg.shard_dir / "index.json").is_file():
         return  # the run renders and encodes them
-    from .shards import read_index
+    from trainer.data.shards import read_index
 
     try:
         index = read_index(cfg.shard_dir)

@@ -3,7 +3,7 @@
 It reads top to bottom: resume, then per optimizer step: learning rate, micro-batches (the objective
 does forward, backward and the engines' steps), EMA, logs, sample grid, checkpoint. Progress is counted
 in samples seen; every sample draws its randomness from a generator seeded by (seed, its position in the
-job) (trainer/randomness.py), so a resumed run continues exactly as an uninterrupted one, and gradient
+job) (trainer/runtime/randomness.py), so a resumed run continues exactly as an uninterrupted one, and gradient
 accumulation computes what a larger micro-batch would.
 """
 from __future__ import annotations
@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import collectives
-from .checkpoint import CheckpointManager
-from .config import Config, OptimConfig
-from .engines import DistInfo, device, learning_rate, set_learning_rate
-from .loader import data_lanes, make_loader
-from .objectives import Objective
-from .preemption import Preempted, preemption_handler
-from .randomness import SampleRandom
-from .sampling import save_png
-from .tracking import Tracker
+from trainer.runtime import collectives
+from trainer.runtime.checkpoint import CheckpointManager
+from trainer.config import Config, OptimConfig
+from trainer.runtime.engines import DistInfo, device, learning_rate, set_learning_rate
+from trainer.data.loader import data_lanes, make_loader
+from trainer.method.objectives import Objective
+from trainer.runtime.preemption import Preempted, preemption_handler
+from trainer.runtime.randomness import SampleRandom
+from trainer.method.sampling import save_png
+from trainer.runtime.tracking import Tracker
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .models import Conditioning
+from trainer.method.models import Conditioning
 
 # The parts of a UNet2DConditionModel that run before (and including) its mid block.
 ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "time_embed_act",

@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Optional, TypeVar
 
-from . import collectives
+from trainer.runtime import collectives
 
 T = TypeVar("T")
 SIGNALS = (signal.SIGUSR2, signal.SIGTERM)

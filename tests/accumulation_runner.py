@@ -18,7 +18,7 @@ from trainer.config import OptimConfig, ScheduleConfig  # noqa: E402
 from trainer.method.discriminator import discriminator_from_unet  # noqa: E402
 from trainer.runtime.engines import build_ds_config, init_distributed, make_engine  # noqa: E402
 from trainer.method.models import build_toy_unet, freeze  # noqa: E402
-from trainer.method.objectives import AdversarialObjective  # noqa: E402
+from trainer.method.methods import Adversarial  # noqa: E402
 from trainer.data.loader import rank_positions  # noqa: E402
 from trainer.runtime.randomness import SampleRandom  # noqa: E402
 from trainer.method.schedule import NoiseSchedule  # noqa: E402
@@ -30,11 +30,11 @@ ADAM = OptimConfig(lr=1e-2, betas=[0.0, 0.99], eps=1.0, grad_clip=1.0)
 PER_RANK, STEPS, SEED = 8, 2, 0
 
 
-class DiscFirst(AdversarialObjective):
+class DiscFirst(Adversarial):
     """The control: D step, then G step, in every micro-batch."""
 
     def micro_step(self, batch, rand):
-        p = self.prepare(batch, rand)
+        p = self.landings(batch, rand)
         logs = self.d_step(p)
         logs.update(self.g_step(p))
         return logs
@@ -47,7 +47,7 @@ def data(step: int, rank: int) -> dict:
             "pooled": torch.randn(b, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * b)}
 
 
-def train(net, world: int, rank: int, micro_batch: int, objective_class=AdversarialObjective) -> dict:
+def train(net, world: int, rank: int, micro_batch: int, objective_class=Adversarial) -> dict:
     accum = PER_RANK // micro_batch
     ds = build_ds_config(str(ROOT / "ds_configs/zero2_cpu_fp32.json"), micro_batch, accum, world, ADAM, "test")
     student = make_engine(copy.deepcopy(net), ds)

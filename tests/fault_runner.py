@@ -22,7 +22,7 @@ import signal
 import sys
 
 from trainer import export
-from trainer.method import stages
+from trainer.method import phases
 from trainer.runtime import checkpoint, loop
 from trainer.run import main
 
@@ -63,7 +63,7 @@ elif kind == "kill_at_step":
 
     def train(job, cfg, info):
         if job.name == job_name:
-            inner = job.objective.micro_step
+            inner = job.method.micro_step
 
             def micro_step(batch, rand):
                 calls["n"] += 1
@@ -71,13 +71,11 @@ elif kind == "kill_at_step":
                     die()
                 return inner(batch, rand)
 
-            job.objective.micro_step = micro_step
+            job.method.micro_step = micro_step
         return original_train(job, cfg, info)
 
     loop.train = train
-    stages.train = train
-    import trainer.pipeline as pipeline
-    pipeline.train = train
+    phases.train = train
 
 elif kind == "kill_after_export":
     original_export = export.export_unet
@@ -89,9 +87,7 @@ elif kind == "kill_after_export":
         return result
 
     export.export_unet = export_unet
-    stages.export_unet = export_unet
-    import trainer.pipeline as pipeline
-    pipeline.export_unet = export_unet
+    phases.export_unet = export_unet
 
 elif kind == "kill_in_export":
     original_export = export.export_unet
@@ -108,9 +104,7 @@ elif kind == "kill_in_export":
             kw["extra"] = extra
         return original_export(weights, unet_config, out_dir, **kw)
 
-    export.export_unet = stages.export_unet = export_unet
-    import trainer.pipeline as pipeline
-    pipeline.export_unet = export_unet
+    export.export_unet = phases.export_unet = export_unet
 
 elif kind == "slow_export":
     import time
@@ -122,9 +116,7 @@ elif kind == "slow_export":
         return original_export(*a, **kw)
 
     export.export_unet = export_unet
-    stages.export_unet = export_unet
-    import trainer.pipeline as pipeline
-    pipeline.export_unet = export_unet
+    phases.export_unet = export_unet
 
 elif kind == "slow_step":
     import time
@@ -135,7 +127,7 @@ elif kind == "slow_step":
     original_train, original_save = loop.train, checkpoint.CheckpointManager.save
 
     def train(job, cfg, info):
-        inner = job.objective.micro_step
+        inner = job.method.micro_step
 
         def micro_step(batch, rand):
             with open(trace / f"micro{rank}.log", "a") as f:
@@ -143,7 +135,7 @@ elif kind == "slow_step":
             time.sleep(float(arg))
             return inner(batch, rand)
 
-        job.objective.micro_step = micro_step
+        job.method.micro_step = micro_step
         return original_train(job, cfg, info)
 
     def save(self, engines, state, tensors=None):
@@ -151,10 +143,8 @@ elif kind == "slow_step":
             f.write(f"{time.time()} {state['samples_seen']}\n")
         return original_save(self, engines, state, tensors)
 
-    loop.train = stages.train = train
+    loop.train = phases.train = train
     checkpoint.CheckpointManager.save = save
-    import trainer.pipeline as pipeline
-    pipeline.train = train
 
 elif kind in ("usr2_in_export", "usr2_after_export"):
     original_export = export.export_unet
@@ -167,9 +157,7 @@ elif kind in ("usr2_in_export", "usr2_after_export"):
             os.kill(os.getpid(), signal.SIGUSR2)
         return result
 
-    export.export_unet = stages.export_unet = export_unet
-    import trainer.pipeline as pipeline
-    pipeline.export_unet = export_unet
+    export.export_unet = phases.export_unet = export_unet
 
 elif kind == "usr2_at_start":
     original_train = loop.train
@@ -179,9 +167,7 @@ elif kind == "usr2_at_start":
             os.kill(os.getpid(), signal.SIGUSR2)
         return original_train(job, cfg, info)
 
-    loop.train = stages.train = train
-    import trainer.pipeline as pipeline
-    pipeline.train = train
+    loop.train = phases.train = train
 
 elif kind == "usr2_in_setup":
     import trainer.pipeline as pipeline

@@ -8,7 +8,7 @@ from trainer.config import OptimConfig, ScheduleConfig
 from trainer.method.discriminator import discriminator_from_unet
 from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
 from trainer.method.models import build_toy_unet, freeze
-from trainer.method.objectives import AdversarialObjective, implied_x0
+from trainer.method.methods import Adversarial, implied_x0
 from trainer.runtime.randomness import SampleRandom
 from trainer.method.schedule import NoiseSchedule, move, next_timestep
 
@@ -35,7 +35,7 @@ def make_objective(dist, conditional=False, t_star=(), weights=()):
     student = make_engine(copy.deepcopy(teacher_net), ds)
     disc = make_engine(discriminator_from_unet(teacher_net, conditional=conditional), ds)
     teacher = freeze(teacher_net)
-    return AdversarialObjective(student, disc, teacher, SCHED, "v_prediction", "v_prediction", 4, 8,
+    return Adversarial(student, disc, teacher, SCHED, "v_prediction", "v_prediction", 4, 8,
                                 conditional=conditional, t_star=list(t_star), t_star_weights=list(weights))
 
 
@@ -51,7 +51,7 @@ def changed(before, engine):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_d_step_moves_only_d_and_g_step_only_the_student(dist, conditional):
     obj = make_objective(dist, conditional)
-    p = obj.prepare(batch(), SampleRandom(1, range(4)))
+    p = obj.landings(batch(), SampleRandom(1, range(4)))
     s0, d0 = snapshot(obj.student), snapshot(obj.disc)
     logs = obj.d_step(p)
     assert changed(s0, obj.student) == 0 and changed(d0, obj.disc) > 0
@@ -69,7 +69,7 @@ def test_student_learns_only_through_d(dist):
     gradient buckets on the first backward.)"""
     for zero_head, expect_moved in ((True, False), (False, True)):
         obj = make_objective(dist)
-        p = obj.prepare(batch(), SampleRandom(2, range(4)))
+        p = obj.landings(batch(), SampleRandom(2, range(4)))
         obj.d_step(p)
         if zero_head:  # after D's step, which rewrites the bf16 module weights from its fp32 master copy
             with torch.no_grad():
@@ -81,7 +81,7 @@ def test_student_learns_only_through_d(dist):
 
 def test_multi_timestep_renoises_both_to_t_star(dist):
     obj = make_objective(dist, t_star=(10, 250, 500, 750), weights=(5, 1, 1, 1))
-    p = obj.prepare(batch(b=32), SampleRandom(3, range(32)))
+    p = obj.landings(batch(b=32), SampleRandom(3, range(32)))
     assert set(p["d_t"].tolist()) <= {10, 250, 500, 750}
     assert (p["d_t"] == 10).sum() > 8  # weight 5 of 8
     logs = obj.d_step(p)
@@ -94,6 +94,20 @@ def test_d_warmup_does_not_touch_the_student(dist):
     s0, d0 = snapshot(obj.student), snapshot(obj.disc)
     logs = obj.micro_step(batch(), SampleRandom(4, range(4)))
     assert "g_loss" not in logs and changed(s0, obj.student) == 0 and changed(d0, obj.disc) > 0
+
+
+def test_progress_sets_d_warmup_and_switches_the_t_star_weights_halfway():
+    """What changes along a phase is the method's own (set_progress), a pure function of the step."""
+    obj = Adversarial(None, None, None, SCHED, "v_prediction", "v_prediction", 2, 4, conditional=False,
+                      t_star=[10, 250], t_star_weights=[1, 1], warmup_steps=3, late_weights=[5, 1])
+    seen = []
+    for step in range(10):
+        obj.set_progress(step, 10)
+        seen.append((obj.d_only, obj.t_star_weights.tolist()))
+    assert [d for d, _ in seen] == [True] * 3 + [False] * 7
+    assert [w for _, w in seen] == [[1.0, 1.0]] * 5 + [[5.0, 1.0]] * 5
+    obj.set_progress(2, 10)  # a resume mid-phase lands in the same state
+    assert obj.d_only and obj.t_star_weights.tolist() == [1.0, 1.0]
 
 
 def test_implied_x0_inverts_a_ddim_move():
@@ -111,7 +125,7 @@ def test_implied_x0_inverts_a_ddim_move():
 
 def test_x0_head_from_v_predicts_x0_at_T_up_to_alpha_x_t():
     from trainer.method.models import Conditioning, unet_forward
-    from trainer.method.stages import x0_head_from_v
+    from trainer.method.methods import x0_head_from_v
 
     v_net = build_toy_unet(seed=3)
     x0_net = copy.deepcopy(v_net)
@@ -130,14 +144,14 @@ def test_x0_head_from_v_predicts_x0_at_T_up_to_alpha_x_t():
 def test_mse_objective_in_x0_space_is_the_landing_error_rescaled(dist):
     """mse_space x0 compares the x0 the two landings imply from x_t: per sample, the landing error divided
     by (a' - s' a / s); a student equal to a teacher without guidance has zero loss in both spaces."""
-    from trainer.method.objectives import MSEDistillObjective
+    from trainer.method.methods import MSEDistill
 
     net = build_toy_unet(seed=0)
     ds = build_ds_config(str(ROOT / "ds_configs/zero2_cpu_fp32.json"), 4, 1, dist.world_size, ADAM, "test")
     losses = {}
     for space in ("landing", "x0"):
         student = make_engine(copy.deepcopy(net), ds)
-        obj = MSEDistillObjective(student, freeze(copy.deepcopy(net), torch.float32), SCHED, "v_prediction",
+        obj = MSEDistill(student, freeze(copy.deepcopy(net), torch.float32), SCHED, "v_prediction",
                                   "v_prediction", 4, 4, 1.0, loss_space=space)
         losses[space] = float(obj.micro_step(batch(), SampleRandom(3, range(4)))["loss"])
     assert losses["landing"] < 1e-10 and losses["x0"] < 1e-10
@@ -149,7 +163,7 @@ def test_mse_objective_in_x0_space_is_the_landing_error_rescaled(dist):
     err = implied_x0(SCHED, x_t, landed, t, t_next) - implied_x0(SCHED, x_t, target, t, t_next)
     torch.testing.assert_close(err, scale * (landed - target), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="loss_space"):
-        MSEDistillObjective(None, None, SCHED, "v_prediction", "v_prediction", 4, 4, 1.0, loss_space="eps")
+        MSEDistill(None, None, SCHED, "v_prediction", "v_prediction", 4, 4, 1.0, loss_space="eps")
 
 
 def test_accumulated_micro_batches_equal_one_larger_micro_batch(tmp_path):

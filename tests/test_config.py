@@ -40,8 +40,6 @@ def stated(optim) -> dict:
 
 
 def test_sdxl_recipe_is_the_papers():
-    from trainer.method.stages import phase_disc_optim, phase_optim, stage_phases
-
     cfg = load_config(ROOT / "configs" / "sdxl.yaml", check_paths=False)
     steps = [(s.teacher_steps, s.student_steps) for s in cfg.stages]
     assert steps == [(128, 32), (32, 8), (8, 4), (4, 2), (2, 1)]
@@ -49,16 +47,16 @@ def test_sdxl_recipe_is_the_papers():
     assert [s.variant for s in cfg.stages[1:]] == ["lora+full"] * 3 + ["full"]
     assert cfg.model.prediction_type == "epsilon" and cfg.data.source == "shards"
     for s in cfg.stages:
-        for phase in stage_phases(s):
+        for phase in s.plan():
             where = f"{s.name} {phase.kind} {phase.train}"
-            student = phase_optim(s, phase)
+            student = phase.optim
             if phase.kind in ("mse", "x0"):  # x0: not stated; the recipe uses the MSE stage's optimizer
                 assert stated(student) == PAPER_MSE, where
                 continue
             paper = PAPER_LORA if phase.train == "lora" else PAPER_FULL
-            assert stated(student) == paper and stated(phase_disc_optim(s, phase)) == paper, where
+            assert stated(student) == paper and stated(phase.disc.optim) == paper, where
             # not stated by the paper, so the recipe says it: clipping for both networks, no schedule
-            for optim in (student, phase_disc_optim(s, phase)):
+            for optim in (student, phase.disc.optim):
                 assert optim.grad_clip == 1.0 and optim.warmup_steps == 0 and optim.decay == "constant", where
         if s.objective != "mse":
             assert s.mse_weight == 0.0 and s.lora.rank == 64 and s.disc.warmup_samples == 0 and s.ema_decay == 0.0
@@ -172,33 +170,30 @@ def test_cli_bad_config_is_one_line_and_starts_nothing(tmp_path):
 ])
 def test_stage_phases_follow_the_objective_and_variant(stage, phases):
     from trainer.config import StageConfig
-    from trainer.method.stages import stage_phases
 
     got = [p.job_name("s", i)[2:] + (f":{p.samples}" if ":" in phases[i] else "")
-           for i, p in enumerate(stage_phases(StageConfig(**stage)))]
+           for i, p in enumerate(StageConfig(**stage).plan())]
     assert got == phases
 
 
 def test_phase_optimizers():
     from trainer.config import OptimConfig, StageConfig
-    from trainer.method.stages import phase_optim, stage_phases
 
     mse = OptimConfig(lr=2e-5)
     stage = StageConfig(student_steps=1, teacher_steps=2, objective="mse+adv_cond", x0_samples=8, mse_optim=mse)
-    assert [phase_optim(stage, p) for p in stage_phases(stage)] == [stage.x0_optim, mse, stage.optim]
+    assert [p.optim for p in stage.plan()] == [stage.x0_optim, mse, stage.optim]
     lora = StageConfig(objective="mse", variant="lora", mse_optim=mse)
-    assert [phase_optim(lora, p) for p in stage_phases(lora)] == [lora.lora.optim]  # LoRA phases: lora.optim
+    assert [p.optim for p in lora.plan()] == [lora.lora.optim]  # LoRA phases: lora.optim
     plain = StageConfig(objective="mse")
-    assert [phase_optim(plain, p) for p in stage_phases(plain)] == [plain.optim]
+    assert [p.optim for p in plain.plan()] == [plain.optim]
 
 
 def test_disc_optimizer_follows_what_the_student_trains():
     from trainer.config import DiscConfig, OptimConfig, StageConfig
-    from trainer.method.stages import phase_disc_optim, stage_phases
 
     full, lora = OptimConfig(lr=5e-7), OptimConfig(lr=1e-6)
     stage = StageConfig(student_steps=8, teacher_steps=32, objective="adv_cond+adv_uncond", variant="lora+full",
                         disc=DiscConfig(optim=full, lora_optim=lora))
-    assert [phase_disc_optim(stage, p) for p in stage_phases(stage)] == [lora, lora, full]
+    assert [p.disc.optim for p in stage.plan()] == [lora, lora, full]
     stage.disc.lora_optim = None  # unset: D keeps one optimizer in every phase
-    assert [phase_disc_optim(stage, p) for p in stage_phases(stage)] == [full, full, full]
+    assert [p.disc.optim for p in stage.plan()] == [full, full, full]

@@ -5,7 +5,7 @@ import torch
 from trainer.config import OptimConfig, ScheduleConfig
 from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
 from trainer.method.models import build_toy_unet
-from trainer.method.objectives import DenoiseObjective
+from trainer.method.methods import Denoise
 from trainer.runtime.randomness import SampleRandom
 from trainer.method.schedule import NoiseSchedule
 
@@ -26,7 +26,7 @@ def test_nan_step_is_skipped_without_touching_weights_or_moments(ds_file):
     init_distributed()
     ds = build_ds_config(str(ROOT / "ds_configs" / ds_file), 4, 1, 1, OptimConfig(lr=1e-3), "test")
     engine = make_engine(build_toy_unet(), ds)
-    objective = DenoiseObjective(engine, NoiseSchedule.from_config(ScheduleConfig()), "v_prediction", 0.0)
+    objective = Denoise(engine, NoiseSchedule.from_config(ScheduleConfig()), "v_prediction", 0.0)
     objective.micro_step(batch(), SampleRandom(1, range(4)))  # one good step: moments exist
     weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
     moments = [v.clone() for st in engine.optimizer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]

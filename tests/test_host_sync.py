@@ -17,7 +17,7 @@ from trainer.config import OptimConfig, ScheduleConfig
 from trainer.method.discriminator import discriminator_from_unet
 from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
 from trainer.method.models import build_toy_unet, freeze
-from trainer.method.objectives import AdversarialObjective, MSEDistillObjective
+from trainer.method.methods import Adversarial, MSEDistill
 from trainer.runtime.randomness import SampleRandom
 from trainer.method.schedule import NoiseSchedule
 
@@ -66,11 +66,11 @@ def engines(dist, with_disc: bool):
 
 def objectives(dist):
     student, disc, teacher = engines(dist, True)
-    yield "adversarial, multi-timestep D", AdversarialObjective(
+    yield "adversarial, multi-timestep D", Adversarial(
         student, disc, teacher, SCHED, "v_prediction", "v_prediction", 2, 4, conditional=True,
         t_star=[10, 250, 500], t_star_weights=[1, 1, 1], mse_weight=1.0)
     student, _, teacher = engines(dist, False)
-    yield "mse with CFG", MSEDistillObjective(student, teacher, SCHED, "v_prediction", "v_prediction", 4, 16, 3.0)
+    yield "mse with CFG", MSEDistill(student, teacher, SCHED, "v_prediction", "v_prediction", 4, 16, 3.0)
 
 
 def test_micro_steps_read_nothing_back_from_the_device(dist):
@@ -91,10 +91,10 @@ def test_the_detector_catches_a_host_read(dist):
         d_t = torch.tensor([10, 250])
         _ = [ts for ts in (10, 250) if (d_t == ts).any()]  # noqa: F841
     assert reads.ours == [] and reads.others == 2  # not from trainer/: counted as someone else's
-    import trainer.method.objectives as objectives_module
+    import trainer.method.methods as methods_module
 
     source = "def probe(t):\n    return bool((t == 10).any())\n"
-    code = compile(source, objectives_module.__file__, "exec")  # attributed to a trainer file
+    code = compile(source, methods_module.__file__, "exec")  # attributed to a trainer file
     scope: dict = {}
     exec(code, scope)
     with reads:

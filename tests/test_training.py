@@ -175,7 +175,7 @@ def test_a_phases_engines_are_gone_before_the_next_phase_starts(tmp_path, monkey
     import gc
     import weakref
 
-    from trainer.method import stages
+    from trainer.method import phases
     from trainer.config import load_config
     from trainer.runtime.engines import init_distributed
     from trainer.pipeline import run_progression
@@ -187,7 +187,7 @@ def test_a_phases_engines_are_gone_before_the_next_phase_starts(tmp_path, monkey
                                                          "data.shapes.count=64", "log.comparison_grid=never"])
     cfg.stages = [cfg.stages[1]]  # stage2_8, taught by the base: LoRA cond, LoRA uncond, then full uncond
     refs, alive_at_build = [], []
-    original = stages.make_engine
+    original = phases.make_engine
 
     def make_engine(model, ds_config):
         alive_at_build.append(sum(ref() is not None for ref in refs))
@@ -196,14 +196,14 @@ def test_a_phases_engines_are_gone_before_the_next_phase_starts(tmp_path, monkey
         return engine
 
     reads = []
-    original_load = stages.load_unet
+    original_load = phases.load_unet
 
     def load_unet(path, only=None):
         reads.append((Path(path).resolve().relative_to(tmp_path.resolve()).as_posix(), "encoder" if only else "all"))
         return original_load(path, only)
 
-    monkeypatch.setattr(stages, "make_engine", make_engine)
-    monkeypatch.setattr(stages, "load_unet", load_unet)
+    monkeypatch.setattr(phases, "make_engine", make_engine)
+    monkeypatch.setattr(phases, "load_unet", load_unet)
     gc.disable()
     try:
         run_progression(cfg, info)

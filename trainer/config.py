@@ -2,7 +2,9 @@
 
 A recipe is a YAML file (see configs/). Every key maps onto a dataclass field below; an unknown key, a
 wrong type or an impossible stage chain stops the run with one line that names the file and the key.
-Single keys can be overridden from the command line: ``--set stages.0.lr=1e-5``.
+Single keys can be overridden from the command line: ``--set stages.0.optim.lr=1e-5``. Each dataclass
+checks its own values (`check`), next to its fields; `validate` adds what needs the whole recipe (the stage
+chain) or the file system (model folders, shards, DeepSpeed JSONs).
 """
 from __future__ import annotations
 
@@ -18,14 +20,19 @@ from typing import Any, Optional
 import yaml
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-# Phases in order. "mse+adv_..." first distils the student by MSE, then adversarially: the adversarial phase
-# starts from a student already on the teacher's outputs (DESIGN.md: 2->1 on the toy worked that way).
+# A stage's short form: its objective's phases in order, each training what `variant` says. "mse+adv_..." first
+# distils the student by MSE, then adversarially, so the adversarial phase starts from a student already on
+# the teacher's outputs.
 OBJECTIVES = ("mse", "adv_cond", "adv_uncond", "adv_cond+adv_uncond", "mse+adv_cond", "mse+adv_cond+adv_uncond")
 VARIANTS = ("full", "lora", "lora+full")
+PHASE_KINDS = ("mse", "x0", "adv_cond", "adv_uncond")  # what a stage's phase may train (the teacher: denoise)
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the file and the key it concerns in its message."""
+
+
+Fail = typing.Callable[[str, str], typing.NoReturn]  # fail(key, message): raises ConfigError naming the file
 
 
 @dataclass
@@ -54,6 +61,13 @@ class RunConfig:
     # repeat bit for bit, at some speed. CPU runs are deterministic either way.
     deterministic: bool = False
 
+    def check(self, fail: Fail) -> None:
+        for key in ("collective_timeout_s", "main_work_timeout_s", "preemption_deadline_s"):
+            if getattr(self, key) <= 0:
+                fail(f"run.{key}", "must be positive (seconds)")
+        if self.max_consecutive_skips < 1:
+            fail("run.max_consecutive_skips", "must be at least 1")
+
 
 @dataclass
 class ModelConfig:
@@ -63,6 +77,10 @@ class ModelConfig:
     prediction_type: str = "epsilon"
     unet: dict = field(default_factory=dict)  # UNet2DConditionModel config overrides for the toy
     gradient_checkpointing: bool = True
+
+    def check(self, fail: Fail) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            fail("model.prediction_type", f"'{self.prediction_type}' is not one of {', '.join(PREDICTION_TYPES)}")
 
 
 @dataclass
@@ -92,6 +110,20 @@ class DataConfig:
     dtype: str = "float16"
     shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
 
+    def check(self, fail: Fail) -> None:
+        if not 0 <= self.max_bad_fraction < 1:
+            fail("data.max_bad_fraction", "must be in [0, 1)")
+        if self.dtype not in ("float16", "float32"):
+            fail("data.dtype", "must be float16 or float32")
+        if self.num_workers < 0:
+            fail("data.num_workers", "must be >= 0")
+        if self.lanes < 0:
+            fail("data.lanes", "must be >= 0 (0: automatic)")
+        if self.source not in DATA_SOURCES:
+            fail("data.source", f"'{self.source}' is not one of {', '.join(DATA_SOURCES)}")
+        if self.source == "shapes" and self.shapes.count < 1:
+            fail("data.shapes.count", "must be positive")
+
 
 @dataclass
 class ScheduleConfig:
@@ -101,6 +133,12 @@ class ScheduleConfig:
     beta_schedule: str = "scaled_linear"
     # The paper's fix: the input at t = T is pure noise in training (the schedule itself is kept).
     pure_noise_at_T: bool = True
+
+    def check(self, fail: Fail) -> None:
+        if self.beta_schedule != "scaled_linear":
+            fail("schedule.beta_schedule", "only 'scaled_linear' (SDXL's schedule) is supported")
+        if self.num_train_timesteps < 2:
+            fail("schedule.num_train_timesteps", "must be at least 2")
 
 
 @dataclass
@@ -112,6 +150,16 @@ class OptimConfig:
     warmup_steps: int = 0
     decay: str = "constant"  # constant | cosine (to 0 at the end of the job)
     grad_clip: float = 1.0
+
+    def check(self, key: str, fail: Fail) -> None:
+        if self.lr <= 0:
+            fail(f"{key}.lr", f"must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            fail(f"{key}.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        if self.decay not in ("constant", "cosine"):
+            fail(f"{key}.decay", f"'{self.decay}' is not constant or cosine")
+        if self.warmup_steps < 0:
+            fail(f"{key}.warmup_steps", "must be >= 0")
 
 
 @dataclass
@@ -133,6 +181,15 @@ class TeacherConfig:
     def accumulation(self, world_size: int, key: str = "teacher") -> int:
         return accumulation(self, world_size, key)
 
+    def check(self, fail: Fail) -> None:
+        if not 0 <= self.caption_dropout < 1:
+            fail("teacher.caption_dropout", "must be in [0, 1)")
+        for key, value in (("samples", self.samples), ("micro_batch", self.micro_batch), ("grad_accum", self.grad_accum)):
+            if value < 0 or (value == 0 and key != "samples"):
+                fail(f"teacher.{key}", f"must be positive, got {value}")
+        self.optim.check("teacher.optim", fail)
+        check_global_batch(self, "teacher", fail)
+
 
 @dataclass
 class DiscConfig:
@@ -152,12 +209,60 @@ class DiscConfig:
     warmup_samples: int = 0  # D-only training at the start of each adversarial phase
     gradient_checkpointing: bool = True
 
+    def check(self, key: str, num_train_timesteps: int, fail: Fail) -> None:
+        if self.t_star and any(not 0 <= t < num_train_timesteps for t in self.t_star):
+            fail(f"{key}.t_star", f"timesteps must be in [0, {num_train_timesteps})")
+        for name in ("t_star_weights", "t_star_late_weights"):
+            weights = getattr(self, name)
+            if weights and (len(weights) != len(self.t_star) or any(w < 0 for w in weights) or not sum(weights)):
+                fail(f"{key}.{name}", f"needs one non-negative weight per t_star ({len(self.t_star)}), not all zero")
+        self.optim.check(f"{key}.optim", fail)
+        if self.lora_optim is not None:
+            self.lora_optim.check(f"{key}.lora_optim", fail)
+        if self.head_channels is not None and self.head_channels < 1:
+            fail(f"{key}.head_channels", f"must be positive (or null: the mid block's width), got {self.head_channels}")
+
 
 @dataclass
 class LoraConfig:
     rank: int = 64  # the paper (like LCM-LoRA): 64 on every conv and linear but conv_in/out and time embeddings
     alpha: Optional[float] = None  # None = rank
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, betas=[0.0, 0.99], grad_clip=0.0))
+
+    def check(self, key: str, fail: Fail) -> None:
+        if self.rank < 1:
+            fail(f"{key}.rank", "must be positive")
+        self.optim.check(f"{key}.optim", fail)
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of a stage: what it trains (kind, full UNet or LoRA), how long, with which optimizers. A stage
+    lists them in `phases:`, or gives the short form (objective + variant) that `StageConfig.plan` expands."""
+    kind: str = "mse"  # mse | x0 | adv_cond | adv_uncond
+    train: str = "full"  # full | lora (the stage's `lora` section sets rank and alpha)
+    samples: int = 0  # length in samples seen; 0 = the stage's `samples`
+    optim: Optional[OptimConfig] = None  # the student's; None = the stage's optimizer for this kind
+    disc: Optional[DiscConfig] = None  # adversarial phases; None = the stage's `disc`
+
+    def job_name(self, stage: str, index: int) -> str:
+        return f"{stage}.{index}_{self.kind}" + ("_lora" if self.train == "lora" else "")
+
+    def check(self, key: str, num_train_timesteps: int, fail: Fail) -> None:
+        if self.kind not in PHASE_KINDS:
+            fail(f"{key}.kind", f"'{self.kind}' is not one of {', '.join(PHASE_KINDS)}")
+        if self.train not in ("full", "lora"):
+            fail(f"{key}.train", f"'{self.train}' is not full or lora")
+        if self.kind == "x0" and self.train != "full":
+            fail(f"{key}.train", "the x0 conversion trains the full UNet")
+        if self.samples < 0:
+            fail(f"{key}.samples", "must be >= 0 (0: the stage's samples)")
+        if self.optim is not None:
+            self.optim.check(f"{key}.optim", fail)
+        if self.disc is not None:
+            if not self.kind.startswith("adv_"):
+                fail(f"{key}.disc", f"only adversarial phases have a discriminator, not '{self.kind}'")
+            self.disc.check(f"{key}.disc", num_train_timesteps, fail)
 
 
 @dataclass
@@ -196,9 +301,100 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # the student (full UNet) optimizer
     lora: LoraConfig = field(default_factory=LoraConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
+    # The phases, written out (`python -m trainer.run --print-plan` shows them for any recipe); empty = the
+    # short form above (objective, variant, x0_samples, full_samples) expanded by `plan`.
+    phases: list[PhaseConfig] = field(default_factory=list)
 
     def accumulation(self, world_size: int, key: str = "stage") -> int:
         return accumulation(self, world_size, key)
+
+    def plan(self) -> list[PhaseConfig]:
+        """The phases this stage runs, in order, every field resolved (samples, the student's optimizer, D's
+        settings with the optimizer beside this student)."""
+        return [self._resolved(p) for p in (self.phases or self._short_form())]
+
+    def _short_form(self) -> list[PhaseConfig]:
+        """    mse                        -> [mse]
+            adv_cond / adv_uncond      -> [adv_cond] / [adv_uncond]
+            adv_cond+adv_uncond        -> [adv_cond, adv_uncond]
+            variant lora               -> the same phases, each training the stage's LoRA
+            variant lora+full (paper)  -> the LoRA phases, then adv_uncond on the full UNet (the LoRA merged)
+            x0_samples > 0 (one step)  -> x0 first: the network learns to predict x0 directly"""
+        phases = [PhaseConfig("x0", "full", self.x0_samples)] if self.x0_samples else []
+        train = "lora" if self.variant in ("lora", "lora+full") else "full"
+        phases += [PhaseConfig(kind, train, self.samples) for kind in self.objective.split("+")]
+        if self.variant == "lora+full":
+            phases.append(PhaseConfig("adv_uncond", "full", self.full_samples or self.samples))
+        return phases
+
+    def _resolved(self, phase: PhaseConfig) -> PhaseConfig:
+        if phase.optim is not None:
+            optim = phase.optim
+        elif phase.kind == "x0":  # learning a new output parametrization by plain regression
+            optim = self.x0_optim
+        elif phase.train == "lora":
+            optim = self.lora.optim
+        elif phase.kind == "mse" and self.mse_optim is not None:
+            optim = self.mse_optim
+        else:
+            optim = self.optim
+        disc = None
+        if phase.kind.startswith("adv_"):
+            # The paper's learning rates follow what the student trains: D at 1e-6 beside a LoRA, 5e-7 beside
+            # the full UNet (disc.lora_optim and disc.optim).
+            disc = phase.disc or self.disc
+            if phase.train == "lora" and disc.lora_optim is not None:
+                disc = dataclasses.replace(disc, optim=disc.lora_optim)
+        return dataclasses.replace(phase, samples=phase.samples or self.samples, optim=optim, disc=disc)
+
+    def check(self, key: str, num_train_timesteps: int, fail: Fail) -> None:
+        if self.objective not in OBJECTIVES:
+            fail(f"{key}.objective", f"'{self.objective}' is not one of {', '.join(OBJECTIVES)}")
+        if self.student_steps < 1 or self.teacher_steps < 1:
+            fail(f"{key}.student_steps", "step counts must be positive")
+        if self.teacher_steps % self.student_steps:
+            fail(f"{key}.student_steps", f"{self.student_steps} does not divide teacher_steps {self.teacher_steps}")
+        if self.teacher_steps > num_train_timesteps:
+            fail(f"{key}.teacher_steps", f"{self.teacher_steps} exceeds schedule.num_train_timesteps")
+        for name in ("samples", "micro_batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                fail(f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+        if self.mse_space not in ("landing", "x0"):
+            fail(f"{key}.mse_space", f"'{self.mse_space}' is not landing or x0")
+        if self.cfg_scale < 1.0:
+            fail(f"{key}.cfg_scale", "must be >= 1 (1 disables guidance)")
+        if self.variant not in VARIANTS:
+            fail(f"{key}.variant", f"'{self.variant}' is not one of {', '.join(VARIANTS)}")
+        if self.objective == "mse" and self.variant == "lora+full":
+            fail(f"{key}.variant", "lora+full is for adversarial objectives (its last phase is adv_uncond)")
+        check_global_batch(self, key, fail)
+        for name in ("full_samples", "x0_samples", "mse_weight"):
+            if getattr(self, name) < 0:
+                fail(f"{key}.{name}", "must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            fail(f"{key}.ema_decay", f"must be in [0, 1) (0 = no average), got {self.ema_decay}")
+        self.disc.check(f"{key}.disc", num_train_timesteps, fail)
+        self.lora.check(f"{key}.lora", fail)
+        for name in ("optim", "x0_optim", "mse_optim"):
+            if getattr(self, name) is not None:
+                getattr(self, name).check(f"{key}.{name}", fail)
+        if self.phases:
+            short_form = {"objective": "mse", "variant": "full", "x0_samples": 0, "full_samples": 0}
+            given = [name for name, default in short_form.items() if getattr(self, name) != default]
+            if given:
+                fail(f"{key}.phases", f"give the phases or the short form ({', '.join(given)}), not both")
+        for i, phase in enumerate(self.phases):
+            phase.check(f"{key}.phases[{i}]", num_train_timesteps, fail)
+        if self.student_steps == 1 and any(p.train == "lora" for p in self.plan()):
+            fail(f"{key}.variant" if not self.phases else f"{key}.phases",
+                 "the one-step model is trained as a full UNet (x0 prediction: no 1-step LoRA)")
+
+
+def check_global_batch(job, key: str, fail: Fail) -> None:
+    if job.global_batch and (job.global_batch < 0 or job.global_batch % job.micro_batch):
+        fail(f"{key}.global_batch", f"{job.global_batch} is not a positive multiple of micro_batch {job.micro_batch}")
+    if job.global_batch and job.grad_accum != 1:
+        fail(f"{key}.grad_accum", "set either global_batch (grad_accum then follows from the world size) or grad_accum")
 
 
 def accumulation(job, world_size: int, key: str) -> int:
@@ -224,6 +420,12 @@ class LogConfig:
     # The end-of-run grid of every finished stage side by side (rank 0 samples each UNet): auto = only
     # for the embedded toy (seconds), where at SDXL size it would load and sample every stage's UNet.
     comparison_grid: str = "auto"  # auto | always | never
+
+    def check(self, fail: Fail) -> None:
+        if self.comparison_grid not in ("auto", "always", "never"):
+            fail("log.comparison_grid", f"'{self.comparison_grid}' is not auto, always or never")
+        if self.keep_last < 1:
+            fail("log.keep_last", "must be at least 1")
 
 
 @dataclass
@@ -360,103 +562,22 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None, 
 def validate(cfg: Config, check_paths: bool = True) -> None:
     where = cfg.source or "<config>"
 
-    def fail(key: str, msg: str) -> None:
+    def fail(key: str, msg: str) -> typing.NoReturn:
         raise ConfigError(f"{where}: {key}: {msg}")
 
-    if cfg.model.prediction_type not in PREDICTION_TYPES:
-        fail("model.prediction_type", f"'{cfg.model.prediction_type}' is not one of {', '.join(PREDICTION_TYPES)}")
-    if cfg.schedule.beta_schedule != "scaled_linear":
-        fail("schedule.beta_schedule", "only 'scaled_linear' (SDXL's schedule) is supported")
-    if cfg.schedule.num_train_timesteps < 2:
-        fail("schedule.num_train_timesteps", "must be at least 2")
-    if not 0 <= cfg.data.max_bad_fraction < 1:
-        fail("data.max_bad_fraction", "must be in [0, 1)")
-    if cfg.data.dtype not in ("float16", "float32"):
-        fail("data.dtype", "must be float16 or float32")
-    if cfg.data.num_workers < 0:
-        fail("data.num_workers", "must be >= 0")
-    if cfg.data.lanes < 0:
-        fail("data.lanes", "must be >= 0 (0: automatic)")
-    if cfg.data.source not in DATA_SOURCES:
-        fail("data.source", f"'{cfg.data.source}' is not one of {', '.join(DATA_SOURCES)}")
-    for key in ("collective_timeout_s", "main_work_timeout_s"):
-        if getattr(cfg.run, key) <= 0:
-            fail(f"run.{key}", "must be positive (seconds)")
-    if cfg.log.comparison_grid not in ("auto", "always", "never"):
-        fail("log.comparison_grid", f"'{cfg.log.comparison_grid}' is not auto, always or never")
-    if not 0 <= cfg.teacher.caption_dropout < 1:
-        fail("teacher.caption_dropout", "must be in [0, 1)")
-    for key, value in (("teacher.samples", cfg.teacher.samples), ("teacher.micro_batch", cfg.teacher.micro_batch),
-                       ("teacher.grad_accum", cfg.teacher.grad_accum)):
-        if value < 0 or (value == 0 and key != "teacher.samples"):
-            fail(key, f"must be positive, got {value}")
-    _validate_optim(cfg.teacher.optim, "teacher.optim", fail)
-    if cfg.teacher.global_batch and (cfg.teacher.global_batch < 0 or cfg.teacher.global_batch % cfg.teacher.micro_batch):
-        fail("teacher.global_batch", f"{cfg.teacher.global_batch} is not a positive multiple of micro_batch {cfg.teacher.micro_batch}")
-    if cfg.teacher.global_batch and cfg.teacher.grad_accum != 1:
-        fail("teacher.grad_accum", "set either global_batch (grad_accum then follows from the world size) or grad_accum")
-    if cfg.run.preemption_deadline_s <= 0:
-        fail("run.preemption_deadline_s", "must be positive (seconds)")
-    if cfg.run.max_consecutive_skips < 1:
-        fail("run.max_consecutive_skips", "must be at least 1")
-    if cfg.log.keep_last < 1:
-        fail("log.keep_last", "must be at least 1")
-
+    cfg.run.check(fail)
+    cfg.model.check(fail)
+    cfg.data.check(fail)
+    cfg.schedule.check(fail)
+    cfg.teacher.check(fail)
+    cfg.log.check(fail)
     previous_student = None
     for i, stage in enumerate(cfg.stages):
         key = f"stages[{i}]"
-        if stage.objective not in OBJECTIVES:
-            fail(f"{key}.objective", f"'{stage.objective}' is not one of {', '.join(OBJECTIVES)}")
-        if stage.student_steps < 1 or stage.teacher_steps < 1:
-            fail(f"{key}.student_steps", "step counts must be positive")
-        if stage.teacher_steps % stage.student_steps:
-            fail(f"{key}.student_steps", f"{stage.student_steps} does not divide teacher_steps {stage.teacher_steps}")
-        if stage.teacher_steps > cfg.schedule.num_train_timesteps:
-            fail(f"{key}.teacher_steps", f"{stage.teacher_steps} exceeds schedule.num_train_timesteps")
+        stage.check(key, cfg.schedule.num_train_timesteps, fail)
         if previous_student is not None and stage.teacher_steps != previous_student:
             fail(f"{key}.teacher_steps", f"{stage.teacher_steps} must equal the previous stage's "
                  f"student_steps {previous_student} (the previous student is this stage's teacher)")
-        for name in ("samples", "micro_batch", "grad_accum"):
-            if getattr(stage, name) < 1:
-                fail(f"{key}.{name}", f"must be positive, got {getattr(stage, name)}")
-        if stage.mse_space not in ("landing", "x0"):
-            fail(f"{key}.mse_space", f"'{stage.mse_space}' is not landing or x0")
-        if stage.cfg_scale < 1.0:
-            fail(f"{key}.cfg_scale", "must be >= 1 (1 disables guidance)")
-        if stage.variant not in VARIANTS:
-            fail(f"{key}.variant", f"'{stage.variant}' is not one of {', '.join(VARIANTS)}")
-        if stage.student_steps == 1 and stage.variant != "full":
-            fail(f"{key}.variant", "the one-step model is trained as a full UNet (x0 prediction: no 1-step LoRA)")
-        if stage.objective == "mse" and stage.variant == "lora+full":
-            fail(f"{key}.variant", "lora+full is for adversarial objectives (its last phase is adv_uncond)")
-        if stage.global_batch and (stage.global_batch < 0 or stage.global_batch % stage.micro_batch):
-            fail(f"{key}.global_batch", f"{stage.global_batch} is not a positive multiple of micro_batch {stage.micro_batch}")
-        if stage.global_batch and stage.grad_accum != 1:
-            fail(f"{key}.grad_accum", "set either global_batch (grad_accum then follows from the world size) or grad_accum")
-        for name in ("full_samples", "x0_samples", "mse_weight"):
-            if getattr(stage, name) < 0:
-                fail(f"{key}.{name}", "must be >= 0")
-        if not 0.0 <= stage.ema_decay < 1.0:
-            fail(f"{key}.ema_decay", f"must be in [0, 1) (0 = no average), got {stage.ema_decay}")
-        disc = stage.disc
-        if disc.t_star and any(not 0 <= t < cfg.schedule.num_train_timesteps for t in disc.t_star):
-            fail(f"{key}.disc.t_star", f"timesteps must be in [0, {cfg.schedule.num_train_timesteps})")
-        for wname in ("t_star_weights", "t_star_late_weights"):
-            weights = getattr(disc, wname)
-            if weights and (len(weights) != len(disc.t_star) or any(w < 0 for w in weights) or not sum(weights)):
-                fail(f"{key}.disc.{wname}", f"needs one non-negative weight per t_star ({len(disc.t_star)}), not all zero")
-        if stage.lora.rank < 1:
-            fail(f"{key}.lora.rank", "must be positive")
-        _validate_optim(stage.optim, f"{key}.optim", fail)
-        _validate_optim(stage.lora.optim, f"{key}.lora.optim", fail)
-        _validate_optim(stage.x0_optim, f"{key}.x0_optim", fail)
-        if stage.mse_optim is not None:
-            _validate_optim(stage.mse_optim, f"{key}.mse_optim", fail)
-        _validate_optim(disc.optim, f"{key}.disc.optim", fail)
-        if disc.lora_optim is not None:
-            _validate_optim(disc.lora_optim, f"{key}.disc.lora_optim", fail)
-        if disc.head_channels is not None and disc.head_channels < 1:
-            fail(f"{key}.disc.head_channels", f"must be positive (or null: the mid block's width), got {disc.head_channels}")
         previous_student = stage.student_steps
     names = [s.name or f"stage{i + 1}" for i, s in enumerate(cfg.stages)]
     for i, stage in enumerate(cfg.stages):
@@ -485,8 +606,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                  "data.shards; data.source: shapes trains on the embedded toy dataset instead)")
         if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "index.json").is_file():
             fail("data.shards", f"'{cfg.data.shards}' has no index.json (make shards with python -m trainer.encode)")
-    if cfg.data.source == "shapes" and cfg.data.shapes.count < 1:
-        fail("data.shapes.count", "must be positive")
 
 
 def _validate_ds_json(cfg: Config, fail) -> None:
@@ -507,17 +626,6 @@ def _validate_ds_json(cfg: Config, fail) -> None:
         for ds_key in ("optimizer", "scheduler"):
             if ds_key in ds:
                 fail("deepspeed", f"{path}: '{ds_key}' belongs in the YAML (the stages' optim sections), not the JSON")
-
-
-def _validate_optim(optim: OptimConfig, key: str, fail) -> None:
-    if optim.lr <= 0:
-        fail(f"{key}.lr", f"must be positive, got {optim.lr}")
-    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
-        fail(f"{key}.betas", f"must be two numbers in [0, 1), got {optim.betas}")
-    if optim.decay not in ("constant", "cosine"):
-        fail(f"{key}.decay", f"'{optim.decay}' is not constant or cosine")
-    if optim.warmup_steps < 0:
-        fail(f"{key}.warmup_steps", "must be >= 0")
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -16,16 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.runtime.preemption import preemption_handler, solo
-from trainer.runtime.checkpoint import CheckpointManager
-from trainer.config import Config, dump_config
-from trainer.runtime.engines import DistInfo, build_ds_config, device, make_engine, release_engines
-from trainer.export import export_unet, is_complete, prediction_type_of
-from trainer.runtime.loop import Job, train
+from trainer.config import Config, PhaseConfig, dump_config
+from trainer.runtime.engines import DistInfo, device
+from trainer.export import is_complete, prediction_type_of
 from trainer.method.models import Conditioning, build_toy_unet, load_unet
-from trainer.method.objectives import DenoiseObjective
+from trainer.method.phases import PhaseExport, PhaseStart, run_phase
 from trainer.method.stages import StageRunner
 from trainer.method.sampling import make_grid, make_scheduler, sample_latents, save_png, to_uint8
-from trainer.method.schedule import NoiseSchedule
 
 DEFAULT_GRID_PROMPTS = [
     "a red circle at top left", "a green square at top right", "a blue triangle at bottom left",
@@ -179,7 +176,8 @@ class GridMaker:
 
 
 def run_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> Path:
-    """The toy teacher: ordinary diffusion training of the base UNet, EMA weights exported."""
+    """The toy teacher: ordinary diffusion training of the base UNet (a phase of kind denoise), its EMA
+    weights exported."""
     if cfg.teacher.init:
         return Path(cfg.teacher.init)
     export_dir = cfg.out_dir / "exports" / "teacher"
@@ -188,30 +186,15 @@ def run_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> Pa
     if is_complete(export_dir):
         return export_dir
     preemption_handler().check("before the teacher job")
-    final, unet_config = _train_teacher(cfg, info, base, grids)
-    release_engines()  # the engine is gone before rank 0 exports and before the first stage starts
-    solo("exporting the teacher", lambda: export_unet(
-        CheckpointManager.load_tensors(final, "ema.safetensors"), unet_config, export_dir, base_dir=base,
-        schedule=cfg.schedule, prediction_type=cfg.model.prediction_type, steps=cfg.teacher.sample_steps,
-        guidance=cfg.teacher.guidance, stage="teacher"))
+    tc, pred = cfg.teacher, cfg.model.prediction_type
+    start = PhaseStart(cfg, info, "teacher", "teacher", PhaseConfig("denoise", "full", tc.samples, optim=tc.optim),
+                       student_dir=base, student_pred=pred, micro_batch=tc.micro_batch,
+                       accumulation=tc.accumulation(info.world_size), deepspeed=tc.deepspeed or cfg.deepspeed,
+                       gradient_checkpointing=tc.gradient_checkpointing, ema_decay=tc.ema_decay)
+    export = PhaseExport(steps=tc.sample_steps, prediction_type=pred, base_dir=base, guidance=tc.guidance)
+    run_phase(start, cfg.out_dir / "jobs" / "teacher", export_dir, export,
+              make_grid=grids.bind(tc.sample_steps, pred, tc.guidance))
     return export_dir
-
-
-def _train_teacher(cfg: Config, info: DistInfo, base: Path, grids: GridMaker) -> tuple[Path, dict]:
-    tc = cfg.teacher
-    unet = load_unet(base)
-    unet_config = dict(unet.config)
-    if tc.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    accum = tc.accumulation(info.world_size)
-    engine = make_engine(unet, build_ds_config(tc.deepspeed or cfg.deepspeed, tc.micro_batch, accum, info.world_size, tc.optim, "teacher"))
-    try:
-        objective = DenoiseObjective(engine, NoiseSchedule.from_config(cfg.schedule), cfg.model.prediction_type, tc.caption_dropout)
-        job = Job("teacher", cfg.out_dir / "jobs" / "teacher", tc.samples, tc.micro_batch, accum, tc.optim,
-                  objective, ema_decay=tc.ema_decay, make_grid=grids.bind(tc.sample_steps, cfg.model.prediction_type, tc.guidance))
-        return train(job, cfg, info), unet_config
-    finally:
-        engine.destroy()
 
 
 def wants_comparison_grid(cfg: Config) -> bool:

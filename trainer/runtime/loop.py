@@ -1,7 +1,8 @@
 """The training loop: one handwritten loop for every job (teacher training, each distillation stage).
 
-It reads top to bottom: resume, then per optimizer step: learning rate, micro-batches (the objective
-does forward, backward and the engines' steps), EMA, logs, sample grid, checkpoint. Progress is counted
+It reads top to bottom: resume, then per optimizer step: the method's progress, learning rates,
+micro-batches (the method does forward, backward and the engines' steps: trainer/method/methods.py), EMA,
+logs, sample grid, checkpoint. Progress is counted
 in samples seen; every sample draws its randomness from a generator seeded by (seed, its position in the
 job) (trainer/runtime/randomness.py), so a resumed run continues exactly as an uninterrupted one, and gradient
 accumulation computes what a larger micro-batch would.
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -20,31 +21,30 @@ from tqdm import tqdm
 
 from trainer.runtime import collectives
 from trainer.runtime.checkpoint import CheckpointManager
-from trainer.config import Config, OptimConfig
+from trainer.config import Config
 from trainer.runtime.engines import DistInfo, device, learning_rate, set_learning_rate
 from trainer.data.loader import data_lanes, make_loader
-from trainer.method.objectives import Objective
 from trainer.runtime.preemption import Preempted, preemption_handler
 from trainer.runtime.randomness import SampleRandom
 from trainer.method.sampling import save_png
 from trainer.runtime.tracking import Tracker
 
+if TYPE_CHECKING:
+    from trainer.method.methods import Method
+
 
 @dataclass
 class Job:
+    """One run of the loop: a method (its engines, their optimizers, its micro-step) trained for a length."""
     name: str
     out_dir: Path
     total_samples: int
     micro_batch: int
     grad_accum: int
-    optim: OptimConfig
-    objective: Objective
-    ema_decay: float = 0.0
-    # learning-rate schedules of the other engines (e.g. "disc"); the student follows `optim`
-    other_optims: dict = field(default_factory=dict)
+    method: "Method"
+    ema_decay: float = 0.0  # of the student's weights; 0: none
     # module -> uint8 grid image (rank 0 only); None: no grids
     make_grid: Optional[Callable[[torch.nn.Module], np.ndarray]] = None
-    extra_state: dict = field(default_factory=dict)
 
 
 class EMA:
@@ -129,7 +129,10 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     """Runs `job` to its end (or to a preemption) and returns its final checkpoint folder."""
-    engines = job.objective.engines
+    engines = job.method.engines
+    missing = [name for name in engines if name not in job.method.optims]
+    if missing:
+        raise ValueError(f"[{job.name}] the method names no optimizer settings for engine(s) {missing}")
     student = engines["student"]
     ckpt = CheckpointManager(job.out_dir / "ckpt", cfg.log.keep_last)
     global_batch = job.micro_batch * job.grad_accum * info.world_size
@@ -142,7 +145,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     layout = {"world_size": info.world_size, "micro_batch": job.micro_batch, "grad_accum": job.grad_accum,
               "global_batch": global_batch, "num_workers": cfg.data.num_workers,
               "lanes": data_lanes(cfg.shard_dir, cfg.data.lanes)}
-    state = {"job": job.name, "step": 0, "samples_seen": 0, "done": False, **job.extra_state}
+    state = {"job": job.name, "step": 0, "samples_seen": 0, "done": False}
     latest = ckpt.latest()
     if latest is not None:
         saved = ckpt.read_state(latest)
@@ -191,9 +194,8 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     bar = tqdm(total=total_steps, initial=state["step"], desc=job.name, disable=not info.is_main, mininterval=5)
 
     while state["step"] < total_steps:
-        if hasattr(job.objective, "set_progress"):  # e.g. D warm-up, multi-timestep weight switch
-            job.objective.set_progress(state["step"], total_steps)
-        lrs = {name: learning_rate(job.other_optims.get(name, job.optim), state["step"], total_steps) for name in engines}
+        job.method.set_progress(state["step"], total_steps)  # e.g. D warm-up, the t* weights' switch
+        lrs = {name: learning_rate(job.method.optims[name], state["step"], total_steps) for name in engines}
         for name, engine in engines.items():
             set_learning_rate(engine, lrs[name])
         for micro in range(job.grad_accum):
@@ -205,7 +207,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             for stats in batch.pop("data_stats"):
                 data_stats[stats["stream"]] = stats
             rand = SampleRandom(cfg.run.seed, batch.pop("positions").tolist())
-            for key, value in job.objective.micro_step(_to_device(batch, dev), rand).items():
+            for key, value in job.method.micro_step(_to_device(batch, dev), rand).items():
                 window.setdefault(key, []).append(value)
             slow.check(time.monotonic() - started)
         # Engines skip a step whose gradients are not finite (check_grad_overflow): nothing is updated.

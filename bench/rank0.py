@@ -19,8 +19,8 @@ Measured, in this order (each with torch.set_num_threads(1); building the random
                         step so Adam's moments are in it): every rank works here
     zero_consolidate    trainer.runtime.checkpoint.fp32_weights of that checkpoint (rank 0, before a phase's export)
     vae_decode_cpu      the same grid's decode on the CPU; --cpu-decode-images N decodes N of the 4 and scales
-                        the time to the grid (SDXL: ~10 TFLOP per 1024 px image, ~1 min on one core). Last, so
-                        that a time limit cuts it rather than the others
+                        the time to the grid (SDXL: ~10 TFLOP per 1024 px image, over a minute on one
+                        core). Last, so that a time limit cuts it rather than the others
 
 Which timeout each one runs under (trainer/runtime/collectives.py): rank 0's solo work between jobs (consolidating,
 exporting, the end-of-job grid) is waited for in the rank-0 wait group, run.main_work_timeout_s (default
@@ -99,7 +99,7 @@ def latent_shape(vae_config: dict) -> tuple[int, int, int]:
 def fast_random_init(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """The module's storage, filled with N(0, 0.02) from one seeded generator: what a load or an export does
     with the weights does not depend on their values, and this set-up should cost little next to what is timed
-    (diffusers' own per-layer initialisation of SDXL's UNet takes ~10 s of one core). Built on the meta device."""
+    (diffusers' own per-layer initialisation of SDXL's UNet is slow on one core). Built on the meta device."""
     module = module.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

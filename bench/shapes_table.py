@@ -29,9 +29,9 @@ CONFIG = "configs/shapes.yaml"
 ADV_STAGES = (1, 2, 3, 4)  # indices of the 32->8, 8->4, 4->2, 2->1 stages in configs/shapes.yaml
 SHARED_STAGE = "stage1_32"  # the 128->32 MSE stage (CFG teacher) is the same for every method: trained once
 
-# The table's recipe is the main job's with an 8x longer first stage (38,400 samples, cosine decay; ~40 min
-# here): the 30-minute default's stage 1 does not distil the teacher's CFG (32-step student FID-Whole 161 vs
-# the teacher's 80; 4x longer: 112), and every later stage inherits that gap (bench/README.md).
+# The table's recipe is the main job's with an 8x longer first stage (38,400 samples, cosine decay): the
+# main job's stage 1 does not distil the teacher's CFG, and every later stage inherits that gap
+# (measured: bench/README.md#measurements-behind-defaults).
 TABLE_OVERRIDES = ["stages.0.samples=38400", "stages.0.optim.decay=cosine"]
 STEPS = {"stage2_8": 8, "stage3_4": 4, "stage4_2": 2, "stage5_1": 1}
 

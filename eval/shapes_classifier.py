@@ -17,7 +17,7 @@ The committed weights (assets/shapes_classifier.safetensors) were made by
     OMP_NUM_THREADS=1 python eval/shapes_classifier.py --out assets/shapes_classifier.safetensors
 
 (defaults: 24000 images of ShapesDataset seed 1000, 8 epochs, batch 128, Adam 2e-3 with cosine decay,
-seed 0; 204 s on 1 core of the shared 2-core CPU machine; held-out clean accuracy 1.000 on every head).
+seed 0; its training time and held-out accuracy: bench/README.md#measurements-behind-defaults).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@
 # and one summary at the end: stdout, $OUT/summary.md, $OUT/summary.json.
 #   here:  bash bench/gpu/fetch_wheels.sh            (once; fills .whl/)
 #   there: bash bench/gpu/run.sh                     (through the device tool, carry [".whl"]; results in $OUT)
-#   smoke test on a CPU: PRESET=tiny OUT=/tmp/gpu_check bash bench/gpu/run.sh   (~6 min on the 2-core VM)
+#   smoke test on a CPU: PRESET=tiny OUT=/tmp/gpu_check bash bench/gpu/run.sh   (times: bench/README.md)
 # Time: every part runs under `timeout`, within BUDGET_S (default 450 s: the machine's 8 minutes less start-up
 # and the summary); a (c) run that no longer fits is skipped and reported. Exit: 0 every part OK; 1 a part
 # FAILED; 2 nothing failed but a part is INCOMPLETE (cut by the time budget).

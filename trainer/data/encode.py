@@ -225,14 +225,22 @@ def encode_to_shards(
     dtype: str = "float16",
     total: int | None = None,
     progress: bool = True,
+    vae_slicing: bool = True,
 ) -> dict[str, Any]:
     """Encode samples in batches and write them as shards (plus index.json) into out_dir.
 
     Unreadable images and images without a caption are reported as they occur, skipped and
     listed in the returned stats; a source that yields nothing usable is an error (and then no
     shard or index is written).
+
+    vae_slicing (default on) turns on the codec's slicing: a VAE encodes the batch one image at a time,
+    as the paper does for SDXL at 1024 px, so the batch size sets the text encoders' and the writer's
+    batch, never the VAE's peak memory. The latents are the unsliced ones to float rounding
+    (tests/test_vae_slicing.py); the toy's codec has nothing to slice.
     """
     start = time.perf_counter()
+    if vae_slicing:
+        encoders.codec.enable_slicing()
     writer: ShardWriter | None = None  # opened on the first batch: an empty source writes nothing
     skipped: list[str] = []
     batch: list[_Pending] = []

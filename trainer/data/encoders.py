@@ -41,6 +41,9 @@ class LatentCodec(ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B,C,h,w] -> images [B,3,h*d,w*d], nominally in [-1,1]."""
 
+    def enable_slicing(self) -> None:
+        """Encode/decode a batch one image at a time where that saves memory (a VAE); a no-op otherwise."""
+
     @property
     @abstractmethod
     def latent_channels(self) -> int: ...
@@ -55,7 +58,8 @@ class PixelUnshuffleCodec(LatentCodec):
     """Lossless pixel-space "latent": fold each factor x factor patch into channels.
 
     The toy's choice: exact, free and needs no training, yet gives the UNet a 16x16 grid for 32 px
-    images, which is what made the toy fast enough on CPU (DESIGN.md, calibration).
+    images, a few times cheaper per step than a 32x32 one
+    (measured: bench/README.md#measurements-behind-defaults).
     """
 
     def __init__(self, factor: int = 2):
@@ -101,7 +105,9 @@ class VaeCodec(LatentCodec):
         return self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample
 
     def enable_slicing(self) -> None:
-        """Encode/decode a batch one image at a time: less peak memory for big images."""
+        """Encode/decode a batch one image at a time: the peak activation memory is one image's, not the
+        batch's (a batch of 1024 px images through SDXL's VAE would not fit a GPU otherwise). The results
+        are the unsliced ones to float rounding (tests/test_vae_slicing.py)."""
         self.vae.enable_slicing()
 
     @property

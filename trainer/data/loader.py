@@ -119,7 +119,8 @@ def read_raw_samples(path: str) -> tuple[list[dict], Optional[str]]:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stacks the samples' arrays into one batch, with numpy: torch.stack spreads small copies over its
-    intra-op threads, which on a loaded CPU made a batch 300x slower (bench/loader.py)."""
+    intra-op threads, which is very slow on a loaded CPU
+    (measured: bench/README.md#measurements-behind-defaults)."""
     batch: dict[str, Any] = {}
     for name in ARRAY_KEYS:
         if name not in samples[0]:

@@ -235,11 +235,12 @@ def _load_array(raw: dict, name: str, expected: list[int], shard: str, key: str)
                                            f"got {format_shape(array.shape)}")
     # Floats keep their stored dtype (float16 halves the bytes every later copy moves: worker -> trainer
     # through shared memory, host -> GPU); the training loop casts on the device. torch's checks and
-    # casts: numpy's float16 arithmetic is emulated and ~8x slower (bench/loader.py).
+    # casts: numpy's float16 arithmetic is emulated, much slower
+    # (measured: bench/README.md#measurements-behind-defaults).
     tensor = torch.from_numpy(array)
     if not tensor.is_floating_point():
         tensor = tensor.float()
-    # min and max carry any NaN or Inf: one pass and no temporary, ~10x faster than isfinite().all()
+    # min and max carry any NaN or Inf: one pass and no temporary, unlike isfinite().all()
     if tensor.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
         raise BadSample(shard, key, field, "contains NaN" if bool(torch.isnan(tensor).any()) else "contains Inf")
     return tensor

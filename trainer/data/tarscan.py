@@ -1,15 +1,15 @@
 """The fast path for reading a shard: one read into a writable buffer, the tar headers parsed in place,
 members returned as zero-copy views of that buffer.
 
-webdataset's reader pulls a tar through Python's tarfile in 10 KB pieces and copies every member out;
-on SDXL-size samples (~450 KB) that was over half of the loader's time (bench/loader.py). The shards
-this project writes (trainer.data.shards.ShardWriter) are plain ustar files: regular members with short
-names. This scanner reads exactly that and nothing more. Anything else (compression, pax or GNU
-headers, links, a bad header checksum, a member that runs past the end, a missing end-of-archive
-block, a duplicate member) makes it return None, and the caller reads the shard again with
-webdataset's general reader, which then reports what is wrong with it. Grouping by key follows
-webdataset's rules (key = path up to the first '.' of the file name, suffix lower-cased, `__x__`
-members skipped), so both paths give the same samples.
+webdataset's reader pulls a tar through Python's tarfile in 10 KB pieces and copies every member out; on
+SDXL-size samples (~450 KB) that dominated the loader's time (measured:
+bench/README.md#measurements-behind-defaults). The shards this project writes
+(trainer.data.shards.ShardWriter) are plain ustar files: regular members with short names. This scanner
+reads exactly that and nothing more. Anything else (compression, pax or GNU headers, links, a bad header
+checksum, a member that runs past the end, a missing end-of-archive block, a duplicate member) makes it
+return None, and the caller reads the shard again with webdataset's general reader, which then reports
+what is wrong with it. Grouping by key follows webdataset's rules (key = path up to the first '.' of the
+file name, suffix lower-cased, `__x__` members skipped), so both paths give the same samples.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The discriminator of the adversarial stages (PAPER.md "Discriminator").
+"""The discriminator of the adversarial stages (docs/method.md, "The discriminator").
 
 Backbone: a trainable copy of the pretrained UNet's encoder path (conv_in, time and added embeddings,
 down blocks, mid block). It works in latent space and takes t and the text condition exactly like the

@@ -1,4 +1,4 @@
-"""LoRA on the UNet: the first half of each distillation stage (PAPER.md, "LoRA and full UNet").
+"""LoRA on the UNet: the first half of each distillation stage (docs/method.md, "LoRA, merge, full UNet").
 
 Each stage trains a LoRA, merges it, and trains the full UNet further. The LoRA follows LCM-LoRA:
 every Conv2d and Linear of the UNet except the input/output convs and the shared conditioning

@@ -10,9 +10,10 @@ from typing import Optional
 import torch
 from diffusers import UNet2DConditionModel
 
-# The embedded default's UNet (DESIGN.md calibration): 12x16x16 pixel-unshuffled "latents", channels
-# (32, 64, 64), one layer per block, attention at 16x16 and 8x8 only (attention at 4x4 buys nothing and
-# 32x32 makes CPU steps slow), SDXL's text_time conditioning so the toy exercises the SDXL code path.
+# The embedded default's UNet, sized for a CPU: 12x16x16 pixel-unshuffled "latents", channels
+# (32, 64, 64), one layer per block, attention at 16x16 and 8x8 only (at 4x4 it buys nothing, at 32x32
+# it makes steps slow; measured: bench/README.md#measurements-behind-defaults), SDXL's text_time
+# conditioning so the toy exercises the SDXL code path.
 TOY_TEXT_DIM = 32
 TOY_UNET = dict(
     sample_size=16,

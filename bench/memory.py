@@ -541,11 +541,9 @@ class PhaseSpec:
 def recipe_phases(cfg: Config) -> dict[str, PhaseSpec]:
     """stage1_mse, adv_lora, adv_full and x0 as they occur in the recipe (first stage of each kind; the
     conditional D wherever any phase of that kind uses it, since it sees a doubled batch)."""
-    from trainer.method.stages import stage_phases
-
     specs: dict[str, PhaseSpec] = {}
     for stage in cfg.stages:
-        for phase in stage_phases(stage):
+        for phase in stage.plan():
             if phase.kind in ("mse", "x0"):
                 key = "stage1_mse" if phase.kind == "mse" else "x0"
                 title = "stage 1 MSE" if phase.kind == "mse" else "x0 conversion"

@@ -6,22 +6,21 @@ the trainer add on top of the work itself?
     python bench/step.py --preset sdxl --mode lora,full      # a GPU: the SDXL UNet at 1024 px, bf16
     python bench/step.py --preset sdxl --meta                # no GPU: SDXL's FLOPs per part, on the meta device
 
-The step is the trainer's own (trainer.method.objectives): the adversarial stage's micro-step (teacher jump,
-student move, D step, G step) or the first stage's MSE step. Parts, each timed alone (the device
-synchronised around each, so a part's time is its own):
+The step is the trainer's own: the micro-step of trainer.method.methods.Adversarial (or MSEDistill, the first
+stage), run whole, with a timer on its named sections (`method.timer`: a no-op in training; here each section
+synchronises the device around itself, so a section's time is its own):
 
-    data           next batch from a real shard loader (trainer.data.loader) and its copy to the device
-    teacher        x_t, then the frozen teacher's n-move jump (CFG as one doubled batch where the stage has it)
-    student_fwd    the student's move from x_t
-    disc_fwd_bwd   D on real and fake, D's loss, D's backward           (adversarial)
-    disc_step      D's optimizer step (DeepSpeed ZeRO-2)                 (adversarial)
-    student_bwd    the G loss through D (or the MSE loss), the student's backward
-    student_step   the student's optimizer step
+    data             next batch from a real shard loader (trainer.data.loader) and its copy to the device
+    teacher          x_t, then the frozen teacher's n-move jump (CFG as one doubled batch where the stage has it)
+    student forward  the student's move from x_t (and, with a multi-timestep D, the re-noise to t*)
+    G step           the G loss through D (frozen), the student's backward and optimizer step   (adversarial)
+    D step           D on real and fake in one call, D's loss, backward and optimizer step      (adversarial)
+    student step     the MSE loss's backward and the student's optimizer step                   (mse)
 
-`whole` is the same step run as the trainer runs it (the loader's next batch, then
-objective.micro_step, no synchronisation inside), and `loop` the trainer's own loop (trainer.runtime.loop.train)
-in steady state, read from its samples/s log. whole / sum(parts) is the trainer's overhead on the
-step's work; below 1 where the loader's worker prepares the next batch while the step runs.
+`whole` is the same step run as the trainer runs it (the loader's next batch, then method.micro_step with the
+no-op timer), and `loop` the trainer's own loop (trainer.runtime.loop.train) in steady state, read from its
+samples/s log. whole / sum(parts) is the trainer's overhead on the step's work (target <= 1.05); below 1 where
+the loader's worker prepares the next batch while the step runs.
 
 On a GPU it also prints the student's forward+backward FLOPs (torch.utils.flop_counter, counted once
 without gradient checkpointing' recomputation: model FLOPs), the achieved TFLOP/s and MFU against the
@@ -46,21 +45,19 @@ if str(ROOT) not in sys.path:  # `python bench/step.py` from a clone, and `impor
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench.common import PRESETS, Preset  # noqa: E402
 from trainer.config import OptimConfig, ScheduleConfig  # noqa: E402
-from trainer.method.discriminator import d_loss, discriminator_from_unet, g_loss  # noqa: E402
-from trainer.method.models import Conditioning, guided_denoiser, unet_forward  # noqa: E402
-from trainer.method.objectives import AdversarialObjective, MSEDistillObjective, noisy_inputs  # noqa: E402
+from trainer.method.discriminator import d_loss, discriminator_from_unet  # noqa: E402
+from trainer.method.methods import NO_TIMING, Adversarial, MSEDistill, StepTimer  # noqa: E402
+from trainer.method.schedule import NoiseSchedule  # noqa: E402
 from trainer.runtime.randomness import SampleRandom  # noqa: E402
-from trainer.method.schedule import NoiseSchedule, move, teacher_jump  # noqa: E402
 
 # Dense bf16 peak (no sparsity) by device name, for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
-PARTS_ADV = ("data", "teacher", "student_fwd", "disc_fwd_bwd", "disc_step", "student_bwd", "student_step")
-PARTS_MSE = ("data", "teacher", "student_fwd", "student_bwd", "student_step")
+PARTS_ADV = ("data", *Adversarial.sections)
+PARTS_MSE = ("data", *MSEDistill.sections)
 
 
 def is_cuda() -> bool:
@@ -105,15 +102,29 @@ def ds_config_path(offload: bool) -> str:
     return str(ROOT / ("ds_configs/zero2_gpu_offload.json" if offload else "ds_configs/zero2_gpu.json"))
 
 
+class SectionTimes(StepTimer):
+    """The method's sections, each timed alone: the device is synchronised on entry and exit."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def section(self, name: str):
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+
 class Step:
-    """The networks, engines and objective of one stage, built as trainer.method.stages builds them."""
+    """The networks, engines and method of one stage (random weights of the preset's shape: no folders)."""
 
     def __init__(self, preset: Preset, mode: str, objective: str, micro_batch: int, offload: bool,
                  student_steps: int, cfg_scale: float, compile_student: bool = False):
         from trainer.runtime.engines import build_ds_config, device, init_distributed, make_engine
         from trainer.method.lora import add_lora
         from trainer.method.models import freeze
-        from trainer.method.schedule import trailing_timesteps
 
         info = init_distributed()
         self.dev = device()
@@ -122,7 +133,6 @@ class Step:
         self.schedule = NoiseSchedule.from_config(ScheduleConfig())
         self.student_steps, self.teacher_steps = student_steps, student_steps * 2
         self.cfg_scale = cfg_scale if objective == "mse" else 1.0
-        self.timesteps = torch.tensor(trailing_timesteps(student_steps, self.schedule.num_train_timesteps))
         prediction = "epsilon"
 
         base = build_unet(preset, device=self.dev)
@@ -130,9 +140,9 @@ class Step:
         student = add_lora(copy.deepcopy(base), rank=preset.lora_rank) if mode == "lora" else copy.deepcopy(base)
         student.enable_gradient_checkpointing()
         self.attention = sorted({type(p).__name__ for p in student.attn_processors.values()})
-        ds = lambda lr: build_ds_config(ds_config_path(offload), micro_batch, 1, info.world_size,
-                                        OptimConfig(lr=lr, betas=[0.0, 0.99]), "bench")
-        self.student = make_engine(student, ds(1e-6))
+        optim = OptimConfig(lr=1e-6, betas=[0.0, 0.99])
+        ds = build_ds_config(ds_config_path(offload), micro_batch, 1, info.world_size, optim, "bench")
+        self.student = make_engine(student, ds)
         if compile_student:
             self.student.compile()
         self.trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -140,13 +150,13 @@ class Step:
         if objective == "adv":
             disc = discriminator_from_unet(base, conditional=True)
             disc.enable_gradient_checkpointing()
-            self.disc = make_engine(disc, ds(1e-6))
-            self.objective = AdversarialObjective(self.student, self.disc, self.teacher, self.schedule, prediction,
-                                                  prediction, student_steps, self.teacher_steps, conditional=True,
-                                                  t_star=[], t_star_weights=[])
+            self.disc = make_engine(disc, ds)
+            self.method = Adversarial(self.student, self.disc, self.teacher, self.schedule, prediction, prediction,
+                                      student_steps, self.teacher_steps, conditional=True, t_star=[],
+                                      t_star_weights=[], optims={"student": optim, "disc": optim})
         else:
-            self.objective = MSEDistillObjective(self.student, self.teacher, self.schedule, prediction, prediction,
-                                                 student_steps, self.teacher_steps, self.cfg_scale)
+            self.method = MSEDistill(self.student, self.teacher, self.schedule, prediction, prediction, student_steps,
+                                     self.teacher_steps, self.cfg_scale, optims={"student": optim})
         del base
         self.prediction = prediction
 
@@ -155,47 +165,20 @@ class Step:
         return PARTS_ADV if self.kind == "adv" else PARTS_MSE
 
     def parts_once(self, batches, rand: SampleRandom) -> dict[str, float]:
-        """One step with a timer around each part (the same computation as objective.micro_step)."""
+        """One step, the method's own micro-step, with its sections timed."""
         from trainer.runtime.loop import _to_device
 
-        times: dict[str, float] = {}
-
-        @contextmanager
-        def timed(name: str):
-            sync()
-            start = time.perf_counter()
-            yield
-            sync()
-            times[name] = time.perf_counter() - start
-
-        with timed("data"):
+        timer = SectionTimes()
+        with timer.section("data"):
             batch = _to_device(next(batches), self.dev)
             batch.pop("data_stats", None)
             batch.pop("positions", None)
-        with timed("teacher"):
-            x_t, t, t_next, cond = noisy_inputs(batch, rand, self.schedule, self.timesteps, self.student_steps)
-            moves = self.teacher_steps // self.student_steps
-            real = teacher_jump(self.schedule, guided_denoiser(self.teacher, cond, self.cfg_scale), x_t, t, moves,
-                                self.teacher_steps, self.prediction)
-        with timed("student_fwd"):
-            fake = move(self.schedule, unet_forward(self.student, x_t, t, cond), x_t, t, t_next, self.prediction)
-        # G step, then D step: the objective's order
-        with timed("student_bwd"):
-            if self.kind == "adv":
-                self.objective._set_disc_trainable(False)
-                self.student.backward(g_loss(self.objective._judge(fake, t_next, cond, x_t, t, frozen=True)))
-                self.objective._set_disc_trainable(True)
-            else:
-                self.student.backward(F.mse_loss(fake, real))
-        with timed("student_step"):
-            self.student.step()
-        if self.kind == "adv":
-            with timed("disc_fwd_bwd"):
-                p = {"real": real, "fake": fake, "d_t": t_next, "cond": cond, "x_t": x_t, "t": t}
-                self.disc.backward(d_loss(*self.objective.judge_real_and_fake(p)))
-            with timed("disc_step"):
-                self.disc.step()
-        return times
+        self.method.timer = timer
+        try:
+            self.method.micro_step(batch, rand)
+        finally:
+            self.method.timer = NO_TIMING
+        return timer.times
 
     def d_call_variants(self, batches, rand: SampleRandom, iters: int) -> dict[str, float]:
         """The D step (forward, backward, optimizer step) with real and fake judged in one stacked call
@@ -205,10 +188,10 @@ class Step:
         batch = _to_device(next(batches), self.dev)
         batch.pop("data_stats", None)
         batch.pop("positions", None)
-        p = self.objective.prepare(batch, rand)
-        judge = lambda x: self.objective._judge(x, p["d_t"], p["cond"], p["x_t"], p["t"])
+        p = self.method.landings(batch, rand)
+        judge = lambda x: self.method._judge(x, p["d_t"], p["cond"], p["x_t"], p["t"])
         variants = {
-            "stacked": lambda: d_loss(*self.objective.judge_real_and_fake(p)),
+            "stacked": lambda: d_loss(*self.method.judge_real_and_fake(p)),
             "separate": lambda: d_loss(judge(p["real"]), judge(p["fake"].detach())),
         }
         times: dict[str, list] = {name: [] for name in variants}
@@ -224,7 +207,7 @@ class Step:
         return {name: statistics.median(v) for name, v in times.items()}
 
     def whole_once(self, batches, rand: SampleRandom) -> float:
-        """One step as the loop runs it: next batch, then the objective's micro-step, nothing in between."""
+        """One step as the loop runs it: next batch, then the method's micro-step, nothing in between."""
         from trainer.runtime.loop import _to_device
 
         sync()
@@ -232,7 +215,7 @@ class Step:
         batch = _to_device(next(batches), self.dev)
         batch.pop("data_stats", None)
         batch.pop("positions", None)
-        self.objective.micro_step(batch, rand)
+        self.method.micro_step(batch, rand)
         sync()
         return time.perf_counter() - start
 
@@ -319,7 +302,9 @@ def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iter
         if is_cuda():
             result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             flops = student_flops(preset, micro_batch, mode, "cuda")
-            fwd_bwd_s = median["student_fwd"] + median["student_bwd"]
+            # the student's forward, and its backward inside the G step (which also runs D's forward on the
+            # fake and the optimizer step: the TFLOP/s and MFU below are lower bounds)
+            fwd_bwd_s = median["student forward"] + median["G step" if objective == "adv" else "student step"]
             result.update(flops)
             result["student_tflops"] = flops["student_fwd_bwd_flops"] / fwd_bwd_s / 1e12
             result["mfu"] = result["student_tflops"] / peak_tflops(result["device"], peak_override)
@@ -345,8 +330,7 @@ def loop_step_seconds(step: Step, shards: Path, iters: int, workers: int) -> flo
         cfg.data.num_workers = workers
         cfg.log.every_steps = iters
         cfg.log.checkpoint_every_samples = 0
-        job = Job("bench", Path(tmp) / "job", step.micro_batch * iters * 5, step.micro_batch, 1,
-                  OptimConfig(lr=1e-6, betas=[0.0, 0.99]), step.objective)
+        job = Job("bench", Path(tmp) / "job", step.micro_batch * iters * 5, step.micro_batch, 1, step.method)
         train(job, cfg, DistInfo(0, 0, 1))
         from trainer.runtime.tracking import read_metrics
 
@@ -368,15 +352,15 @@ def print_result(r: dict) -> None:
     print(f"\n== {r['preset']} {r['mode']} {r['objective']} micro-batch {r['micro_batch']} on {r['device']} "
           f"({r['torch_threads']} threads; attention {', '.join(r['attention'])}; trainable {r['trainable_params']:,})")
     for name, seconds in r["parts_s"].items():
-        print(f"  {name:<14} {seconds * 1e3:9.1f} ms  {seconds / r['sum_parts_s']:6.1%}")
-    print(f"  {'sum of parts':<14} {r['sum_parts_s'] * 1e3:9.1f} ms")
-    print(f"  {'whole step':<14} {r['whole_s'] * 1e3:9.1f} ms   whole / sum(parts) = {r['whole_over_parts']:.3f}"
-          f"   (target <= 1.10)   {r['samples_per_s']:.1f} samples/s")
+        print(f"  {name:<16} {seconds * 1e3:9.1f} ms  {seconds / r['sum_parts_s']:6.1%}")
+    print(f"  {'sum of parts':<16} {r['sum_parts_s'] * 1e3:9.1f} ms")
+    print(f"  {'whole step':<16} {r['whole_s'] * 1e3:9.1f} ms   whole / sum(parts) = {r['whole_over_parts']:.3f}"
+          f"   (target <= 1.05)   {r['samples_per_s']:.1f} samples/s")
     if "d_stacked_over_separate" in r:
         print(f"  D step, real+fake in one call {r['d_step_stacked_s'] * 1e3:.1f} ms vs two calls "
               f"{r['d_step_separate_s'] * 1e3:.1f} ms: ratio {r['d_stacked_over_separate']:.3f}")
     if "loop_s" in r:
-        print(f"  {'trainer loop':<14} {r['loop_s'] * 1e3:9.1f} ms   loop / sum(parts)  = {r['loop_over_parts']:.3f}")
+        print(f"  {'trainer loop':<16} {r['loop_s'] * 1e3:9.1f} ms   loop / sum(parts)  = {r['loop_over_parts']:.3f}")
     if "mfu" in r:
         print(f"  student fwd+bwd {r['student_fwd_bwd_flops'] / 1e12:.1f} TFLOP: {r['student_tflops']:.0f} TFLOP/s, "
               f"MFU {r['mfu']:.1%} (target >= 40%); peak memory {r['peak_gib']:.1f} GiB")

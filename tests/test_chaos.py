@@ -2,9 +2,7 @@
 moments and inside exports, and rerun with the same command each time, ends where an uninterrupted run
 ends: bit for bit on the same number of ranks, to float32 rounding when the number of ranks changes between
 restarts (fp32 engines there: bf16 reductions in another order differ by more)."""
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -27,14 +25,28 @@ def start(args: list[str], ranks: int, fault: str = "") -> subprocess.Popen:
 
 
 def kill_after(proc: subprocess.Popen, seconds: float) -> bool:
-    """SIGKILL the whole process group after `seconds` unless it ended before; True if it was killed."""
+    """SIGKILL every process of the run after `seconds` unless it ended before; True if it was killed.
+    torchrun starts each rank in a session of its own, so killing torchrun's process group would leave the
+    ranks running on as orphans: the whole tree is killed, the launcher first (so that it cannot react)."""
+    import psutil
+
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
             return False
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    tree = [psutil.Process(proc.pid)]
+    try:
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    psutil.wait_procs(tree[1:], timeout=30)
     return True
 
 

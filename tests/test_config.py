@@ -197,3 +197,50 @@ def test_disc_optimizer_follows_what_the_student_trains():
     assert [p.disc.optim for p in stage.plan()] == [lora, lora, full]
     stage.disc.lora_optim = None  # unset: D keeps one optimizer in every phase
     assert [p.disc.optim for p in stage.plan()] == [full, full, full]
+
+
+def test_explicit_phases_equal_the_short_form_they_spell_out(tmp_path):
+    """A stage's `phases:` list is the data its short form expands into: writing the expansion out gives the
+    same plan (names, lengths, optimizers, D settings), and --print-plan shows it without touching a path."""
+    import dataclasses
+
+    import yaml
+
+    short = load_config(ROOT / "configs" / "sdxl.yaml", check_paths=False)
+    data = yaml.safe_load((ROOT / "configs" / "sdxl.yaml").read_text())
+    stage = data["stages"][1]  # lora+full: LoRA cond, LoRA uncond, full uncond
+    plan = short.stages[1].plan()
+    for key in ("objective", "variant", "full_samples", "x0_samples"):
+        stage.pop(key, None)
+    stage["phases"] = [{"kind": p.kind, "train": p.train, "samples": p.samples, "optim": dataclasses.asdict(p.optim),
+                        "disc": dataclasses.asdict(p.disc)} for p in plan]
+    path = tmp_path / "explicit.yaml"
+    path.write_text(yaml.safe_dump(data))
+    explicit = load_config(path, check_paths=False)
+    assert explicit.stages[1].plan() == plan
+    names = lambda cfg: [p.job_name(s.name, i) for s in cfg.stages for i, p in enumerate(s.plan())]
+    assert names(explicit) == names(short)
+
+    proc = subprocess.run([sys.executable, "-m", "trainer.run", "--config", str(path), "--print-plan"], cwd=ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage2_8.2_adv_uncond" in proc.stdout and "unconditional lr 5e-07" in proc.stdout
+    assert len([l for l in proc.stdout.splitlines() if l.startswith("stage")]) == 13
+
+
+@pytest.mark.parametrize("phases, extra, key, message", [
+    ([{"kind": "gan"}], {}, "stages[0].phases[0].kind", "not one of"),
+    ([{"kind": "x0", "train": "lora"}], {}, "stages[0].phases[0].train", "full UNet"),
+    ([{"kind": "mse", "disc": {}}], {}, "stages[0].phases[0].disc", "only adversarial"),
+    ([{"kind": "adv_cond", "optim": {"lr": -1}}], {}, "stages[0].phases[0].optim.lr", "positive"),
+    ([{"kind": "mse"}], {"variant": "lora"}, "stages[0].phases", "not both"),
+])
+def test_bad_phases_name_their_key(tmp_path, phases, extra, key, message):
+    import yaml
+
+    data = {"stages": [{"student_steps": 8, "teacher_steps": 32, "phases": phases, **extra}]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, check_paths=False)
+    assert key in str(err.value) and message in str(err.value) and str(path) in str(err.value)

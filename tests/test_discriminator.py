@@ -256,7 +256,7 @@ def test_accuracy_on_known_logits():
 # --- D can learn --------------------------------------------------------------------------------------
 
 def test_unconditional_toy_d_learns_to_separate_two_batches(toy_unet):
-    """Protects against a D that cannot learn (DESIGN.md: check D can overfit a fixed batch first)."""
+    """Protects against a D that cannot learn (the first thing to check of a GAN: D can overfit a fixed batch)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     real = torch.randn(8, 12, 16, 16, generator=g) * 0.5

@@ -277,8 +277,8 @@ class StageConfig:
     variant: str = "full"
     cfg_scale: float = 1.0  # classifier-free guidance in the teacher's jump (the paper: 6 in 128->32 only)
     # mse objective: compare the student's and the teacher's landings as they are ("landing") or as the
-    # x0 each implies from x_t ("x0", which weights the high-noise steps up); the paper does not say.
-    # Measured on shapes (stage 1, 150 steps): the 32-step student's FID-Whole 161 with landing, 247 with x0.
+    # x0 each implies from x_t ("x0", which weights the high-noise steps up); the paper does not say
+    # (landing scored better on the toy: bench/README.md#measurements-behind-defaults).
     mse_space: str = "landing"
     samples: int = 1000  # length of each objective phase, in samples seen
     full_samples: int = 0  # lora+full: length of the final full-UNet phase (0 = samples)
@@ -290,8 +290,8 @@ class StageConfig:
     mse_optim: Optional[OptimConfig] = None
     mse_weight: float = 0.0  # an extra MSE term in adversarial phases (the paper: none)
     # Full-UNet phases export an exponential moving average of the student's weights when > 0 (the paper
-    # states none). LoRA phases ignore it. On the toy's one-step stage 0.98 scored worse than the last
-    # iterate (FID-Whole 341 vs 308, one seed): the shapes recipe does not use it.
+    # states none). LoRA phases ignore it. The shapes recipe does not use it (worse than the last iterate on
+    # the toy's one-step stage: bench/README.md#measurements-behind-defaults).
     ema_decay: float = 0.0
     micro_batch: int = 32
     grad_accum: int = 1

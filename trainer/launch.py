@@ -42,10 +42,9 @@ from submitit.helpers import Checkpointable
 from trainer.config import Config, ConfigError, load_config
 from trainer.export import is_complete
 from trainer.runtime.preflight import problems
-from trainer.run import EXIT_CONFIG, EXIT_PREEMPTED
+from trainer.run import EXIT_CONFIG, EXIT_JOB_FAILED, EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
-EXIT_FAILED = 1
 # sacct states of a job that has ended, for good once squeue no longer lists it (a requeued job is listed
 # again as PENDING; a preempted one is too when the cluster requeues preempted jobs)
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -418,7 +417,7 @@ def main(argv=None) -> int:
                 subprocess.run(["scancel", *taken_back], capture_output=True)
             print(f"submission failed{f' (cancelled jobs {taken_back})' if taken_back else ''}: "
                   f"{str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_JOB_FAILED
         (folder / "submitted.json").write_text(json.dumps(
             {"config": config, "jobs": [{"name": j.name, "job_id": j.job_id} for j in todo]}, indent=1))
         if args.no_wait:
@@ -432,7 +431,7 @@ def main(argv=None) -> int:
     bad = [j for j in todo if j.state != "COMPLETED"]
     if bad:
         print(f"not completed: {', '.join(f'{j.name} ({j.state.lower()})' for j in bad)}; logs in {folder}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_JOB_FAILED
     print(f"all done; exports in {cfg.out_dir / 'exports'}")
     return 0
 

@@ -2,11 +2,12 @@
 
     python -m trainer.run --config configs/shapes.yaml                      # everything
     python -m trainer.run --config configs/shapes.yaml --jobs stage1_32     # one job (needs its teacher)
+    python -m trainer.run --config configs/sdxl.yaml --print-plan          # every job and phase; runs nothing
     python -m trainer.run --config configs/shapes.yaml --stage 2            # the recipe's second stage
     python -m trainer.run --config configs/shapes.yaml --set stages.0.samples=512
     torchrun --standalone --nproc_per_node 2 -m trainer.run --config ...    # 2 ranks
 
-Exit codes: 0 done; 2 bad configuration or missing inputs (nothing started: one line per problem); 3 stopped
+Exit codes (shared with trainer.launch, which adds 1: a submitted job failed): 0 done; 2 bad configuration or missing inputs (nothing started: one line per problem); 3 stopped
 on a fault it reports (non-finite steps, checkpoint write failed); 75 stopped with a checkpoint (preempted,
 or run.stop_after_samples): run the same command again to resume.
 """
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 
+EXIT_JOB_FAILED = 1  # trainer.launch: a submitted job failed or was cancelled
 EXIT_CONFIG = 2
 EXIT_FAILED = 3  # the run stopped itself: non-finite steps, a checkpoint it could not write
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", which is what a requeue does
@@ -31,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", default="", help="comma-separated job names to run (teacher, stage names); default all")
     p.add_argument("--stage", type=int, default=0, metavar="N",
                    help="run the recipe's N-th stage (1 = stages[0]); what slurm/stageN.sh uses")
+    p.add_argument("--print-plan", action="store_true",
+                   help="print every job and phase the recipe expands into (kind, what trains, length, optimizers, D) "
+                        "and exit")
     return p.parse_args(argv)
 
 
@@ -39,10 +44,15 @@ def main(argv=None) -> int:
     from trainer.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, check_paths=not args.print_plan)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.print_plan:
+        from trainer.plan import format_plan
+
+        print(format_plan(cfg, int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))))
+        return 0
     only = [j for j in args.jobs.split(",") if j]
     if args.stage:
         if not 1 <= args.stage <= len(cfg.stages):

@@ -11,7 +11,7 @@ from conftest import ROOT, cli_env
 
 from trainer.config import ConfigError, load_config
 from trainer.runtime.dist_env import master_port
-from trainer.launch import TrainerJob, distributed_env, parse_stages, plan_jobs, select_jobs
+from trainer.launch import ClusterTask, distributed_env, parse_stages, plan_jobs, select_jobs
 
 RECIPE = "tests/slurm_smoke.yaml"
 
@@ -94,7 +94,7 @@ def test_task_environment_from_submitit():
 
 
 def test_trainer_job_checkpoint_is_itself():
-    job = TrainerJob("/abs/recipe.yaml", ["run.out_dir=/x"], "stage1_32", "/work")
+    job = ClusterTask("/abs/recipe.yaml", ["run.out_dir=/x"], "stage1_32", "/work")
     assert job.argv() == ["--config", "/abs/recipe.yaml", "--jobs", "stage1_32", "--set", "run.out_dir=/x"]
     again = pickle.loads(pickle.dumps(job.checkpoint()))
     assert again.function.argv() == job.argv() and again.args == () and again.kwargs == {}

@@ -15,7 +15,7 @@ Inside a job, every task is one rank: the distributed environment comes from sub
 (global rank, local rank, task count; rank 0's host is the master), then trainer.run's main runs the
 job. Preemption: SLURM's USR2 warning (and SIGTERM) reach the trainer, which writes a checkpoint before
 its next micro-step (trainer/runtime/preemption.py) and returns 75; the task then hands over to submitit's own preemption handler, which
-calls `TrainerJob.checkpoint()` (the same job again) and requeues it; the requeued job resumes from that
+calls `ClusterTask.checkpoint()` (the same job again) and requeues it; the requeued job resumes from that
 checkpoint. A USR2 that arrives before trainer.run's main installed its handler goes straight to submitit's.
 
 Executors: `slurm` (the default where `sbatch` exists) or `local` (submitit's local executor: the jobs
@@ -55,7 +55,9 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
 
 
 @dataclass
-class PlannedJob:
+class ClusterJob:
+    """One cluster job of the launch plan: a job of the recipe (the teacher, or a stage with all its phases)
+    and its submission's state."""
     number: int  # 0: the teacher; N: the recipe's N-th stage (what slurm/stageN.sh runs)
     name: str  # the job's name in the recipe: trainer.run --jobs <name>
     export: Path
@@ -71,13 +73,13 @@ def trains_teacher(cfg: Config) -> bool:
     return not cfg.teacher.init and cfg.teacher.samples > 0
 
 
-def plan_jobs(cfg: Config) -> list[PlannedJob]:
+def plan_jobs(cfg: Config) -> list[ClusterJob]:
     """The progression's jobs in order, each marked done when its export is complete."""
     jobs = []
     if trains_teacher(cfg):
-        jobs.append(PlannedJob(0, "teacher", cfg.out_dir / "exports" / "teacher"))
+        jobs.append(ClusterJob(0, "teacher", cfg.out_dir / "exports" / "teacher"))
     for i, stage in enumerate(cfg.stages):
-        jobs.append(PlannedJob(i + 1, stage.name, cfg.out_dir / "exports" / stage.name))
+        jobs.append(ClusterJob(i + 1, stage.name, cfg.out_dir / "exports" / stage.name))
     for job in jobs:
         job.done = is_complete(job.export)
     return jobs
@@ -98,7 +100,7 @@ def parse_stages(text: str, last: int) -> tuple[int, int]:
     return rng
 
 
-def select_jobs(cfg: Config, jobs: list[PlannedJob], stages: str) -> list[PlannedJob]:
+def select_jobs(cfg: Config, jobs: list[ClusterJob], stages: str) -> list[ClusterJob]:
     """The jobs to submit; raises ConfigError when the first one's teacher will not be there."""
     lo, hi = parse_stages(stages, len(cfg.stages)) if stages else (0, len(cfg.stages))
     chosen = [j for j in jobs if lo <= j.number <= hi]
@@ -141,8 +143,8 @@ def _slurm_job_running(job_id: str) -> bool:
     return out.stdout.strip() in ("", "RUNNING")
 
 
-class TrainerJob(Checkpointable):
-    """One job of the progression, run by every task of a submitit job.
+class ClusterTask(Checkpointable):
+    """What every task (rank) of a cluster job runs: `python -m trainer.run --jobs <the job>`.
 
     Checkpointable: on preemption submitit pickles `checkpoint()`'s result (this same job: all state the
     trainer needs is in its checkpoints on disk) and requeues it."""
@@ -234,7 +236,7 @@ def slurm_states(ids: list[str]) -> dict[str, dict]:
     return info
 
 
-def print_table(jobs: list[PlannedJob], title: str = "") -> None:
+def print_table(jobs: list[ClusterJob], title: str = "") -> None:
     rows = [("#", "job", "job id", "after", "state", "elapsed", "note")]
     for j in jobs:
         rows.append((str(j.number), j.name, j.job_id or "-", j.after or "-", j.state or "-",
@@ -286,7 +288,7 @@ def refuse_if_still_queued(record: Path) -> None:
                            f"wait for them or scancel them first")
 
 
-def submit_slurm(executor, jobs: list[PlannedJob], make_job) -> None:
+def submit_slurm(executor, jobs: list[ClusterJob], make_job) -> None:
     previous = ""
     for job in jobs:
         if job.done:
@@ -298,7 +300,7 @@ def submit_slurm(executor, jobs: list[PlannedJob], make_job) -> None:
         previous = job.job_id
 
 
-def wait_slurm(jobs: list[PlannedJob], poll_s: float) -> None:
+def wait_slurm(jobs: list[ClusterJob], poll_s: float) -> None:
     by_id = {j.job_id: j for j in jobs if j.job_id}
     shown, seen = None, set()
     while True:
@@ -330,7 +332,7 @@ def wait_slurm(jobs: list[PlannedJob], poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def run_local(executor, jobs: list[PlannedJob], make_job, poll_s: float) -> None:
+def run_local(executor, jobs: list[ClusterJob], make_job, poll_s: float) -> None:
     """submitit's local executor has no dependencies: this process chains the jobs itself."""
     failed = None
     for job in jobs:
@@ -390,7 +392,7 @@ def main(argv=None) -> int:
     todo = [j for j in jobs if not j.done]
     config = str(Path(args.config).resolve())
     workdir = os.getcwd()
-    make_job = lambda job: TrainerJob(config, args.overrides, job.name, workdir)
+    make_job = lambda job: ClusterTask(config, args.overrides, job.name, workdir)
     gpus = args.tasks_per_node if args.gpus_per_node is None else args.gpus_per_node
     print(f"{cfg.source}: {len(todo)} of {len(jobs)} selected jobs to run on {kind}: {args.nodes} node(s) x "
           f"{args.tasks_per_node} tasks, {gpus} GPUs/node, {args.cpus_per_task} CPUs/task, {args.timeout_min} min")

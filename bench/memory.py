@@ -30,7 +30,7 @@ data_types.grad_accum_dtype and communication_data_type, the model dtype where t
 Activation moments (the largest one is added to the static terms):
 - saved-for-backward bytes, MEASURED on the meta device with torch.autograd.graph.saved_tensors_hooks
   during a bf16 forward at micro-batch B: the student (gradient checkpointing as the recipe says), and D
-  (the D step judges real and fake in one stacked call, as AdversarialObjective.judge_real_and_fake:
+  (the D step judges real and fake in one stacked call, as Adversarial.judge_real_and_fake:
   the conditional D's backbone runs on x_t and both candidates, 3B rows). Tensors are deduplicated by
   the id of their root tensor (a view counts as the tensor it views: meta tensors have no data_ptr to
   compare); parameters are excluded (counted as weights). Under non-reentrant checkpointing torch's own
@@ -49,7 +49,7 @@ Activation moments (the largest one is added to the static terms):
   the fp32 copy that is all-reduced when communication_data_type is fp32 (2 + 4 B per element).
 - the optimizer step: Adam reads the fp32 partition in place; a bf16 partition is flattened and cast to
   fp32 first (2 + 4 B x trainable / N).
-- adversarial phases run the G step, then the D step (AdversarialObjective.micro_step): the G backward
+- adversarial phases run the G step, then the D step (Adversarial.micro_step): the G backward
   frees the student's graph before D's forward.
 
 Not modelled: the CUDA context, NCCL buffers, allocator fragmentation (hence the reserve subtracted from
@@ -378,7 +378,7 @@ def student_saved(unet: nn.Module, preset: Preset, batch: int, checkpointing: bo
 
 def disc_step_saved(disc: nn.Module, preset: Preset, batch: int, checkpointing: bool) -> SavedReport:
     """The D step: D judges the teacher's landing (real) and the detached student's (fake) in one stacked
-    call, as AdversarialObjective.judge_real_and_fake does (the conditional D's x_t branch runs once)."""
+    call, as Adversarial.judge_real_and_fake does (the conditional D's x_t branch runs once)."""
     x_t, t, cond = meta_batch(preset, batch)
     both = torch.empty(2 * batch, *x_t.shape[1:], device="meta")
     extra = (x_t, t) if disc.conditional else ()
@@ -386,7 +386,7 @@ def disc_step_saved(disc: nn.Module, preset: Preset, batch: int, checkpointing: 
 
 
 def disc_g_step_saved(disc: nn.Module, preset: Preset, batch: int, checkpointing: bool) -> SavedReport:
-    """The G step: D (parameters frozen, as AdversarialObjective.g_step sets them) judges the fake, whose
+    """The G step: D (parameters frozen, as Adversarial.g_step sets them) judges the fake, whose
     gradient flows back to the student."""
     x_t, t, cond = meta_batch(preset, batch)
     fake = torch.empty_like(x_t).requires_grad_()
@@ -610,7 +610,7 @@ def activation_moments(spec: PhaseSpec, acts: Activations, student: EngineMemory
     if disc is None:
         moments["student bwd"] = float(saved + block) + student.backward_transient
         moments["student opt step"] = student.step_transient
-    else:  # AdversarialObjective.micro_step: the G step (D frozen), then the D step on a freed student graph
+    else:  # Adversarial.micro_step: the G step (D frozen), then the D step on a freed student graph
         form = spec.disc
         moments["G bwd"] = (float(saved + acts.disc_g_step[form] + max(acts.disc_block[form], block))
                             + student.backward_transient)

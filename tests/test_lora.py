@@ -154,3 +154,25 @@ def test_diffusers_pipeline_loads_the_saved_lora(tmp_path):
     image = pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+
+def test_a_lora_file_has_the_same_bytes_in_every_process(tmp_path):
+    """The metadata's target_modules (a set in peft) is written sorted: two processes with different string
+    hashing write byte-identical files for the same LoRA."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from trainer.method.lora import add_lora, save_lora\n"
+        "from trainer.method.models import build_toy_unet\n"
+        "save_lora(add_lora(build_toy_unet(seed=0), rank=4, init_seed=0), sys.argv[1])\n")
+    digests = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"lora{seed}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=300,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

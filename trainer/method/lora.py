@@ -23,6 +23,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from trainer.files import canonical_safetensors
+
 ADAPTER = "default"  # peft's name for a model's first adapter; the only one this trainer uses
 UNET_PREFIX = "unet"  # diffusers' prefix for UNet keys in a pipeline LoRA file
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
@@ -118,9 +120,15 @@ def save_lora(unet: nn.Module, path: Union[str, Path]) -> Path:
         save_directory=file.parent,
         unet_lora_layers=weights,
         weight_name=file.name,
-        unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+        unet_lora_adapter_metadata=_stable_metadata(unet.peft_config[ADAPTER].to_dict()),
     )
-    return file
+    return canonical_safetensors(file)
+
+
+def _stable_metadata(config: dict) -> dict:
+    """peft's config holds sets (target_modules), which JSON lists in hash order: the same LoRA would get
+    different file bytes in every process. Sorted, the file depends only on the weights and the config."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
 def _read_lora(source: Union[str, Path, dict]) -> tuple[dict[str, torch.Tensor], Optional[dict]]:

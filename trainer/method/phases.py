@@ -114,13 +114,12 @@ def run_phase(start: PhaseStart, job_dir: Path, result: Path, export: PhaseExpor
               f"{torch.cuda.memory_reserved(dev) / 2**30:.2f} GiB reserved", flush=True)
     method: Method = METHODS[start.phase.kind].build(start)
     try:
-        job = Job(start.name, job_dir, start.phase.samples, start.micro_batch, start.accumulation, method,
-                  ema_decay=start.ema_decay, make_grid=make_grid)
-        final = train(job, start.cfg, start.info)
+        final = train(Job(start.name, job_dir, start.phase.samples, start.micro_batch, start.accumulation, method,
+                          ema_decay=start.ema_decay, make_grid=make_grid), start.cfg, start.info)
     finally:
         method.close()
     del method
-    release_engines()
+    release_engines()  # nothing of the phase's engines is left when rank 0 exports, or the next phase builds
 
     def write() -> None:
         # the average when there is one (the ZeRO consolidation of the last iterate would go unused)

@@ -50,6 +50,7 @@ from bench.common import PRESETS, Preset  # noqa: E402
 from trainer.config import OptimConfig, ScheduleConfig  # noqa: E402
 from trainer.method.discriminator import d_loss, discriminator_from_unet  # noqa: E402
 from trainer.method.methods import NO_TIMING, Adversarial, MSEDistill, StepTimer  # noqa: E402
+from trainer.method.models import Conditioning, unet_forward  # noqa: E402
 from trainer.method.schedule import NoiseSchedule  # noqa: E402
 from trainer.runtime.randomness import SampleRandom  # noqa: E402
 

@@ -119,7 +119,7 @@ def test_two_rank_job_survives_an_export_slower_than_the_timeout(tmp_path):
            "--set", f"run.out_dir={out}", "--set", "run.collective_timeout_s=15"]
     proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(FAULT="slow_export:30"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "[rank 0] exporting the teacher: 3" in proc.stdout  # 30+ s
+    assert "[rank 0] exporting teacher: 3" in proc.stdout  # 30+ s
     summary = json.loads(proc.stdout.split("=== done ===", 1)[1].split("\nTensorBoard")[0])
     assert list(summary["exports"]) == ["teacher"] and (out / "exports" / "teacher" / "export.json").is_file()
 

@@ -72,6 +72,9 @@ class PhaseStart:
             self._read[folder] = module
         return module
 
+    def forget_networks(self) -> None:
+        self._read.clear()
+
     def frozen(self, unet: torch.nn.Module, student_source: torch.nn.Module) -> torch.nn.Module:
         """`unet` frozen on this process's device; a copy when it is also the module the student trains."""
         return frozen_copy(unet, device()) if unet is student_source else freeze(unet).to(device())
@@ -113,6 +116,7 @@ def run_phase(start: PhaseStart, job_dir: Path, result: Path, export: PhaseExpor
         print(f"[{start.name}] GPU memory at phase start: {torch.cuda.memory_allocated(dev) / 2**30:.2f} GiB allocated, "
               f"{torch.cuda.memory_reserved(dev) / 2**30:.2f} GiB reserved", flush=True)
     method: Method = METHODS[start.phase.kind].build(start)
+    start.forget_networks()  # the method holds what it needs; a module left here would keep its engine alive
     try:
         final = train(Job(start.name, job_dir, start.phase.samples, start.micro_batch, start.accumulation, method,
                           ema_decay=start.ema_decay, make_grid=make_grid), start.cfg, start.info)

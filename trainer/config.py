@@ -429,6 +429,13 @@ class LogConfig:
 
 
 @dataclass
+class ExportConfig:
+    # Copy every part of the base model into each export instead of linking the large ones (SDXL's text
+    # encoders and VAE, ~5 GB per export): folders that can be moved to another machine.
+    portable: bool = False
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -438,6 +445,7 @@ class Config:
     stages: list[StageConfig] = field(default_factory=list)
     deepspeed: str = "ds_configs/zero2_cpu.json"
     log: LogConfig = field(default_factory=LogConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     source: str = ""  # the file it came from, for messages
 
     @property

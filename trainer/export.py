@@ -7,7 +7,9 @@
     <export>/export.json           what it is: steps, prediction type, guidance, stage, base model
     <export>/README.md             a short model card
     + the base model's other parts (text encoders, tokenizers, VAE or the toy's latent codec): copied
-      when small (the toy), linked when large (SDXL), so the folder is a complete model either way.
+      when small (the toy), linked when large (SDXL), so the folder is a complete model either way;
+      `portable` (key export.portable, trainer.run --portable) copies them all: a folder that can be
+      moved to another machine. export.json lists the linked parts and the base as the recipe gave it.
 
 An export is written under a temporary name and renamed when complete: `is_complete` is true only for
 a finished one, which is what lets a re-run skip stages that are done.
@@ -36,9 +38,9 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _bring_component(src: Path, dst: Path) -> bool:
-    """Copies a small part, links a large one; True if it linked."""
-    if _size(src) <= _COPY_LIMIT_BYTES:
+def _bring_component(src: Path, dst: Path, portable: bool = False) -> bool:
+    """Copies a small part (any part when portable), links a large one; True if it linked."""
+    if portable or _size(src) <= _COPY_LIMIT_BYTES:
         shutil.copytree(src, dst, symlinks=False) if src.is_dir() else shutil.copy2(src, dst)
         return False
     os.symlink(src.resolve(), dst)
@@ -48,7 +50,7 @@ def _bring_component(src: Path, dst: Path) -> bool:
 def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Path, *, base_dir: Path,
                 schedule: ScheduleConfig, prediction_type: str, steps: int, guidance: float = 1.0,
                 stage: str = "", notes: Optional[dict] = None,
-                extra: Optional[Callable[[Path], None]] = None) -> Path:
+                extra: Optional[Callable[[Path], None]] = None, portable: bool = False) -> Path:
     """Writes the export under a temporary name; `extra(tmp_dir)` adds files before it is published."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -67,7 +69,8 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / SINGLE_FILE_UNET),
               metadata={"format": "pt"})
     make_scheduler(schedule, prediction_type).save_pretrained(tmp / "scheduler")
-    linked = [name for name in _COMPONENTS if (base_dir / name).exists() and _bring_component(base_dir / name, tmp / name)]
+    linked = [name for name in _COMPONENTS
+              if (base_dir / name).exists() and _bring_component(base_dir / name, tmp / name, portable)]
 
     manifest = {
         "format": "sdxl-lightning-export/1",
@@ -76,8 +79,10 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
         "prediction_type": prediction_type,
         "timestep_spacing": "trailing",
         "guidance": guidance,
-        # where the linked parts live; "." when the export holds copies of everything it needs
-        "base": str(Path(base_dir).resolve()) if linked else ".",
+        # the base model as the recipe named it, where the linked parts live; "." when the export holds
+        # copies of everything it needs (then the folder can be copied anywhere)
+        "base": str(base_dir) if linked else ".",
+        "linked": linked,
         **(notes or {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", default="", help="comma-separated job names to run (teacher, stage names); default all")
     p.add_argument("--stage", type=int, default=0, metavar="N",
                    help="run the recipe's N-th stage (1 = stages[0]); what slurm/stageN.sh uses")
+    p.add_argument("--portable", action="store_true",
+                   help="exports copy every part of the base model instead of linking large ones (export.portable)")
     p.add_argument("--print-plan", action="store_true",
                    help="print every job and phase the recipe expands into (kind, what trains, length, optimizers, D) "
                         "and exit")
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     from trainer.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides, check_paths=not args.print_plan)
+        cfg = load_config(args.config, args.overrides + (["export.portable=true"] if args.portable else []),
+                          check_paths=not args.print_plan)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG

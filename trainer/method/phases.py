@@ -138,7 +138,7 @@ def run_phase(start: PhaseStart, job_dir: Path, result: Path, export: PhaseExpor
             weights, extra = _lora_result(start, weights)
         export_unet(weights, start.unet_config, result, base_dir=export.base_dir, schedule=start.cfg.schedule,
                     prediction_type=export.prediction_type, steps=export.steps, guidance=export.guidance,
-                    stage=start.name, notes=export.notes, extra=extra)
+                    stage=start.name, notes=export.notes, extra=extra, portable=start.cfg.export.portable)
 
     solo(f"exporting {start.name}", write)
 

@@ -82,7 +82,7 @@ class StageRunner:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(result, tmp, symlinks=True)
         manifest = read_manifest(tmp)
-        manifest.update(stage=self.stage.name, variant="lora" if lora else "full", teacher=str(self.teacher_dir.resolve()),
+        manifest.update(stage=self.stage.name, variant="lora" if lora else "full", teacher=str(self.teacher_dir),
                         teacher_steps=self.stage.teacher_steps, objective=self.objective_label())
         (tmp / "export.json").write_text(json.dumps(manifest, indent=1))
         if export_dir.exists():

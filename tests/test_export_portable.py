@@ -1,0 +1,30 @@
+"""Exports link the base model's large parts unless asked to be portable; export.json says which parts are
+links and names the base as the recipe gave it, never a path resolved on the machine that wrote it."""
+import json
+
+import pytest
+
+from trainer import export
+from trainer.config import ScheduleConfig
+from trainer.data.encoders import create_toy_encoders
+from trainer.method.models import build_toy_unet
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_portable_exports_copy_every_part(tmp_path, monkeypatch, portable):
+    monkeypatch.chdir(tmp_path)
+    create_toy_encoders(tmp_path / "base")
+    monkeypatch.setattr(export, "_COPY_LIMIT_BYTES", 1024)  # the toy's text encoder counts as large here
+    unet = build_toy_unet(seed=0)
+    out = export.export_unet({k: v.float() for k, v in unet.state_dict().items()}, dict(unet.config), tmp_path / "out",
+                             base_dir=export.Path("base"), schedule=ScheduleConfig(), prediction_type="epsilon",
+                             steps=4, stage="test", portable=portable)
+    manifest = json.loads((out / "export.json").read_text())
+    links = sorted(p.name for p in out.iterdir() if p.is_symlink())
+    if portable:
+        assert links == [] and manifest["linked"] == [] and manifest["base"] == "."
+        assert (out / "text_encoder").is_dir() and not (out / "text_encoder").is_symlink()
+    else:
+        assert links == manifest["linked"] and "text_encoder" in links  # the small parts (codec config) copied
+        assert manifest["base"] == "base"  # as given: no machine path in the manifest
+    assert str(tmp_path) not in (out / "export.json").read_text()

@@ -28,3 +28,16 @@ def test_portable_exports_copy_every_part(tmp_path, monkeypatch, portable):
         assert links == manifest["linked"] and "text_encoder" in links  # the small parts (codec config) copied
         assert manifest["base"] == "base"  # as given: no machine path in the manifest
     assert str(tmp_path) not in (out / "export.json").read_text()
+
+
+def test_the_one_step_card_states_x0_prediction_and_the_comfyui_setting(tmp_path):
+    create_toy_encoders(tmp_path / "base")
+    unet = build_toy_unet(seed=0)
+    weights = {k: v.float() for k, v in unet.state_dict().items()}
+    kw = dict(base_dir=tmp_path / "base", schedule=ScheduleConfig(), stage="test")
+    one = export.export_unet(weights, dict(unet.config), tmp_path / "one", prediction_type="sample", steps=1, **kw)
+    four = export.export_unet(weights, dict(unet.config), tmp_path / "four", prediction_type="epsilon", steps=4, **kw)
+    card = (one / "README.md").read_text()
+    assert 'prediction_type="sample"' in card and "ModelSamplingDiscrete" in card and "1 steps" in card
+    assert "ModelSamplingDiscrete" not in (four / "README.md").read_text()
+    assert json.loads((one / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "sample"

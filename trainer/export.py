@@ -128,6 +128,13 @@ LoRA (`lora/pytorch_lora_weights.safetensors`, diffusers format; it applies to t
     pipe = f"""pipe = StableDiffusionXLPipeline.from_pretrained("<this folder>")
 image = pipe(prompt, num_inference_steps={m['steps']}, guidance_scale={m['guidance'] if guided else 0}).images[0]
 """ if is_pipeline else ""
+    x0 = """
+This UNet predicts **x0** (the clean latent) directly: `prediction_type="sample"`. Schedulers built from
+`scheduler/` know it; one built by hand must be given `prediction_type="sample"`, or the output is noise.
+In ComfyUI, put a `ModelSamplingDiscrete` node with sampling `x0` between the loader and the sampler.
+""" if m['prediction_type'] == "sample" else ""
+    comfy = (f"ComfyUI / A1111: sampler Euler, scheduler `sgm_uniform` (ComfyUI) or trailing spacing, "
+             f"{m['steps']} steps, CFG {m['guidance'] if guided else 1}.")
     return f"""# {m['stage'] or 'model'}: {m['steps']}-step model
 
 Made by the progressive adversarial distillation trainer (SDXL-Lightning method).
@@ -136,7 +143,8 @@ Made by the progressive adversarial distillation trainer (SDXL-Lightning method)
 - Scheduler: `EulerDiscreteScheduler` with `timestep_spacing="trailing"`, `prediction_type="{m['prediction_type']}"`
   (both already in `scheduler/scheduler_config.json`)
 - Guidance: {m['guidance']} ({'classifier-free guidance scale' if guided else 'no classifier-free guidance: pass guidance_scale=0 (or 1) to a diffusers pipeline'})
-
+- {comfy}
+{x0}
 ```python
 from diffusers import UNet2DConditionModel, EulerDiscreteScheduler{', StableDiffusionXLPipeline' if is_pipeline else ''}
 unet = UNet2DConditionModel.from_pretrained("<this folder>/unet")

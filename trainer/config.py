@@ -433,6 +433,9 @@ class ExportConfig:
     # Copy every part of the base model into each export instead of linking the large ones (SDXL's text
     # encoders and VAE, ~5 GB per export): folders that can be moved to another machine.
     portable: bool = False
+    # Each stage's export also as the files ComfyUI and A1111 load (SDXL and SD 1.5 bases): the full model as
+    # one original-layout checkpoint (fp16), the LoRA in kohya's key layout.
+    single_files: bool = True
 
 
 @dataclass

@@ -244,6 +244,21 @@ def run_all() -> None:
               manifest.is_file() and steps == student_steps[stage]
               and Path(listed.get(stage, "/nonexistent")).resolve() == manifest.parent.resolve(),
               f"steps {steps}, listed {stage in listed}")
+    from trainer.formats import verify_single_file
+
+    for stage in stages:  # what ComfyUI and A1111 load, read back by diffusers' own single-file loader
+        single = RUN / "exports" / stage / f"{stage}.safetensors"
+        try:
+            verify_single_file(single, RUN / "exports" / stage)
+            ok, detail = True, ""
+        except Exception as err:  # noqa: BLE001 - reported
+            ok, detail = False, f"{type(err).__name__}: {err}"
+        check(f"exports/{stage}/{single.name}: original-layout checkpoint, from_single_file reads the export's weights",
+              ok, detail)
+    kohya = sorted((RUN / "exports").glob("*_lora/lora/*_kohya.safetensors"))
+    lora_stages = [s.name for s in recipe.stages if s.variant in ("lora", "lora+full")]
+    check(f"a kohya LoRA beside each LoRA export ({len(lora_stages)})", len(kohya) == len(lora_stages),
+          ", ".join(str(k.relative_to(RUN)) for k in kohya))
     final = ckpt_dir(EMA_TARGET) / (ckpt_dir(EMA_TARGET) / "LATEST").read_text().strip() \
         if (ckpt_dir(EMA_TARGET) / "LATEST").is_file() else None
     check(f"{EMA_TARGET}'s final checkpoint holds the EMA", final is not None and (final / "ema.safetensors").is_file(),

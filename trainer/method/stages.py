@@ -84,7 +84,24 @@ class StageRunner:
         manifest = read_manifest(tmp)
         manifest.update(stage=self.stage.name, variant="lora" if lora else "full", teacher=str(self.teacher_dir),
                         teacher_steps=self.stage.teacher_steps, objective=self.objective_label())
+        if self.cfg.export.single_files and (tmp / "vae").exists() and (tmp / "text_encoder").exists():
+            manifest["single_files"] = self._single_files(tmp, lora)
         (tmp / "export.json").write_text(json.dumps(manifest, indent=1))
         if export_dir.exists():
             shutil.rmtree(export_dir)
         tmp.rename(export_dir)
+
+    def _single_files(self, folder: Path, lora: bool) -> list[str]:
+        """The files ComfyUI and A1111 load (an SDXL or SD 1.5 base; the toy has no such layout): the LoRA in
+        kohya's key layout, or the whole model (UNet, VAE, text encoders) as one original-layout checkpoint."""
+        from trainer.formats import detect_family, lora_to_kohya, write_single_file
+
+        family = detect_family(folder)
+        if lora:
+            out = folder / "lora" / f"{self.stage.name}_lora_kohya.safetensors"
+            lora_to_kohya(folder / "lora" / "pytorch_lora_weights.safetensors", out, family=family)
+        else:
+            out = folder / f"{self.stage.name}.safetensors"
+            write_single_file(folder, out, family=family)
+        return [str(out.relative_to(folder))]
+

@@ -41,3 +41,15 @@ def test_the_one_step_card_states_x0_prediction_and_the_comfyui_setting(tmp_path
     assert 'prediction_type="sample"' in card and "ModelSamplingDiscrete" in card and "1 steps" in card
     assert "ModelSamplingDiscrete" not in (four / "README.md").read_text()
     assert json.loads((one / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "sample"
+
+
+def test_the_unet_config_names_no_folder_of_the_training_machine(tmp_path):
+    create_toy_encoders(tmp_path / "base")
+    build_toy_unet(seed=0).save_pretrained(tmp_path / "student")
+    from trainer.method.models import load_unet
+
+    unet = load_unet(tmp_path / "student")
+    assert str(tmp_path) in json.dumps(dict(unet.config), default=str)  # diffusers records where it read the UNet
+    out = export.export_unet({k: v.float() for k, v in unet.state_dict().items()}, dict(unet.config), tmp_path / "out",
+                             base_dir=tmp_path / "base", schedule=ScheduleConfig(), prediction_type="epsilon", steps=4)
+    assert str(tmp_path) not in (out / "unet" / "config.json").read_text()

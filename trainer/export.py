@@ -57,6 +57,8 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
+    # _name_or_path is the folder the student was read from: a path of the machine that trained it
+    unet_config = {k: v for k, v in unet_config.items() if k != "_name_or_path"}
     with torch.device("meta"):  # no random initialisation of weights that are overwritten next
         unet = UNet2DConditionModel.from_config(unet_config)
     missing, unexpected = unet.load_state_dict(weights, strict=False, assign=True)

@@ -508,7 +508,7 @@ def _open_safetensors(file: Path, what: str):
     if not file.is_file():
         raise FormatError(f"{file}: no such {what}")
     try:
-        return safe_open(str(file), framework="pt")
+        return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # noqa: BLE001
         raise FormatError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 

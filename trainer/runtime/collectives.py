@@ -101,7 +101,7 @@ def any_rank_host(flag: bool) -> bool:
     """any_rank in the host group: a CPU all-reduce that never waits for the GPU's queue to drain."""
     if not is_distributed():
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device="cpu")  # the host group is gloo: CPU tensors, never CUDA
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
     return bool(t.item())
 

@@ -92,6 +92,10 @@ def test_sdxl_recipe_is_the_papers():
     (lambda d: d["stages"][0].update(global_batch=64, micro_batch=32, grad_accum=2), "stages[0].grad_accum", "either global_batch"),
     (lambda d: d["stages"][0].update(ema_decay=1.0), "stages[0].ema_decay", "must be in [0, 1)"),
     (lambda d: d["stages"][0].update(mse_optim={"lr": 0}), "stages[0].mse_optim.lr", "must be positive"),
+    (lambda d: d["stages"][1]["lora"].update(relative_to="student"), "stages[1].lora.relative_to", "base or teacher"),
+    (lambda d: d["stages"].insert(2, {**d["stages"][1], "name": "s3", "student_steps": 4, "teacher_steps": 8,
+                                      "lora": {"rank": 8}}) or d["stages"][3].update(teacher_steps=4),
+     "stages[2].lora", "cannot continue the previous stage's LoRA (rank 4 alpha None)"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, mutate, key, words):
     data = base_recipe()

@@ -147,25 +147,103 @@ def test_two_ranks_end_bit_identical(two_rank_run):
     assert (two_rank_run / "exports" / "stage5_1" / "unet" / "config.json").is_file()
 
 
-def test_stage_lora_applied_to_its_teacher_gives_the_lora_student(smoke_run):
-    """One LoRA per stage, relative to the stage's teacher (both LoRA phases in it): diffusers loads the
-    file into the teacher's UNet and gets the merged LoRA student's outputs."""
-    from diffusers import UNet2DConditionModel
-
-    teacher = UNet2DConditionModel.from_pretrained(smoke_run / "exports" / "stage1_32" / "unet")
-    teacher.load_lora_adapter(str(smoke_run / "exports/stage2_8_lora/lora/pytorch_lora_weights.safetensors"), prefix="unet")
-    merged = UNet2DConditionModel.from_pretrained(smoke_run / "exports" / "stage2_8_lora" / "unet")
+def _unet_inputs():
     g = torch.Generator().manual_seed(0)
     x, cond = torch.randn(2, 12, 16, 16, generator=g), torch.randn(2, 16, 32, generator=g)
     added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * 2)}
-    t = torch.tensor([999, 499])
+    return x, torch.tensor([999, 499]), cond, added
+
+
+def _diffusers_lora_on_base(base_unet: Path, lora_file: Path):
+    """What a user does: the base model's UNet, the exported LoRA through diffusers' own loader."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base_unet)
+    unet.load_lora_adapter(str(lora_file.parent), weight_name=lora_file.name, prefix="unet")
+    return unet
+
+
+def _trained_student(out: Path, job: str, base_unet: Path, rank: int):
+    """The student the phase trained, rebuilt from its checkpoint's fp32 master weights: base + adapter."""
+    from trainer.method.lora import add_lora
+    from trainer.method.models import load_unet
+    from trainer.runtime.checkpoint import fp32_weights
+
+    ckpt = out / "jobs" / job / "ckpt"
+    trained = fp32_weights(ckpt / (ckpt / "LATEST").read_text(), "student")
+    student = add_lora(load_unet(base_unet.parent), rank=rank)
+    lora = {k: v for k, v in trained.items() if ".lora_" in k}
+    assert lora and not student.load_state_dict(lora, strict=False).unexpected_keys
+    return student
+
+
+def test_stage_lora_applied_to_the_base_gives_the_trained_student(smoke_run):
+    """The LoRA is relative to the base model (the teacher job's export here), not to the stage's teacher:
+    diffusers loads the file into the base UNet and gets the student the last LoRA phase trained, and the
+    merged UNet of the LoRA export."""
+    from diffusers import UNet2DConditionModel
+
+    base_unet = smoke_run / "exports" / "teacher" / "unet"
+    lora = smoke_run / "exports" / "stage2_8_lora"
+    manifest = json.loads((lora / "export.json").read_text())
+    assert manifest["lora_base"] == str(smoke_run / "exports" / "teacher") and manifest["lora_relative_to"] == "base"
+    assert f"applies to the base model `{manifest['lora_base']}`" in (lora / "README.md").read_text()
+    x, t, cond, added = _unet_inputs()
     with torch.no_grad():
-        a = teacher(x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-        b = merged(x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-        plain = UNet2DConditionModel.from_pretrained(smoke_run / "exports" / "stage1_32" / "unet")(
+        users = _diffusers_lora_on_base(base_unet, lora / "lora" / "pytorch_lora_weights.safetensors")(
             x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-    assert torch.allclose(a, b, atol=1e-4)
-    assert not torch.allclose(a, plain, atol=1e-6)  # the LoRA did something
+        trained = _trained_student(smoke_run, JOBS["stage2_8.1_adv_uncond_lora"], base_unet, rank=4)(
+            x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        merged = UNet2DConditionModel.from_pretrained(lora / "unet")(
+            x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        plain = UNet2DConditionModel.from_pretrained(base_unet)(x, t, encoder_hidden_states=cond,
+                                                                 added_cond_kwargs=added).sample
+    scale = float(trained.abs().max())
+    assert float((users - trained).abs().max()) < 1e-5 * scale
+    assert float((users - merged).abs().max()) < 1e-4 * scale  # folding the factors in rounds in fp32
+    assert float((users - plain).abs().max()) > 1e-3 * scale  # the LoRA did something
+
+
+def test_next_stage_lora_continues_the_previous_stages_from_the_base(smoke_run, tmp_path):
+    """A second LoRA stage (4 steps, taught by the 8-step full export) starts its adapter from the 8-step
+    stage's exported LoRA, still on the base: its file applies to the base model like the first."""
+    import shutil
+
+    import yaml
+
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    for part in ("base", "shards", "exports"):
+        shutil.copytree(smoke_run / part, out / part, symlinks=True)
+    recipe = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    stage2 = next(s for s in recipe["stages"] if s["name"] == "stage2_8")
+    recipe["stages"] = recipe["stages"][:2] + [{**stage2, "name": "stage3_4", "student_steps": 4, "teacher_steps": 8,
+                                                "objective": "adv_cond", "variant": "lora", "samples": 16}]
+    config = tmp_path / "four_step.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    proc = run_cli(["trainer.run", "--config", str(config), "--jobs", "stage3_4", "--set", f"run.out_dir={out}"])
+    assert f"+ LoRA rank 4 (continuing {out / 'exports' / 'stage2_8_lora'})" in proc.stdout, proc.stdout[-3000:]
+
+    first = load_file(str(out / "exports/stage2_8_lora/lora/pytorch_lora_weights.safetensors"))
+    second = load_file(str(out / "exports/stage3_4_lora/lora/pytorch_lora_weights.safetensors"))
+    assert first.keys() == second.keys()
+    ups = [k for k in first if ".lora_B." in k]
+    # continued: stage 3's factors are stage 2's plus a few small steps (a fresh adapter's B starts at 0)
+    moved = max(float((second[k] - first[k]).abs().max()) for k in ups)
+    size = max(float(first[k].abs().max()) for k in ups)
+    assert 0 < moved < 0.5 * size
+
+    base_unet = out / "exports" / "teacher" / "unet"
+    manifest = json.loads((out / "exports/stage3_4_lora/export.json").read_text())
+    assert manifest["lora_base"] == str(out / "exports" / "teacher") and manifest["teacher"] == str(out / "exports" / "stage2_8")
+    x, t, cond, added = _unet_inputs()
+    with torch.no_grad():
+        users = _diffusers_lora_on_base(base_unet, out / "exports/stage3_4_lora/lora/pytorch_lora_weights.safetensors")(
+            x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        trained = _trained_student(out, "stage3_4/stage3_4.0_adv_cond_lora", base_unet, rank=4)(
+            x, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+    assert float((users - trained).abs().max()) < 1e-5 * float(trained.abs().max())
 
 
 def test_a_phases_engines_are_gone_before_the_next_phase_starts(tmp_path, monkeypatch):

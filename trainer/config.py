@@ -228,10 +228,16 @@ class LoraConfig:
     rank: int = 64  # the paper (like LCM-LoRA): 64 on every conv and linear but conv_in/out and time embeddings
     alpha: Optional[float] = None  # None = rank
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, betas=[0.0, 0.99], grad_clip=0.0))
+    # base: the student is base model + LoRA, the adapter continuing the previous stage's, so every stage's
+    # LoRA file applies to the base model (as the released ones do). teacher: the adapter sits on the
+    # stage's teacher (the previous stage's model) and works on that model only.
+    relative_to: str = "base"
 
     def check(self, key: str, fail: Fail) -> None:
         if self.rank < 1:
             fail(f"{key}.rank", "must be positive")
+        if self.relative_to not in ("base", "teacher"):
+            fail(f"{key}.relative_to", f"'{self.relative_to}' is not base or teacher")
         self.optim.check(f"{key}.optim", fail)
 
 
@@ -590,6 +596,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             fail(f"{key}.teacher_steps", f"{stage.teacher_steps} must equal the previous stage's "
                  f"student_steps {previous_student} (the previous student is this stage's teacher)")
         previous_student = stage.student_steps
+    _check_lora_chain(cfg.stages, fail)
     names = [s.name or f"stage{i + 1}" for i, s in enumerate(cfg.stages)]
     for i, stage in enumerate(cfg.stages):
         stage.name = names[i]
@@ -617,6 +624,18 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                  "data.shards; data.source: shapes trains on the embedded toy dataset instead)")
         if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "index.json").is_file():
             fail("data.shards", f"'{cfg.data.shards}' has no index.json (make shards with python -m trainer.encode)")
+
+
+def _check_lora_chain(stages: list[StageConfig], fail: Fail) -> None:
+    """A stage's LoRA relative to the base continues the previous stage's: the two adapters must have one shape."""
+    for i in range(1, len(stages)):
+        previous, stage = stages[i - 1], stages[i]
+        trains = lambda s: any(p.train == "lora" for p in s.plan())
+        if trains(previous) and trains(stage) and previous.lora.relative_to == stage.lora.relative_to == "base":
+            if (previous.lora.rank, previous.lora.alpha) != (stage.lora.rank, stage.lora.alpha):
+                fail(f"stages[{i}].lora", f"rank {stage.lora.rank} alpha {stage.lora.alpha} cannot continue the previous "
+                     f"stage's LoRA (rank {previous.lora.rank} alpha {previous.lora.alpha}): LoRAs relative to the base "
+                     "chain from stage to stage, so give them one rank and alpha (or lora.relative_to: teacher)")
 
 
 def _validate_ds_json(cfg: Config, fail) -> None:

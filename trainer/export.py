@@ -90,8 +90,7 @@ def export_unet(weights: dict[str, torch.Tensor], unet_config: dict, out_dir: Pa
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if extra is not None:
         extra(tmp)
-    (tmp / "README.md").write_text(_model_card(manifest, has_lora=(tmp / "lora").is_dir(),
-                                               is_pipeline=(tmp / "model_index.json").is_file()))
+    write_model_card(tmp)
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -119,14 +118,48 @@ def prediction_type_of(model_dir: Path, fallback: str) -> str:
     return fallback
 
 
+def write_model_card(folder: Path) -> Path:
+    """README.md from the folder's export.json and files (rewritten whenever the manifest changes)."""
+    folder = Path(folder)
+    card = folder / "README.md"
+    card.write_text(_model_card(read_manifest(folder), has_lora=(folder / "lora").is_dir(),
+                                is_pipeline=(folder / "model_index.json").is_file()))
+    return card
+
+
+def _lora_section(m: dict) -> str:
+    base = m.get("lora_base")
+    if m.get("lora_relative_to", "base") == "base":
+        applies = (f"it applies to the base model `{base}` (and to finetunes of it)" if base
+                   else "it applies to the base model")
+    else:
+        applies = f"it applies to this stage's teacher `{m.get('teacher', '')}` only, not to the base model"
+    kohya = [f for f in m.get("single_files", []) if f.endswith("_kohya.safetensors")]
+    kohya_line = (f"\nThe same LoRA in kohya's key layout, for ComfyUI's LoraLoader and A1111: `{kohya[0]}`.\n"
+                  if kohya else "")
+    return f"""
+## LoRA
+
+`lora/pytorch_lora_weights.safetensors` (diffusers format); {applies}. `unet/` here is that base with the LoRA
+merged in.
+
+```python
+pipe = StableDiffusionXLPipeline.from_pretrained("<base model>")  # StableDiffusionPipeline for SD 1.5
+pipe.load_lora_weights("<this folder>/lora")
+pipe.scheduler = EulerDiscreteScheduler.from_pretrained("<this folder>/scheduler")
+```
+
+On a bare UNet: `unet.load_lora_adapter("<this folder>/lora", weight_name="pytorch_lora_weights.safetensors",
+prefix="unet")` (name the .safetensors file: without it diffusers ignores the file's alpha).
+{kohya_line}"""
+
+
 def _model_card(m: dict, has_lora: bool = False, is_pipeline: bool = False) -> str:
     guided = m['guidance'] != 1.0
-    lora = f"""
-LoRA (`lora/pytorch_lora_weights.safetensors`, diffusers format; it applies to this stage's teacher's UNet):
-`pipe.load_lora_weights("<this folder>/lora")`, or on a bare UNet
-`unet.load_lora_adapter("<this folder>/lora", weight_name="pytorch_lora_weights.safetensors", prefix="unet")`
-(name the .safetensors file: without it diffusers ignores the file's alpha).
-""" if has_lora else ""
+    lora = _lora_section(m) if has_lora else ""
+    checkpoint = [f for f in m.get("single_files", []) if not f.endswith("_kohya.safetensors")]
+    checkpoint_note = (f"\nSingle-file checkpoint in the original layout (UNet, VAE, text encoders), for ComfyUI's and "
+                       f"A1111's checkpoint loaders and `from_single_file`: `{checkpoint[0]}`.\n" if checkpoint else "")
     pipe = f"""pipe = StableDiffusionXLPipeline.from_pretrained("<this folder>")
 image = pipe(prompt, num_inference_steps={m['steps']}, guidance_scale={m['guidance'] if guided else 0}).images[0]
 """ if is_pipeline else ""
@@ -161,5 +194,5 @@ from safetensors.torch import load_file
 unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config("<this folder>/unet"))
 unet.load_state_dict(load_file("<this folder>/{SINGLE_FILE_UNET}"))
 ```
-{lora}
+{checkpoint_note}{lora}
 """

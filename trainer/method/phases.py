@@ -49,7 +49,7 @@ class PhaseStart:
     teacher_dir: Optional[Path] = None
     teacher_pred: str = ""
     disc_base: Optional[Path] = None  # whose encoder D copies
-    lora_dir: Optional[Path] = None  # the previous LoRA phase's result: this phase continues its adapter
+    lora_dir: Optional[Path] = None  # the LoRA this phase's adapter continues (an earlier phase's or stage's)
     unet_config: dict = field(default_factory=dict)  # the student's, set by `trainable`
     _read: dict = field(default_factory=dict)
 
@@ -88,6 +88,9 @@ class PhaseStart:
             unet = add_lora(unet, rank=lora.rank, alpha=lora.alpha, init_seed=self.cfg.run.seed)
             if self.lora_dir is not None:
                 load_lora_into(unet, self.lora_dir / "lora" / "pytorch_lora_weights.safetensors")
+            if self.info.is_main:
+                print(f"[{self.name}] student: {self.student_dir} + LoRA rank {lora.rank} "
+                      f"({'continuing ' + str(self.lora_dir) if self.lora_dir else 'fresh'})", flush=True)
         self.unet_config = dict(unet.config)
         if self.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

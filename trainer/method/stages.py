@@ -2,9 +2,12 @@
 export is published.
 
 Each phase starts from the previous phase's result (a diffusers UNet folder; LoRA phases also leave their LoRA
-file) and ends with one, so an interrupted stage resumes at the phase it was in. A LoRA phase trains an adapter
-on the stage's teacher (continuing the previous LoRA phase's adapter); the phase after the LoRA phases (the
-paper's lora+full) starts from the merged result. The teacher stays the stage's teacher throughout; the
+file) and ends with one, so an interrupted stage resumes at the phase it was in. A LoRA phase's student is the
+base model plus an adapter (`lora.relative_to: base`) that continues the previous LoRA phase's, or the previous
+stage's exported LoRA: every stage's LoRA file then applies to the base model, as the released ones do. The
+phase after the LoRA phases (the paper's lora+full) starts from the merged result, base + LoRA. With
+`relative_to: teacher` the adapter sits on the stage's teacher instead. The teacher stays the stage's teacher
+(the previous stage's full export) throughout; the
 discriminator is a fresh copy of the base model's encoder at the start of every adversarial phase (the paper
 re-initialises D at every stage; the unconditional D' is a different function, so it starts afresh too).
 """
@@ -13,9 +16,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from trainer.config import Config, PhaseConfig
-from trainer.export import is_complete, prediction_type_of, read_manifest
+from trainer.export import is_complete, prediction_type_of, read_manifest, write_model_card
 from trainer.method.phases import PhaseExport, PhaseStart, run_phase
 from trainer.runtime.engines import DistInfo
 from trainer.runtime.preemption import preemption_handler, solo
@@ -24,7 +28,7 @@ from trainer.runtime.preemption import preemption_handler, solo
 class StageRunner:
     def __init__(self, cfg: Config, info: DistInfo, index: int, teacher_dir: Path, disc_base: Path, base: Path, grids):
         self.cfg, self.info = cfg, info
-        self.stage = cfg.stages[index]
+        self.index, self.stage = index, cfg.stages[index]
         self.key = f"stages[{index}]"
         self.teacher_dir, self.disc_base, self.base = Path(teacher_dir), Path(disc_base), Path(base)
         self.grids = grids
@@ -35,8 +39,10 @@ class StageRunner:
         export_dir = self.cfg.out_dir / "exports" / self.stage.name
         if is_complete(export_dir):
             return export_dir
-        student_dir, lora_dir = self.teacher_dir, None
-        for i, phase in enumerate(self.stage.plan()):
+        phases = self.stage.plan()
+        trains_lora = any(p.train == "lora" for p in phases)
+        student_dir, lora_dir = self.teacher_dir, self._previous_lora() if trains_lora else None
+        for i, phase in enumerate(phases):
             name = phase.job_name(self.stage.name, i)
             result = self.stage_dir / name / "result"
             if not is_complete(result):
@@ -48,20 +54,38 @@ class StageRunner:
 
         def publish() -> None:
             self._publish(student_dir, export_dir)
-            if lora_dir is not None:
+            if trains_lora:
                 self._publish(lora_dir, self.cfg.out_dir / "exports" / f"{self.stage.name}_lora", lora=True)
 
         solo(f"publishing {self.stage.name}", publish)
         return export_dir
 
+    @property
+    def lora_base(self) -> Path:
+        """The UNet a LoRA phase adds its adapter to."""
+        return self.disc_base if self.stage.lora.relative_to == "base" else self.teacher_dir
+
+    def _previous_lora(self) -> Optional[Path]:
+        """The previous stage's exported LoRA, which this stage's adapter continues: only when both are
+        relative to the base (a fresh adapter otherwise, e.g. after a full-UNet stage). One recipe has one base
+        model, so the previous stage's `relative_to` says it all (a path would break when a run folder moves)."""
+        if self.stage.lora.relative_to != "base" or self.index == 0:
+            return None
+        previous = self.cfg.stages[self.index - 1]
+        folder = self.cfg.out_dir / "exports" / f"{previous.name}_lora"
+        if not is_complete(folder) or read_manifest(folder).get("lora_relative_to") != "base":
+            return None
+        return folder  # its rank and alpha equal this stage's (config validation); load_lora_into checks the file
+
     def _run_phase(self, phase: PhaseConfig, name: str, student_dir: Path, result: Path, lora_dir) -> None:
         cfg, stage = self.cfg, self.stage
+        if phase.train == "lora":
+            student_dir = self.lora_base  # the student is lora_base + the adapter
         student_pred = prediction_type_of(student_dir, cfg.model.prediction_type)
         out_pred = "sample" if phase.kind == "x0" else student_pred
         start = PhaseStart(
             cfg, self.info, name, self.key, phase,
-            # a LoRA phase's student is the stage's teacher plus the adapter
-            student_dir=self.teacher_dir if phase.train == "lora" else student_dir, student_pred=student_pred,
+            student_dir=student_dir, student_pred=student_pred,
             micro_batch=stage.micro_batch, accumulation=stage.accumulation(self.info.world_size, self.key),
             deepspeed=cfg.deepspeed, gradient_checkpointing=cfg.model.gradient_checkpointing,
             ema_decay=stage.ema_decay if phase.train == "full" else 0.0, stage=stage,
@@ -84,9 +108,13 @@ class StageRunner:
         manifest = read_manifest(tmp)
         manifest.update(stage=self.stage.name, variant="lora" if lora else "full", teacher=str(self.teacher_dir),
                         teacher_steps=self.stage.teacher_steps, objective=self.objective_label())
+        if lora:
+            # the model the LoRA file applies to, as the recipe named it
+            manifest.update(lora_base=str(self.lora_base), lora_relative_to=self.stage.lora.relative_to)
         if self.cfg.export.single_files and (tmp / "vae").exists() and (tmp / "text_encoder").exists():
             manifest["single_files"] = self._single_files(tmp, lora)
         (tmp / "export.json").write_text(json.dumps(manifest, indent=1))
+        write_model_card(tmp)
         if export_dir.exists():
             shutil.rmtree(export_dir)
         tmp.rename(export_dir)

@@ -71,7 +71,8 @@ def train(method: str, out: Path, shards: Path | None) -> None:
     run(cmd)
 
 
-def evaluate(models: list[tuple[str, Path, int, float]], out: Path, count: int) -> list[dict]:
+def evaluate(models: list[tuple], out: Path, count: int) -> list[dict]:
+    """models: (label, model folder, steps, guidance[, LoRA export to load onto the model])."""
     # fid_patch.py scores every model at every --steps it is given: one call per step count
     rows = []
     for steps in sorted({m[2] for m in models}, reverse=True):
@@ -79,8 +80,9 @@ def evaluate(models: list[tuple[str, Path, int, float]], out: Path, count: int) 
         sub_out = out / f"steps{steps}"
         sub_cmd = [sys.executable, "eval/fid_patch.py", "--reference", "shapes", "--backend", "shapes",
                    "--count", str(count), "--out", str(sub_out), "--no-tensorboard", "--steps", str(steps)]
-        for label, path, _, guidance in sub:
-            sub_cmd += ["--model", str(path), "--label", label, "--guidance", str(guidance)]
+        for label, path, _, guidance, *lora in sub:
+            sub_cmd += ["--model", str(path), "--label", label, "--guidance", str(guidance),
+                        "--lora", str(lora[0]) if lora else "none"]
         run(sub_cmd)
         rows += json.loads((sub_out / "results.json").read_text())["rows"]
     return rows
@@ -117,8 +119,9 @@ def main(argv=None) -> int:
             models.append((label, out / "exports" / stage, steps, 1.0))
             labels[label] = (method, "full")
             lora = out / "exports" / f"{stage}_lora"
-            if (lora / "export.json").is_file():  # the merged LoRA student (the LoRA file on the teacher equals it)
-                models.append((f"{method}/lora", lora, steps, 1.0))
+            if (lora / "export.json").is_file():  # as users apply it: the LoRA file on the base model, by diffusers
+                base = json.loads((lora / "export.json").read_text()).get("lora_base", str(teacher))
+                models.append((f"{method}/lora", Path(base), steps, 1.0, lora))
                 labels[f"{method}/lora"] = (method, "lora")
     raw = evaluate(models, args.results / "shapes_table_eval", args.count)
 

@@ -42,8 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--model", action="append", required=True, type=Path, help="export or model folder (repeatable)")
     p.add_argument("--lora", action="append", default=[],
-                   help="a diffusers LoRA .safetensors to load onto the model: once for every --model, or once per "
-                        "--model in order ('none' for a model without)")
+                   help="a diffusers LoRA .safetensors (or a LoRA export folder, exports/<stage>_lora) to load onto "
+                        "the model, e.g. the base model: once for every --model, or once per --model in order ('none' "
+                        "for a model without). A LoRA export's steps, guidance and scheduler are used, and "
+                        "--update-model-card writes into its card")
     p.add_argument("--label", action="append", default=[], help="row name per --model (default: the folder's name)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default: each export's own)")
     p.add_argument("--guidance", type=float, action="append", default=[],
@@ -146,8 +148,8 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
             print(f"{label} @ {steps} steps: FID-Whole {row['fid_whole']:.3f}  FID-Patch "
                   f"{'n/a' if row['fid_patch'] is None else format(row['fid_patch'], '.3f')}  alignment "
                   f"{'n/a' if row['alignment'] is None else format(row['alignment'], '.4f')}", flush=True)
-        if args.update_model_card:
-            update_model_card(model_dir, model_rows, meta, backend.alignment_name)
+        if args.update_model_card:  # a LoRA export's card when the row is that LoRA on a base model
+            update_model_card(sampler.lora_export or model_dir, model_rows, meta, backend.alignment_name)
         del sampler
 
     out = args.out

@@ -27,6 +27,14 @@ def image_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+def lora_export_of(lora: Path) -> Optional[Path]:
+    """The export folder a LoRA path belongs to (the folder, its lora/ or the file in it), or None."""
+    for folder in (lora, lora.parent, lora.parent.parent):
+        if (folder / "export.json").is_file() and (folder / "lora").is_dir():
+            return folder
+    return None
+
+
 class ExportSampler:
     def __init__(self, model_dir: str | Path, lora: Optional[str | Path] = None, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
@@ -35,13 +43,19 @@ class ExportSampler:
         self.model_dir = Path(model_dir)
         self.device, self.dtype = torch.device(device), dtype
         self.kind = detect_kind(self.model_dir)
-        manifest_file = self.model_dir / "export.json"
+        self.lora = Path(lora) if lora else None
+        # A LoRA export (exports/<stage>_lora, its lora/ folder or file) on a base model: steps, guidance and
+        # scheduler are the LoRA export's, the network is the base's with the LoRA loaded by diffusers.
+        self.lora_export = lora_export_of(self.lora) if self.lora else None
+        if self.lora is not None and self.lora == self.lora_export:
+            self.lora = self.lora / "lora"
+        self.settings_dir = self.lora_export or self.model_dir
+        manifest_file = self.settings_dir / "export.json"
         self.manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-        sched_cfg = json.loads((self.model_dir / "scheduler" / "scheduler_config.json").read_text())
+        sched_cfg = json.loads((self.settings_dir / "scheduler" / "scheduler_config.json").read_text())
         self.prediction_type = self.manifest.get("prediction_type", sched_cfg.get("prediction_type", "epsilon"))
         self.default_steps = int(self.manifest.get("steps", 0)) or None
         self.default_guidance = float(self.manifest.get("guidance", 1.0))
-        self.lora = Path(lora) if lora else None
         if self.kind == "toy":
             self._init_toy()
         else:
@@ -52,7 +66,7 @@ class ExportSampler:
     def _scheduler(self):
         from diffusers import EulerDiscreteScheduler
 
-        return EulerDiscreteScheduler.from_pretrained(self.model_dir / "scheduler", prediction_type=self.prediction_type)
+        return EulerDiscreteScheduler.from_pretrained(self.settings_dir / "scheduler", prediction_type=self.prediction_type)
 
     def _init_toy(self) -> None:
         from diffusers import UNet2DConditionModel

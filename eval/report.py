@@ -59,4 +59,10 @@ def update_model_card(model_dir: Path, rows: list[dict], meta: dict, alignment_n
                f"{meta['reference']}, seed {meta['seed']}:\n\n{markdown_table(rows, alignment_name)}\n"
                f"Command: `{meta['command']}`\n")
     card.write_text(text + section)
+    manifest = Path(model_dir) / "export.json"
+    if manifest.is_file():  # the same scores for programs: export.json "scores", one entry per step count
+        data = json.loads(manifest.read_text())
+        data["scores"] = [{k: row.get(k) for k in ("steps", "guidance", "fid_whole", "fid_patch", "alignment", "count",
+                                                   "backend", "lora")} | {"reference": meta["reference"]} for row in rows]
+        manifest.write_text(json.dumps(data, indent=1))
     return card

@@ -64,6 +64,10 @@ def test_fixed_seeds_do_not_depend_on_the_batch_size_and_lora_equals_the_merged_
     with_lora = ExportSampler(toy["teacher"], lora=toy["lora"]).sample(captions, range(6), 2, 1.0, 0)
     merged = ExportSampler(toy["lora_export"]).sample(captions, range(6), 2, 1.0, 0)
     assert np.abs(with_lora.astype(int) - merged.astype(int)).max() <= 1
+    # a LoRA export folder on the base: the LoRA loaded by diffusers, the export's own steps and guidance
+    on_base = ExportSampler(toy["teacher"], lora=toy["lora_export"])
+    assert (on_base.default_steps, on_base.default_guidance, on_base.lora_export) == (2, 1.0, toy["lora_export"])
+    assert np.array_equal(on_base.sample(captions, range(6), 2, 1.0, 0), with_lora)
 
 
 def test_shapes_backend_end_to_end(toy, tmp_path):
@@ -91,6 +95,11 @@ def test_shapes_backend_end_to_end(toy, tmp_path):
     assert grid.height > 5 * 32  # reference + 4 rows
     assert Image.open(out / "fid_vs_steps.png").width > 600
     assert "## Evaluation" in (toy["teacher"] / "README.md").read_text()
+    lora_card = (toy["lora_export"] / "README.md").read_text()  # the LoRA rows go to the LoRA export's card
+    assert "## Evaluation" in lora_card and "| teacher+lora | 2 |" in lora_card and "| teacher | 2 |" not in lora_card
+    scores = json.loads((toy["lora_export"] / "export.json").read_text())["scores"]
+    assert [(e["steps"], e["lora"]) for e in scores] == [(1, str(toy["lora"])), (2, str(toy["lora"]))]
+    assert scores[1]["fid_whole"] == pytest.approx(rows[3]["fid_whole"]) and scores[1]["reference"] == "shapes"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

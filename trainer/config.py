@@ -74,6 +74,9 @@ class ModelConfig:
     # "toy" builds the embedded shapes model (pixel codec, tiny text encoder, tiny UNet) from `unet`;
     # anything else is a local diffusers folder (SDXL or SD 1.5 layout) holding the base model.
     base: str = "toy"
+    # when `base` is a single-file checkpoint (.safetensors): a local diffusers folder of its architecture
+    # (configs, tokenizers, scheduler); the run converts the file into <out_dir>/base (trainer/base_model.py)
+    base_config: str = ""
     prediction_type: str = "epsilon"
     unet: dict = field(default_factory=dict)  # UNet2DConditionModel config overrides for the toy
     gradient_checkpointing: bool = True
@@ -604,7 +607,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         fail("stages", f"stage names must be unique, got {names}")
 
     if check_paths:
-        if cfg.model.base != "toy":
+        if cfg.model.base.endswith(".safetensors"):
+            _check_single_file_base(cfg.model, fail)
+        elif cfg.model.base != "toy":
             if not Path(cfg.model.base).is_dir():
                 fail("model.base", f"model folder '{cfg.model.base}' does not exist")
             if not (Path(cfg.model.base) / "unet" / "config.json").is_file():
@@ -624,6 +629,24 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                  "data.shards; data.source: shapes trains on the embedded toy dataset instead)")
         if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "index.json").is_file():
             fail("data.shards", f"'{cfg.data.shards}' has no index.json (make shards with python -m trainer.encode)")
+
+
+def _check_single_file_base(model: ModelConfig, fail: Fail) -> None:
+    """A single-file base: the file and its config folder exist and agree (header and configs only)."""
+    from trainer.base_model import check_single_file
+    from trainer.formats import FormatError
+
+    if not Path(model.base).is_file():
+        fail("model.base", f"single-file checkpoint '{model.base}' does not exist")
+    if not model.base_config:
+        fail("model.base_config", f"model.base is a single file ({model.base}): name a local diffusers folder of its "
+             "architecture (the SDXL or SD 1.5 base folder) whose configs, tokenizers and scheduler it is read with")
+    if not Path(model.base_config).is_dir():
+        fail("model.base_config", f"folder '{model.base_config}' does not exist")
+    try:
+        check_single_file(model.base, model.base_config)
+    except FormatError as e:
+        fail("model.base", str(e))
 
 
 def _check_lora_chain(stages: list[StageConfig], fail: Fail) -> None:

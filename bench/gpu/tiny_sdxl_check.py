@@ -1,8 +1,10 @@
 """Part (a) of the GPU check: the paper's recipe (configs/sdxl.yaml, all five stages, every phase) on a tiny
 random SDXL through `python -m trainer.run`, one rank (NCCL and ds_configs/zero2_gpu.json on a GPU; gloo and
 ds_configs/zero2_cpu.json on a CPU), with what a long run meets on a cluster:
-  1. a tiny SDXL folder (trainer.testing.make_tiny_sdxl_folder), 32 rendered shapes (name.png + name.txt)
-     encoded into shards by `python -m trainer.encode --source folder` at the tiny VAE's resolution;
+  1. a tiny SDXL folder (trainer.testing.make_tiny_sdxl_folder) and a "finetune" of it held the way users hold
+     theirs: one original-layout .safetensors file (another seed's weights), which the run distils from
+     (model.base = the file, model.base_config = the folder); 32 rendered shapes (name.png + name.txt) encoded
+     into shards by `python -m trainer.encode --source folder` from that file at the tiny VAE's resolution;
   2. run 1: periodic checkpoints; SIGUSR2 once stage1_32's MSE phase has written its first one -> exit 75;
   3. run 2 (same command): resumes there; SIGUSR2 once stage5_1's adv_cond phase (full UNet, EMA kept:
      stages.4.ema_decay=0.9) has written its first checkpoint -> exit 75 with the EMA in the checkpoint;
@@ -52,6 +54,7 @@ from trainer.config import load_config  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 MODEL, IMAGES_DIR, SHARDS, RUN = WORK / "tiny-sdxl", WORK / "images", WORK / "shards", WORK / "run"
+FINETUNE = WORK / "tiny-sdxl-finetune.safetensors"  # what the run distils: a single file, MODEL as its config
 result = {"ok": False, "device": torch.cuda.get_device_name() if CUDA else "cpu",
           "backend": "nccl" if CUDA else "gloo", "parts": [], "checks": [], "gpu_memory": [], "rank0_work": [],
           "preemptions": [], "exports": {}, "wall_s": 0.0}
@@ -89,9 +92,12 @@ def part(name: str, fn):
 
 
 def make_model() -> int:
+    from trainer.formats import write_single_file
     from trainer.testing import make_tiny_sdxl_folder
 
     make_tiny_sdxl_folder(MODEL, seed=0)
+    write_single_file(make_tiny_sdxl_folder(WORK / "finetune-folder", seed=1), FINETUNE)
+    shutil.rmtree(WORK / "finetune-folder")
     return int(json.loads((MODEL / "vae" / "config.json").read_text())["sample_size"])
 
 
@@ -109,7 +115,8 @@ def make_images(resolution: int) -> None:
 
 
 def encode(resolution: int) -> None:
-    cmd = [PY, "-m", "trainer.data.encode", "--model", str(MODEL), "--source", "folder", "--input", str(IMAGES_DIR),
+    cmd = [PY, "-m", "trainer.data.encode", "--model", str(FINETUNE), "--model-config", str(MODEL),
+           "--converted", str(WORK / "converted"), "--source", "folder", "--input", str(IMAGES_DIR),
            "--out", str(SHARDS), "--resolution", str(resolution), "--samples-per-shard", "16", "--batch-size", "16"]
     with open(LOGS / "encode.log", "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=300).returncode
@@ -125,7 +132,7 @@ recipe = load_config("configs/sdxl.yaml", check_paths=False)
 stages = [s.name for s in recipe.stages]
 student_steps = {s.name: s.student_steps for s in recipe.stages}
 overrides = [
-    f"model.base={MODEL}", f"data.shards={SHARDS}", f"run.out_dir={RUN}",
+    f"model.base={FINETUNE}", f"model.base_config={MODEL}", f"data.shards={SHARDS}", f"run.out_dir={RUN}",
     f"deepspeed=ds_configs/{'zero2_gpu' if CUDA else 'zero2_cpu'}.json",
     "data.num_workers=1", "log.sample_every_samples=0", f"log.checkpoint_every_samples={GLOBAL}", "log.every_steps=2",
     "log.keep_last=2", "stages.4.ema_decay=0.9",
@@ -213,6 +220,19 @@ def run_part(title: str, name: str, preempt: str = "") -> tuple[int, str, dict]:
     return outcome
 
 
+def check_distilled_the_file() -> None:
+    """The run's base (teacher and D's encoder) holds the single file's weights, read by diffusers."""
+    from trainer.formats import load_folder, load_with_diffusers
+
+    _, converted, _ = load_folder(RUN / "base", dtype=None)
+    from_file = load_with_diffusers(FINETUNE, MODEL, "sdxl")
+    _, config_weights, _ = load_folder(MODEL, dtype=None)
+    same = all(torch.equal(converted[p][k].float(), from_file[p][k].float()) for p in from_file for k in from_file[p])
+    differs = any(not torch.equal(converted["unet"][k].float(), config_weights["unet"][k].float()) for k in converted["unet"])
+    check("the run's base is the single-file finetune (diffusers' from_single_file), not the config folder's weights",
+          same and differs, f"equal to the file: {same}; differs from the config folder: {differs}")
+
+
 def run_all() -> None:
     rc, text, sig = run_part("run 1: train, SIGUSR2 in " + FIRST_TARGET, "run1", FIRST_TARGET)
     first = expect_preempted("run 1", rc, text, sig, FIRST_TARGET, LONG)
@@ -259,6 +279,7 @@ def run_all() -> None:
     lora_stages = [s.name for s in recipe.stages if s.variant in ("lora", "lora+full")]
     check(f"a kohya LoRA beside each LoRA export ({len(lora_stages)})", len(kohya) == len(lora_stages),
           ", ".join(str(k.relative_to(RUN)) for k in kohya))
+    check_distilled_the_file()
     final = ckpt_dir(EMA_TARGET) / (ckpt_dir(EMA_TARGET) / "LATEST").read_text().strip() \
         if (ckpt_dir(EMA_TARGET) / "LATEST").is_file() else None
     check(f"{EMA_TARGET}'s final checkpoint holds the EMA", final is not None and (final / "ema.safetensors").is_file(),

@@ -309,7 +309,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True,
-                        help="model folder: diffusers SDXL / SD 1.5 layout, or the toy")
+                        help="model folder (diffusers SDXL / SD 1.5 layout, or the toy), or a single-file checkpoint "
+                             "(.safetensors, with --model-config)")
+    parser.add_argument("--model-config", help="a single-file --model: diffusers folder of its architecture")
+    parser.add_argument("--converted", help="a single-file --model: where its diffusers folder is written "
+                                            "(default <out>/base_model; give it to the recipe as model.base to reuse it)")
     parser.add_argument("--out", required=True, help="folder for the shards and index.json")
     parser.add_argument("--source", choices=("shapes", "folder", "wds"), default="shapes")
     parser.add_argument("--input", help="folder of image + .txt pairs, or tar path/glob/brace pattern")
@@ -323,6 +327,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.source != "shapes" and not args.input:
         parser.error(f"--source {args.source} needs --input")
+    if args.model.endswith(".safetensors") and not args.model_config:
+        parser.error(f"--model {args.model} is a single-file checkpoint: give --model-config, the diffusers folder "
+                     "of its architecture (the SDXL or SD 1.5 base)")
     return args
 
 
@@ -335,7 +342,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             samples, total = iter_image_folder(args.input), len(find_images(args.input))
         elif args.source == "wds":
             samples = iter_image_shards(args.input)
-        encoders = load_encoders(args.model, device=args.device)
+        model = args.model
+        if model.endswith(".safetensors"):
+            from trainer.base_model import convert_single_file
+
+            model = convert_single_file(model, args.model_config, args.converted or Path(args.out) / "base_model")
+        encoders = load_encoders(model, device=args.device)
         resolution = args.resolution or encoders.resolution
         if args.source == "shapes":
             samples, total = iter_shapes(args.count, args.seed, resolution), args.count

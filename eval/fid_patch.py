@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=1000, help="images per model and step count (and reference images)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="noise seed: image i starts from the noise of (seed, i)")
+    p.add_argument("--bootstrap", type=int, default=200,
+                   help="resamples for the 95%% bootstrap intervals of FID and alignment (0: none; each resample "
+                        "recomputes both FIDs, slow with 2048-d Inception features)")
     p.add_argument("--grid-count", type=int, default=8, help="images per row of grid.png")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,8 +87,8 @@ def _loras(args) -> list:
     return [None if lora in (None, "none") else Path(lora) for lora in loras]
 
 
-def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int):
-    scores = SetScores(backend)
+def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int, keep_features: bool = False):
+    scores = SetScores(backend, keep_features=keep_features)
     grid = []
     for images, captions in tqdm(reference.batches(batch_size), total=-(-reference.count // batch_size),
                                  desc="reference", unit="batch"):
@@ -107,14 +110,15 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
     backend = make_backend(args.backend, classifier=args.classifier, inception=args.inception, clip=args.clip,
                            device=args.device, inception_dims=args.inception_dims)
     reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts)
-    ref_scores, ref_grid = score_reference(reference, backend, args.batch_size, args.grid_count)
+    keep = args.bootstrap > 0
+    ref_scores, ref_grid = score_reference(reference, backend, args.batch_size, args.grid_count, keep)
     meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,
             "reference": args.reference, "count": args.count, "seed": args.seed,
             "reference_alignment": ref_scores.alignment().get("alignment")}
     if args.reference == "shapes":  # the floor: other real images of the same prompts, scored like a model
-        floor_scores, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0)
-        floor = floor_scores.compare(ref_scores)
-        meta["floor"] = {"fid_whole": floor["fid_whole"], "fid_patch": floor["fid_patch"]}
+        floor_scores, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0, keep)
+        floor = floor_scores.compare(ref_scores, args.bootstrap)
+        meta["floor"] = {k: v for k, v in floor.items() if k.startswith(("fid_whole", "fid_patch"))}
 
     rows, grid_rows = [], [("reference", ref_grid)]
     prompts = reference.prompts
@@ -128,7 +132,7 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
         guidance = given if given is not None else sampler.default_guidance
         model_rows = []
         for steps in step_counts:
-            scores, grid, seconds = SetScores(backend), [], 0.0
+            scores, grid, seconds = SetScores(backend, keep_features=keep), [], 0.0
             bar = tqdm(range(0, args.count, args.batch_size), desc=f"{label} {steps} steps", unit="batch")
             for start in bar:
                 idx = list(range(start, min(start + args.batch_size, args.count)))
@@ -140,7 +144,7 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
             row = {"label": label, "model": str(model_dir), "lora": str(lora) if lora else None, "steps": steps,
                    "guidance": guidance, "prediction_type": sampler.prediction_type,
                    "stage": sampler.manifest.get("stage"), "variant": sampler.manifest.get("variant"),
-                   **scores.compare(ref_scores), "sec_per_image": seconds / args.count, "count": args.count,
+                   **scores.compare(ref_scores, args.bootstrap), "sec_per_image": seconds / args.count, "count": args.count,
                    "backend": backend.name}
             rows.append(row)
             model_rows.append(row)

@@ -17,11 +17,17 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _with_interval(row: dict, key: str) -> str:
+    """The value, and its 95% interval in brackets where the row has one (`<key>_ci`)."""
+    ci = row.get(f"{key}_ci")
+    return _cell(row.get(key)) + (f" [{_cell(float(ci[0]))}, {_cell(float(ci[1]))}]" if ci else "")
+
+
 def markdown_table(rows: list[dict], alignment_name: str = "alignment") -> str:
     header = [name if key != "alignment" else f"alignment ({alignment_name})" for key, name in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_with_interval(row, key) for key, _ in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -35,7 +41,10 @@ def write_results(out: Path, meta: dict, rows: list[dict], alignment_name: str) 
         floor = meta["floor"]
         md.append(f"Floor (other real images of the same prompts against the reference, what a perfect model "
                   f"gets with this many images): FID-Whole "
-                  f"{_cell(floor.get('fid_whole'))}, FID-Patch {_cell(floor.get('fid_patch'))}.")
+                  f"{_with_interval(floor, 'fid_whole')}, FID-Patch {_with_interval(floor, 'fid_patch')}.")
+    if any(f"{k}_ci" in r for r in rows for k in ("fid_whole", "fid_patch", "alignment")):
+        md.append("Brackets: 95% bootstrap intervals (both image sets resampled; `--bootstrap` resamples). Two rows "
+                  "differ decidedly only where their intervals do not overlap.")
     if meta.get("reference_alignment") is not None:
         md.append(f"Alignment of the reference images themselves: {_cell(meta['reference_alignment'])}.")
     md.append(f"\nCommand: `{meta['command']}`\n")

@@ -186,3 +186,20 @@ def test_accumulated_micro_batches_equal_one_larger_micro_batch(tmp_path):
         assert result[name]["update"] > 1e-5, result  # the step really moved the weights
         assert result[name]["difference"] <= 1e-2 * result[name]["update"], result
     assert result["student"]["control_difference"] > 10 * 1e-2 * result["student"]["update"], result
+
+
+def test_the_mse_term_is_in_landing_space_whatever_d_is_shown(dist):
+    """The MSE beside the adversarial loss compares the landings x_{t_next} (stage 1's space): the same
+    value with D shown the landings, or x0 re-noised to t* = 10 or to t* = 750."""
+    values = []
+    for t_star in ((), (10,), (750,)):
+        obj = make_objective(dist, t_star=t_star, weights=(1,) * len(t_star))
+        obj.mse_weight = 1.0
+        p = obj.landings(batch(), SampleRandom(7, range(4)))
+        expected = torch.nn.functional.mse_loss(p["fake_landing"], p["real_landing"]).detach()
+        if t_star:  # D sees something else than the landings
+            assert not torch.allclose(p["fake"], p["fake_landing"])
+        logs = obj.g_step(p)
+        assert torch.equal(logs["mse"], expected)
+        values.append(float(logs["mse"]))
+    assert values[0] == pytest.approx(values[1]) == pytest.approx(values[2])

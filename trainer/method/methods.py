@@ -312,7 +312,9 @@ class Adversarial(Method):
             with torch.set_grad_enabled(not self.d_only):
                 out = unet_forward(self.student, x_t, t, cond)
             fake = move(self.schedule, out, x_t, t, t_next, self.prediction_type)
-            p = {"x_t": x_t, "t": t, "cond": cond, "real": real, "fake": fake, "d_t": t_next}
+            # the landings themselves stay for the MSE term, whatever D is then shown (re-noised to t*)
+            p = {"x_t": x_t, "t": t, "cond": cond, "real": real, "fake": fake, "d_t": t_next,
+                 "real_landing": real, "fake_landing": fake}
             if len(self.t_star):
                 p = self.renoise_to_t_star(p, t_next, rand)
         return p
@@ -332,7 +334,9 @@ class Adversarial(Method):
         self._set_disc_trainable(False)
         try:
             loss_g = g_loss(self._judge(p["fake"], p["d_t"], p["cond"], p["x_t"], p["t"], frozen=True))
-            loss_mse = F.mse_loss(p["fake"], p["real"])
+            # in landing space (x at t_next, as stage 1's MSE), not in what D judges: with a multi-timestep
+            # D that is re-noised to t*, and the term's weight would change with disc.t_star
+            loss_mse = F.mse_loss(p["fake_landing"], p["real_landing"])
             self.student.backward(loss_g + self.mse_weight * loss_mse if self.mse_weight else loss_g)
             self.student.step()
         finally:

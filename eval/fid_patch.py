@@ -10,7 +10,9 @@ diffusers objects (eval.generate), and scores them (eval.scoring) with the chose
   FID-Whole  the whole image resized to the extractor's input (16 px shapes classifier, 299 px Inception),
   FID-Patch  the centre crop of each full-resolution image at the extractor's input size, no resizing
              (n/a where images are smaller than that input),
-  alignment  shapes: attribute accuracy of the shapes classifier; inception: CLIP score (--clip).
+  alignment  shapes: attribute accuracy of the shapes classifier; inception: CLIP score (--clip),
+  and with the shapes reference the share of images with a second copy of the shape or a filled shape
+  drawn hollow (eval/pixel_scores.py failure_signatures).
 Writes to --out: results.json, results.md, grid.png (reference row + one row per model and step count,
 same prompts and noise), fid_vs_steps.png, and a TensorBoard event file under tb/.
 """
@@ -28,6 +30,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from eval.features import make_backend  # noqa: E402
+from eval.pixel_scores import failure_signatures  # noqa: E402
 from eval.plot import labelled_grid, metrics_vs_steps  # noqa: E402
 from eval.reference import REFERENCE_SEED, ReferenceSet  # noqa: E402
 from eval.report import markdown_table, update_model_card, write_results  # noqa: E402
@@ -133,6 +136,7 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
         model_rows = []
         for steps in step_counts:
             scores, grid, seconds = SetScores(backend, keep_features=keep), [], 0.0
+            failures = {"second_copy": 0, "hollow_fill": 0}
             bar = tqdm(range(0, args.count, args.batch_size), desc=f"{label} {steps} steps", unit="batch")
             for start in bar:
                 idx = list(range(start, min(start + args.batch_size, args.count)))
@@ -140,12 +144,16 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
                 images = sampler.sample([prompts[i] for i in idx], idx, steps, guidance, args.seed)
                 seconds += time.perf_counter() - t0
                 scores.add(images, [prompts[i] for i in idx])
+                if args.reference == "shapes":  # the one-step failure signatures, by a pixel rule
+                    for key, found in failure_signatures(images, [prompts[i] for i in idx]).items():
+                        failures[key] += int(found.sum())
                 grid.extend(images[:max(0, args.grid_count - len(grid))])
             row = {"label": label, "model": str(model_dir), "lora": str(lora) if lora else None, "steps": steps,
                    "guidance": guidance, "prediction_type": sampler.prediction_type,
                    "stage": sampler.manifest.get("stage"), "variant": sampler.manifest.get("variant"),
                    **scores.compare(ref_scores, args.bootstrap), "sec_per_image": seconds / args.count, "count": args.count,
-                   "backend": backend.name}
+                   "backend": backend.name,
+                   **({f"{k}_rate": v / args.count for k, v in failures.items()} if args.reference == "shapes" else {})}
             rows.append(row)
             model_rows.append(row)
             grid_rows.append((f"{label} {steps} st", grid))

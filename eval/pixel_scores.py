@@ -4,7 +4,9 @@
 - position accuracy: the saturated pixels' centroid lies in the caption's region,
 - background grain: the standard deviation of the unsaturated (background) pixels, in 0..255 units
   (the dataset's background is a constant, so 0 is perfect),
-- edge sharpness: mean gradient magnitude over the shape's boundary band (blur lowers it).
+- edge sharpness: mean gradient magnitude over the shape's boundary band (blur lowers it),
+- failure signatures (`failure_signatures`): a second copy of the shape (the paper's "Janus"), and filled
+  shapes drawn hollow, per image.
 
 `python eval/pixel_scores.py --model runs/shapes/exports/stage3_4 --count 64` samples the model with its
 own steps from fixed noise and prints the scores as JSON. The learned shapes classifier with FID and
@@ -62,6 +64,43 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
             "edge_sharpness": float(np.mean(sharp)) if sharp else float("nan"), "count": n}
 
 
+FILLED = ("circle", "square", "triangle", "cross")  # ring and frame are outlines: their hole is the shape
+COPY_FRACTION = 0.3  # a second component this large (of the main one's pixels), apart from it: a second copy
+HOLE_FRACTION = 0.2  # a filled shape whose enclosed holes are this share of its filled area: hollow
+
+
+def failure_signatures(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
+    """Per image, the paper's one-step failure signatures by a pixel rule (uint8 [N, H, W, 3] in):
+    - second_copy: besides the largest blob of shape pixels, another one of >= 30% its size (and >= 4
+      pixels) outside the largest one's box grown by 2 px (a ring broken into pieces stays one shape);
+    - hollow_fill: a filled shape (circle, square, triangle, cross) whose largest blob encloses holes of
+      >= 20% of its filled area (the background showing through where the shape should be solid).
+    Real images of the dataset score 0 on both (tests/test_pixel_scores.py)."""
+    from scipy import ndimage
+
+    copies, hollow = np.zeros(len(images), bool), np.zeros(len(images), bool)
+    for i, (image, caption) in enumerate(zip(images.astype(int), captions)):
+        mask = image.max(-1) - image.min(-1) > SATURATION
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        if count == 0:
+            continue
+        sizes = np.bincount(labels.ravel())[1:]
+        main = int(np.argmax(sizes)) + 1
+        ys, xs = np.nonzero(labels == main)
+        y0, y1, x0, x1 = ys.min() - 2, ys.max() + 2, xs.min() - 2, xs.max() + 2
+        for other in np.flatnonzero(sizes >= max(4, COPY_FRACTION * sizes[main - 1])) + 1:
+            if other == main:
+                continue
+            oy, ox = np.nonzero(labels == other)
+            if not ((y0 <= oy.mean() <= y1) and (x0 <= ox.mean() <= x1)):
+                copies[i] = True
+        if parse_caption(caption)[0] in FILLED:
+            blob = labels == main
+            filled = ndimage.binary_fill_holes(blob)
+            hollow[i] = (filled & ~blob).sum() >= HOLE_FRACTION * filled.sum()
+    return {"second_copy": copies, "hollow_fill": hollow}
+
+
 def sample_model(model_dir: Path, count: int, steps: int | None, guidance: float | None, seed: int) -> tuple[np.ndarray, list[str]]:
     """`count` images of shapes captions from an export, through eval/fid_patch.py's sampler."""
     from eval.generate import ExportSampler
@@ -82,7 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     images, captions = sample_model(args.model, args.count, args.steps, args.guidance, args.seed)
-    print(json.dumps({"model": str(args.model), **score_images(images, captions)}, indent=1))
+    failures = {f"{k}_rate": float(v.mean()) for k, v in failure_signatures(images, captions).items()}
+    print(json.dumps({"model": str(args.model), **score_images(images, captions), **failures}, indent=1))
     return 0
 
 

@@ -23,11 +23,15 @@ def _with_interval(row: dict, key: str) -> str:
     return _cell(row.get(key)) + (f" [{_cell(float(ci[0]))}, {_cell(float(ci[1]))}]" if ci else "")
 
 
+FAILURE_COLUMNS = [("second_copy_rate", "second copy"), ("hollow_fill_rate", "hollow fill")]
+
+
 def markdown_table(rows: list[dict], alignment_name: str = "alignment") -> str:
-    header = [name if key != "alignment" else f"alignment ({alignment_name})" for key, name in COLUMNS]
+    columns = COLUMNS + [c for c in FAILURE_COLUMNS if any(c[0] in row for row in rows)]
+    header = [name if key != "alignment" else f"alignment ({alignment_name})" for key, name in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(_with_interval(row, key) for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_with_interval(row, key) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

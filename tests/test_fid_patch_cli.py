@@ -85,12 +85,14 @@ def test_shapes_backend_end_to_end(toy, tmp_path):
         assert np.isfinite(r["fid_whole"]) and np.isfinite(r["fid_patch"]) and 0 <= r["alignment"] <= 1
         assert r["guidance"] == (3.0 if r["label"] == "teacher" else 1.0) and r["sec_per_image"] > 0
         assert set(r["alignment_detail"]) == {"shape", "colour", "position", "all"}
+        assert 0 <= r["second_copy_rate"] <= 1 and 0 <= r["hollow_fill_rate"] <= 1
     assert rows[2]["lora"] == str(toy["lora"]) and rows[0]["lora"] is None
     assert results["reference_alignment"] == 1.0 and results["floor"]["fid_whole"] >= 0
     assert rows[0]["fid_whole"] > results["floor"]["fid_whole"]  # a random UNet is worse than real images
 
     md = (out / "results.md").read_text()
     assert "| teacher+lora | 2 | 1.00 |" in md and "FID-Patch" in md and "attribute accuracy" in md
+    assert "second copy | hollow fill |" in md
     grid = Image.open(out / "grid.png")
     assert grid.height > 5 * 32  # reference + 4 rows
     assert Image.open(out / "fid_vs_steps.png").width > 600

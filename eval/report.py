@@ -47,7 +47,7 @@ def write_results(out: Path, meta: dict, rows: list[dict], alignment_name: str) 
                   f"gets with this many images): FID-Whole "
                   f"{_with_interval(floor, 'fid_whole')}, FID-Patch {_with_interval(floor, 'fid_patch')}.")
     if any(f"{k}_ci" in r for r in rows for k in ("fid_whole", "fid_patch", "alignment")):
-        md.append("Brackets: 95% bootstrap intervals (both image sets resampled; `--bootstrap` resamples). Two rows "
+        md.append("Brackets: 95% bootstrap intervals (images resampled with their prompts; `--bootstrap` resamples). Two rows "
                   "differ decidedly only where their intervals do not overlap.")
     if meta.get("reference_alignment") is not None:
         md.append(f"Alignment of the reference images themselves: {_cell(meta['reference_alignment'])}.")

@@ -79,3 +79,21 @@ def test_bootstrap_interval_is_as_wide_as_the_spread_over_fresh_samples():
         widths[n] = hi - lo
     assert widths[1000] < 0.75 * widths[250]
     assert 2 * 1.96 * fresh <= widths[1000] <= 2 * 2 * 1.96 * fresh
+
+
+def test_bootstrap_keeps_each_image_with_its_prompt():
+    """Rows i of both sets come from prompt i (clustered features, as shapes captions give): the paired
+    interval is about as wide as the spread over fresh images of the same prompts, where resampling the
+    two sets apart (which also changes their prompt mixes) would be several times wider."""
+    from eval.scoring import bootstrap_fid
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 16)) * 3
+    prompts = rng.integers(0, 30, 1000)
+    draw = lambda: centres[prompts] + rng.normal(size=(1000, 16))
+    reference = draw()
+    fresh = np.std([fid_of_features(draw(), reference) for _ in range(20)], ddof=1)
+    lo, hi = bootstrap_fid(draw(), reference, 100, np.random.default_rng(1))
+    unpaired = bootstrap_fid(draw(), reference[:999], 100, np.random.default_rng(1))  # lengths differ: apart
+    assert (hi - lo) / (2 * 1.96) <= 2 * fresh
+    assert (unpaired[1] - unpaired[0]) > 3 * (hi - lo)

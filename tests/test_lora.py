@@ -176,3 +176,34 @@ def test_a_lora_file_has_the_same_bytes_in_every_process(tmp_path):
                        env={**os.environ, "PYTHONHASHSEED": seed})
         digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+@torch.no_grad()
+def test_an_adapter_extracted_from_a_difference_reproduces_a_low_rank_target():
+    """init_lora_from_difference: a target that differs from the base by rank <= r in every LoRA'd layer
+    (convs included) is reproduced exactly by base + the extracted adapter; a full-rank difference is
+    approximated, and the share it holds is reported."""
+    from trainer.method.lora import init_lora_from_difference
+
+    base = build_toy_unet(seed=0)
+    target = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    for name in lora_target_modules(base):
+        weight = target.get_submodule(name).weight
+        out = weight.shape[0]
+        rest = weight[0].numel()
+        delta = torch.randn(out, 2, generator=g) @ torch.randn(2, rest, generator=g) * 0.01  # rank 2
+        weight.add_(delta.reshape(weight.shape))
+    student = add_lora(copy.deepcopy(base), rank=4, alpha=8)
+    assert init_lora_from_difference(student, target) == pytest.approx(1.0)
+    x, t, cond = toy_inputs()
+    want = unet_forward(target, x, t, cond, torch.float32)
+    got = unet_forward(student, x, t, cond, torch.float32)
+    assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()))
+    assert not torch.allclose(unet_forward(base, x, t, cond, torch.float32), want, atol=1e-3)
+
+    noisy = copy.deepcopy(base)
+    for name in lora_target_modules(base):
+        noisy.get_submodule(name).weight.add_(torch.randn(noisy.get_submodule(name).weight.shape, generator=g) * 0.01)
+    held = init_lora_from_difference(add_lora(copy.deepcopy(base), rank=1), noisy)
+    assert 0 < held < 0.9

@@ -235,6 +235,10 @@ class LoraConfig:
     # LoRA file applies to the base model (as the released ones do). teacher: the adapter sits on the
     # stage's teacher (the previous stage's model) and works on that model only.
     relative_to: str = "base"
+    # relative_to base, in a stage that continues no earlier LoRA (the first LoRA stage, after full-UNet
+    # stages): start the adapter as the rank-r SVD of (teacher - base), not at zero, so that base + LoRA
+    # starts near the teacher instead of at the base model (bench/README.md "Measurements behind defaults")
+    init_from_teacher: bool = True
 
     def check(self, key: str, fail: Fail) -> None:
         if self.rank < 1:

@@ -183,6 +183,34 @@ def load_lora_into(unet: UNet2DConditionModel, source: Union[str, Path, dict]) -
     return unet
 
 
+@torch.no_grad()
+def init_lora_from_difference(unet: nn.Module, target: nn.Module) -> float:
+    """Sets `unet`'s adapter (just added, on the base weights) to the best rank-r approximation (truncated
+    SVD) of `target` minus the base in every LoRA'd layer: base + LoRA then starts as close to `target` as
+    an adapter of this rank gets. Returns the share of the weight difference's energy (squared norm) it
+    holds; what the adapter cannot hold (other layers, biases, the rest of the spectrum) is left out.
+
+    Each layer: delta = U S V^T, truncated to r; lora_A = sqrt(S) V^T, lora_B = U sqrt(S) / scale, so that
+    scale * B @ A = delta_r (a conv's delta is [out, in * kh * kw], A its kernel-shaped half, B 1x1)."""
+    target_weights = dict(target.named_parameters())
+    total = held = 0.0
+    for name, module in unet.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        base = module.get_base_layer().weight
+        delta = (target_weights[f"{name}.weight"].to(base.device, torch.float32) - base.float())
+        matrix = delta.reshape(delta.shape[0], -1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        a_layer, b_layer = module.lora_A[ADAPTER], module.lora_B[ADAPTER]
+        rank, scale = a_layer.weight.shape[0], module.scaling[ADAPTER]
+        root = s[:rank].sqrt()
+        a_layer.weight.copy_((root[:, None] * vh[:rank]).reshape(a_layer.weight.shape))
+        b_layer.weight.copy_((u[:, :rank] * root[None, :] / scale).reshape(b_layer.weight.shape))
+        total += float((s ** 2).sum())
+        held += float((s[:rank] ** 2).sum())
+    return held / total if total else 1.0
+
+
 def merge_lora(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """Folds the LoRA into the base weights and removes it: a plain UNet with the original keys.
 

@@ -50,6 +50,7 @@ class PhaseStart:
     teacher_pred: str = ""
     disc_base: Optional[Path] = None  # whose encoder D copies
     lora_dir: Optional[Path] = None  # the LoRA this phase's adapter continues (an earlier phase's or stage's)
+    lora_extract_from: Optional[Path] = None  # else: start the adapter as the SVD of (this UNet - student_dir)
     unet_config: dict = field(default_factory=dict)  # the student's, set by `trainable`
     _read: dict = field(default_factory=dict)
 
@@ -82,15 +83,19 @@ class PhaseStart:
     def trainable(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The student: `unet` itself, or with this stage's LoRA (fresh, or the previous LoRA phase's)."""
         if self.phase.train == "lora":
-            from trainer.method.lora import add_lora, load_lora_into
+            from trainer.method.lora import add_lora, init_lora_from_difference, load_lora_into
 
             lora = self.stage.lora
             unet = add_lora(unet, rank=lora.rank, alpha=lora.alpha, init_seed=self.cfg.run.seed)
+            start = "fresh"
             if self.lora_dir is not None:
                 load_lora_into(unet, self.lora_dir / "lora" / "pytorch_lora_weights.safetensors")
+                start = f"continuing {self.lora_dir}"
+            elif self.lora_extract_from is not None:
+                held = init_lora_from_difference(unet, self.read_unet(self.lora_extract_from))
+                start = f"extracted from {self.lora_extract_from} by SVD: {held:.0%} of the weight difference"
             if self.info.is_main:
-                print(f"[{self.name}] student: {self.student_dir} + LoRA rank {lora.rank} "
-                      f"({'continuing ' + str(self.lora_dir) if self.lora_dir else 'fresh'})", flush=True)
+                print(f"[{self.name}] student: {self.student_dir} + LoRA rank {lora.rank} ({start})", flush=True)
         self.unet_config = dict(unet.config)
         if self.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

@@ -47,7 +47,7 @@ class StageRunner:
             result = self.stage_dir / name / "result"
             if not is_complete(result):
                 preemption_handler().check(f"before {name}")
-                self._run_phase(phase, name, student_dir, result, lora_dir)
+                self._run_phase(phase, name, student_dir, result, lora_dir, self._lora_extract(lora_dir))
             student_dir = result
             if phase.train == "lora":
                 lora_dir = result
@@ -77,7 +77,17 @@ class StageRunner:
             return None
         return folder  # its rank and alpha equal this stage's (config validation); load_lora_into checks the file
 
-    def _run_phase(self, phase: PhaseConfig, name: str, student_dir: Path, result: Path, lora_dir) -> None:
+    def _lora_extract(self, lora_dir: Optional[Path]) -> Optional[Path]:
+        """The teacher, whose difference from the base a first adapter (relative to the base, continuing
+        nothing) starts as; None where the adapter continues one or starts at zero."""
+        lora = self.stage.lora
+        if lora_dir is None and lora.relative_to == "base" and lora.init_from_teacher \
+                and self.teacher_dir.resolve() != self.lora_base.resolve():
+            return self.teacher_dir
+        return None
+
+    def _run_phase(self, phase: PhaseConfig, name: str, student_dir: Path, result: Path, lora_dir,
+                   lora_extract: Optional[Path] = None) -> None:
         cfg, stage = self.cfg, self.stage
         if phase.train == "lora":
             student_dir = self.lora_base  # the student is lora_base + the adapter
@@ -90,7 +100,7 @@ class StageRunner:
             deepspeed=cfg.deepspeed, gradient_checkpointing=cfg.model.gradient_checkpointing,
             ema_decay=stage.ema_decay if phase.train == "full" else 0.0, stage=stage,
             teacher_dir=self.teacher_dir, teacher_pred=prediction_type_of(self.teacher_dir, cfg.model.prediction_type),
-            disc_base=self.disc_base, lora_dir=lora_dir)
+            disc_base=self.disc_base, lora_dir=lora_dir, lora_extract_from=lora_extract)
         export = PhaseExport(steps=stage.student_steps, prediction_type=out_pred, base_dir=self.base,
                              notes={"phase": phase.kind, "train": phase.train})
         run_phase(start, self.stage_dir / name, result, export, make_grid=self.grids.bind(stage.student_steps, out_pred))

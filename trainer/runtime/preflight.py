@@ -28,7 +28,13 @@ def _check_models(cfg: Config, found: list[str]) -> dict | None:
     from trainer.data.encoders import detect_kind
 
     unet_dir = None
-    if cfg.model.base != "toy":
+    if cfg.model.base.endswith(".safetensors"):
+        # a single file, checked against model.base_config's architecture by the config's validation; the
+        # shards must fit that architecture's UNet
+        unet_dir = Path(cfg.model.base_config) / "unet"
+        if not (unet_dir / "config.json").is_file():
+            found.append(f"model.base_config: {unet_dir}/config.json is missing")
+    elif cfg.model.base != "toy":
         try:
             detect_kind(cfg.model.base)
         except FileNotFoundError as err:

@@ -611,7 +611,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         fail("stages", f"stage names must be unique, got {names}")
 
     if check_paths:
-        if cfg.model.base.endswith(".safetensors"):
+        from trainer.base_model import is_single_file
+
+        if is_single_file(cfg.model.base):
             _check_single_file_base(cfg.model, fail)
         elif cfg.model.base != "toy":
             if not Path(cfg.model.base).is_dir():

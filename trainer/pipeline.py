@@ -36,9 +36,10 @@ DEFAULT_GRID_PROMPTS = [
 
 def prepare_base(cfg: Config, info: DistInfo) -> Path:
     """The base model folder: the user's (SDXL, SD 1.5) or the toy's, written once from seeds."""
-    if cfg.model.base.endswith(".safetensors"):
+    from trainer.base_model import convert_single_file, is_single_file
+
+    if is_single_file(cfg.model.base):
         # a single-file finetune: converted once into a diffusers folder that everything after reads
-        from trainer.base_model import convert_single_file
 
         base = cfg.out_dir / "base"
         solo("converting the single-file base model",

@@ -343,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         elif args.source == "wds":
             samples = iter_image_shards(args.input)
         model = args.model
-        if model.endswith(".safetensors"):
-            from trainer.base_model import convert_single_file
+        from trainer.base_model import convert_single_file, is_single_file
+
+        if is_single_file(model):
 
             model = convert_single_file(model, args.model_config, args.converted or Path(args.out) / "base_model")
         encoders = load_encoders(model, device=args.device)

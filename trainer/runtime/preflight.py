@@ -28,7 +28,9 @@ def _check_models(cfg: Config, found: list[str]) -> dict | None:
     from trainer.data.encoders import detect_kind
 
     unet_dir = None
-    if cfg.model.base.endswith(".safetensors"):
+    from trainer.base_model import is_single_file
+
+    if is_single_file(cfg.model.base):
         # a single file, checked against model.base_config's architecture by the config's validation; the
         # shards must fit that architecture's UNet
         unet_dir = Path(cfg.model.base_config) / "unet"

@@ -25,6 +25,14 @@ the loader's worker prepares the next batch while the step runs.
 On a GPU it also prints the student's forward+backward FLOPs (torch.utils.flop_counter, counted once
 without gradient checkpointing' recomputation: model FLOPs), the achieved TFLOP/s and MFU against the
 card's dense bf16 peak, and the peak memory of the step.
+
+--profile: where the whole step's time goes. One more whole step under torch.profiler: its wall time, how long
+the GPU was busy in it (the union of its kernels' intervals) and so the GPU-idle share, the top CUDA kernels
+and the top CPU ops by self time (on a CPU only the CPU ops); and the bare teacher UNet forward (no grad,
+bf16, at the micro-batch) in TFLOP/s, as is and in channels_last: a slow bare forward is the kernels' doing,
+a fast one puts the step's missing time in the trainer around it.
+
+cuDNN's autotuner is on as in the trainer (run.deterministic: false); --no-cudnn-benchmark turns it off.
 """
 from __future__ import annotations
 
@@ -224,6 +232,15 @@ class Step:
 # -- FLOPs ---------------------------------------------------------------------------------------
 
 
+def unet_inputs(preset: Preset, batch: int, device, dtype=torch.bfloat16):
+    """Random UNet inputs of the preset's shapes: latents, timesteps, conditioning."""
+    c, h, w = preset.latent
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)
+    cond = Conditioning(make(batch, preset.text_tokens, preset.text_dim), make(batch, preset.pooled_dim),
+                        make(batch, preset.time_ids))
+    return make(batch, c, h, w), torch.full((batch,), 500, device=device), cond
+
+
 def student_flops(preset: Preset, micro_batch: int, mode: str, device: str) -> dict[str, float]:
     """Model FLOPs of the student's forward and backward at `micro_batch`, and of one teacher forward,
     counted by torch's FLOP counter (no checkpointing recomputation; on the meta device where asked)."""
@@ -234,12 +251,8 @@ def student_flops(preset: Preset, micro_batch: int, mode: str, device: str) -> d
     unet = build_unet(preset, device=device).to(torch.bfloat16)
     if mode == "lora":
         unet = add_lora(unet, rank=preset.lora_rank)
-    c, h, w = preset.latent
-    make = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16)
-    x = make(micro_batch, c, h, w)  # the student's input needs no gradient: weight (or LoRA) gradients only
-    cond = Conditioning(make(micro_batch, preset.text_tokens, preset.text_dim), make(micro_batch, preset.pooled_dim),
-                        make(micro_batch, preset.time_ids))
-    t = torch.full((micro_batch,), 500, device=device)
+    # the student's input needs no gradient: weight (or LoRA) gradients only
+    x, t, cond = unet_inputs(preset, micro_batch, device)
     counter = FlopCounterMode(display=False)
     with counter:
         out = unet_forward(unet, x, t, cond)
@@ -258,29 +271,143 @@ def peak_tflops(name: str, override: float) -> float:
     return math.nan
 
 
+# -- --profile: where a whole step's time goes ------------------------------------------------------
+
+TOP_KERNELS, TOP_CPU_OPS, NAME_CHARS = 15, 10, 80
+
+
+def profile_whole_step(step: Step, batches, rand: SampleRandom, unprofiled_s: float) -> dict:
+    """One more whole step under torch.profiler. On a GPU: its wall time against the time the GPU was busy
+    (the union of its kernels' and copies' intervals: streams may overlap, so the plain sum of kernel times
+    is kept beside it), hence the GPU-idle share; the top kernels by total time and the top CPU ops by self
+    time. The profiler's own bookkeeping lengthens the CPU side, so the idle share is also given against
+    the unprofiled whole step (`unprofiled_s`, the kernels being the same). On a CPU only the wall time and
+    the CPU ops (no device timeline)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda() else [])
+    with profile(activities=activities) as prof:
+        wall_s = step.whole_once(batches, rand)
+    averages = prof.key_averages()
+    result = {"wall_s": wall_s, "cpu_ops": top_cpu_ops(averages)}
+    if is_cuda():
+        device_events = [e for e in prof.events() if is_device_work(e)]
+        busy_s = union_seconds([(e.time_range.start, e.time_range.end) for e in device_events])
+        result.update({
+            "gpu_busy_s": busy_s,
+            "gpu_kernel_sum_s": sum(e.time_range.elapsed_us() for e in device_events) / 1e6,
+            "gpu_idle_share": max(0.0, 1 - busy_s / wall_s),
+            "gpu_idle_share_unprofiled": max(0.0, 1 - busy_s / unprofiled_s),
+            "device_events": len(device_events),
+            "cuda_kernels": top_cuda_kernels(averages),
+        })
+    return result
+
+
+def union_seconds(intervals_us: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one interval (microseconds in)."""
+    covered, reach = 0.0, -math.inf
+    for start, end in sorted(intervals_us):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered / 1e6
+
+
+def is_device_work(event) -> bool:
+    """A kernel, copy or memset on the GPU; not a user annotation's device-side span (an optimizer step's
+    record_function range, gaps included), which torch's own tables also leave out of device time."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
+def top_cuda_kernels(averages) -> list[dict]:
+    kernels = [a for a in averages if is_device_work(a)]
+    kernels.sort(key=lambda a: a.self_device_time_total, reverse=True)
+    return [{"name": a.key[:NAME_CHARS], "total_ms": a.self_device_time_total / 1e3, "calls": a.count}
+            for a in kernels[:TOP_KERNELS]]
+
+
+def top_cpu_ops(averages) -> list[dict]:
+    ops = [a for a in averages if a.device_type == torch.autograd.DeviceType.CPU]
+    ops.sort(key=lambda a: a.self_cpu_time_total, reverse=True)
+    return [{"name": a.key[:NAME_CHARS], "self_ms": a.self_cpu_time_total / 1e3, "calls": a.count}
+            for a in ops[:TOP_CPU_OPS]]
+
+
+def timed_forwards(unet, x, t, cond, repeats: int) -> float:
+    """Median seconds of `repeats` synchronised forwards."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        unet_forward(unet, x, t, cond)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def unet_forward_tflops(step: Step, batch: int, peak_override: float, repeats: int = 3) -> dict:
+    """The frozen teacher's bare forward (no grad, bf16) at the micro-batch, after one warm-up, in TFLOP/s by
+    the FLOP counter: as is, then with weights and input in channels_last (convolutions often run faster
+    so on GPUs). The teacher is put back in the default format afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet, device_name = step.teacher, torch.cuda.get_device_name() if is_cuda() else "cpu"
+    x, t, cond = unet_inputs(step.preset, batch, step.dev)
+    peak = peak_tflops(device_name, peak_override)
+    result = {"batch": batch, "repeats": repeats}
+    with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:  # the count's forward is also the warm-up of the default format
+            unet_forward(unet, x, t, cond)
+        result["forward_flops"] = flops = float(counter.get_total_flops())
+        formats = {"contiguous": (torch.contiguous_format, False), "channels_last": (torch.channels_last, True)}
+        try:
+            for name, (memory_format, warm_up) in formats.items():
+                unet.to(memory_format=memory_format)
+                x_in = x.contiguous(memory_format=memory_format)
+                if warm_up:  # a new layout: other kernels (and cuDNN's autotuner) to warm
+                    unet_forward(unet, x_in, t, cond)
+                seconds = timed_forwards(unet, x_in, t, cond, repeats)
+                tflops = flops / seconds / 1e12
+                result[name] = {"seconds": seconds, "tflops": tflops,
+                                "of_peak": None if math.isnan(tflops / peak) else tflops / peak}
+        finally:
+            unet.to(memory_format=torch.contiguous_format)
+    return result
+
+
 # -- running -------------------------------------------------------------------------------------
 
 
 def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iters: int, warmup: int,
                offload: bool, student_steps: int, cfg_scale: float, workers: int, loop: bool,
-               compile_student: bool, peak_override: float) -> dict:
+               compile_student: bool, peak_override: float, profile: bool = False,
+               cudnn_benchmark: bool = True) -> dict:
     from trainer.data.loader import make_loader
+
+    torch.backends.cudnn.benchmark = cudnn_benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_shards(preset, micro_batch * 8, Path(tmp) / "shards")
+        start = time.perf_counter()
         step = Step(preset, mode, objective, micro_batch, offload, student_steps, cfg_scale, compile_student)
+        progress(f"networks and engines built: {time.perf_counter() - start:.1f} s")
         loader = make_loader(shards, micro_batch, seed=0, num_workers=workers)
         batches = _forever(loader)
         rand = SampleRandom(0, range(micro_batch))
         if is_cuda():
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(warmup):
+        for i in range(warmup):
+            start = time.perf_counter()
             step.parts_once(batches, rand)
+            progress(f"warm-up step {i + 1}/{warmup}: {time.perf_counter() - start:.2f} s")
         # Interleaved, so that drift on a noisy machine hits both measurements alike.
         parts, wholes = [], []
-        for _ in range(iters):
+        for i in range(iters):
             parts.append(step.parts_once(batches, rand))
             wholes.append(step.whole_once(batches, rand))
+            progress(f"step {i + 1}/{iters}: parts {sum(parts[-1].values()):.2f} s, whole {wholes[-1]:.2f} s")
         median = {name: statistics.median(p[name] for p in parts) for name in step.part_names}
         whole = statistics.median(wholes)
         result = {
@@ -288,7 +415,7 @@ def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iter
             "world_size": 1, "offload": offload, "student_steps": student_steps, "cfg_scale": step.cfg_scale,
             "device": torch.cuda.get_device_name() if is_cuda() else "cpu",
             "torch_threads": torch.get_num_threads(), "attention": step.attention,
-            "trainable_params": step.trainable, "iters": iters,
+            "trainable_params": step.trainable, "iters": iters, "cudnn_benchmark": cudnn_benchmark,
             "parts_s": median, "sum_parts_s": sum(median.values()), "whole_s": whole,
             "whole_over_parts": whole / sum(median.values()),
             "samples_per_s": micro_batch / whole,
@@ -300,16 +427,43 @@ def run_preset(preset: Preset, mode: str, objective: str, micro_batch: int, iter
         if loop:
             result["loop_s"] = loop_step_seconds(step, shards, iters, workers)
             result["loop_over_parts"] = result["loop_s"] / result["sum_parts_s"]
-        if is_cuda():
+        if is_cuda():  # before --profile, whose channels_last copies of the teacher are no part of the step
             result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            flops = student_flops(preset, micro_batch, mode, "cuda")
-            # the student's forward, and its backward inside the G step (which also runs D's forward on the
-            # fake and the optimizer step: the TFLOP/s and MFU below are lower bounds)
-            fwd_bwd_s = median["student forward"] + median["G step" if objective == "adv" else "student step"]
-            result.update(flops)
-            result["student_tflops"] = flops["student_fwd_bwd_flops"] / fwd_bwd_s / 1e12
-            result["mfu"] = result["student_tflops"] / peak_tflops(result["device"], peak_override)
+        if profile:
+            result["profile"] = error_instead("profile", lambda: profile_whole_step(step, batches, rand, whole))
+            repeats = 3 if is_cuda() else 1  # a CPU's bf16 forward is slow, and its rate no question here
+            result["unet_forward_tflops"] = error_instead(
+                "unet_forward_tflops", lambda: unet_forward_tflops(step, micro_batch, peak_override, repeats))
+        if is_cuda():
+            result.update(gpu_rates(preset, micro_batch, mode, objective, median, result["device"], peak_override))
         return result
+
+
+def gpu_rates(preset: Preset, micro_batch: int, mode: str, objective: str, median: dict, device_name: str,
+              peak_override: float) -> dict:
+    """The student's model FLOPs and the TFLOP/s and MFU they imply."""
+    flops = student_flops(preset, micro_batch, mode, "cuda")
+    # the student's forward, and its backward inside the G step (which also runs D's forward on the
+    # fake and the optimizer step: the TFLOP/s and MFU below are lower bounds)
+    fwd_bwd_s = median["student forward"] + median["G step" if objective == "adv" else "student step"]
+    tflops = flops["student_fwd_bwd_flops"] / fwd_bwd_s / 1e12
+    return {**flops, "student_tflops": tflops, "mfu": tflops / peak_tflops(device_name, peak_override)}
+
+
+def progress(message: str) -> None:
+    """A line as the run goes ("-- " lines, outside the tables): a run cut by a time limit shows how far it got."""
+    print(f"-- {message}", flush=True)
+
+
+def error_instead(name: str, measure) -> dict:
+    """--profile's extras must not cost the step's own numbers: an error is recorded in their place."""
+    start = time.perf_counter()
+    try:
+        result = measure()
+    except Exception as error:  # noqa: BLE001 (whatever it is, the step's numbers are kept)
+        result = {"error": f"{type(error).__name__}: {error}"[:500]}
+    progress(f"{name}: {time.perf_counter() - start:.1f} s")
+    return result
 
 
 def _forever(loader):
@@ -365,6 +519,35 @@ def print_result(r: dict) -> None:
     if "mfu" in r:
         print(f"  student fwd+bwd {r['student_fwd_bwd_flops'] / 1e12:.1f} TFLOP: {r['student_tflops']:.0f} TFLOP/s, "
               f"MFU {r['mfu']:.1%} (target >= 40%); peak memory {r['peak_gib']:.1f} GiB")
+    for key, show in (("profile", print_profile), ("unet_forward_tflops", print_unet_forward)):
+        if key in r and "error" in r[key]:
+            print(f"  {key}: FAILED ({r[key]['error']})")
+        elif key in r:
+            show(r[key])
+
+
+def print_profile(prof: dict) -> None:
+    line = f"  profiled whole step (torch.profiler): wall {prof['wall_s'] * 1e3:.1f} ms"
+    if "gpu_busy_s" in prof:
+        line += (f", GPU busy {prof['gpu_busy_s'] * 1e3:.1f} ms (kernels summed {prof['gpu_kernel_sum_s'] * 1e3:.1f} ms,"
+                 f" {prof['device_events']:,} device events): GPU idle {prof['gpu_idle_share']:.1%} of the step,"
+                 f" {prof['gpu_idle_share_unprofiled']:.1%} of the unprofiled one")
+    print(line)
+    if prof.get("cuda_kernels"):
+        print(f"    {'top CUDA kernels by total time':<{NAME_CHARS}} {'ms':>9} {'calls':>7}")
+        for k in prof["cuda_kernels"]:
+            print(f"    {k['name']:<{NAME_CHARS}} {k['total_ms']:9.1f} {k['calls']:7d}")
+    print(f"    {'top CPU ops by self time':<{NAME_CHARS}} {'ms':>9} {'calls':>7}")
+    for op in prof["cpu_ops"]:
+        print(f"    {op['name']:<{NAME_CHARS}} {op['self_ms']:9.1f} {op['calls']:7d}")
+
+
+def print_unet_forward(u: dict) -> None:
+    for name in ("contiguous", "channels_last"):
+        row = u[name]
+        of_peak = f" = {row['of_peak']:.1%} of peak" if row["of_peak"] is not None else ""
+        print(f"  bare teacher forward, no grad, bf16, batch {u['batch']}, {name:<13} {row['seconds'] * 1e3:8.1f} ms: "
+              f"{u['forward_flops'] / 1e12:.3g} TFLOP at {row['tflops']:.3g} TFLOP/s{of_peak}")
 
 
 def main(argv=None) -> int:
@@ -384,6 +567,11 @@ def main(argv=None) -> int:
     parser.add_argument("--loop", action="store_true", help="also time trainer.runtime.loop.train in steady state")
     parser.add_argument("--meta", action="store_true", help="FLOPs on the meta device only (no GPU needed)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, for MFU")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more whole step under torch.profiler (GPU idle share, top kernels and CPU ops) "
+                             "and the bare teacher forward's TFLOP/s, as is and channels_last")
+    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                        help="cuDNN's autotuner, on as in the trainer (run.deterministic: false)")
     parser.add_argument("--json", type=Path, help="append the results to this JSON list")
     args = parser.parse_args(argv)
 
@@ -406,7 +594,8 @@ def main(argv=None) -> int:
         for mode in modes:
             micro = args.micro_batch or {"tiny": 16, "sdxl": 4 if mode == "lora" else 1}[args.preset]
             result = run_preset(preset, mode, args.objective, micro, args.iters, args.warmup, args.offload,
-                                args.student_steps, args.cfg, args.workers, args.loop, args.compile, args.peak_tflops)
+                                args.student_steps, args.cfg, args.workers, args.loop, args.compile, args.peak_tflops,
+                                args.profile, args.cudnn_benchmark)
             print_result(result)
             rows.append(result)
     if args.json:

@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# The GPU check, one command on a lent GPU machine (one H100/H200, 8 minutes for everything, no network):
+# The GPU check, one command on a lent GPU machine (one H100/H200, no network; the lease: 15 minutes of device
+# time per session, start-up (~40 s) and every later call included):
 #   (a) bench/gpu/tiny_sdxl_check.py: configs/sdxl.yaml on a tiny random SDXL through `python -m trainer.run`
 #       (NCCL, one rank): checkpoints, a SIGUSR2 preemption and resume, a preempted and resumed EMA phase,
 #       the five exports; the trainer's "GPU memory at phase start" lines
 #   (b) bench/rank0.py --preset sdxl: rank 0's solo work at SDXL size (grid decode on the GPU and on one CPU
 #       thread, UNet load, export) against run.main_work_timeout_s / run.collective_timeout_s; it runs in the
 #       background, beside (a) and (c), on one CPU thread (so its times are upper bounds)
-#   (c) bench/step.py --preset sdxl: LoRA micro-batch 4; full micro-batch 1 with and without optimizer
-#       offload (the memory model says micro-batch 1 fits without it, up to 3); the MSE stage; MFU and peak
-#       memory; then bench/memory.py --compare (model vs measured peaks)
+#   (c) bench/step.py --preset sdxl, most telling first: LoRA micro-batch 4 with --profile (GPU-idle share of the
+#       step, top kernels and CPU ops, the bare teacher forward's TFLOP/s as is and channels_last); the MSE
+#       stage; full micro-batch 1 (the memory model: fits up to 3); last, full micro-batch 1 with optimizer
+#       offload (torch's Adam on the CPU over 3.9 B fp32 parameters: slow, and least telling), one timed step;
+#       MFU and peak memory; then bench/memory.py --compare (model vs measured peaks)
 # and one summary at the end: stdout, $OUT/summary.md, $OUT/summary.json.
 #   here:  bash bench/gpu/fetch_wheels.sh            (once; fills .whl/)
 #   there: bash bench/gpu/run.sh                     (through the device tool, carry [".whl"]; results in $OUT)
 #   smoke test on a CPU: PRESET=tiny OUT=/tmp/gpu_check bash bench/gpu/run.sh   (times: bench/README.md)
-# Time: every part runs under `timeout`, within BUDGET_S (default 450 s: the machine's 8 minutes less start-up
-# and the summary); a (c) run that no longer fits is skipped and reported. Exit: 0 every part OK; 1 a part
-# FAILED; 2 nothing failed but a part is INCOMPLETE (cut by the time budget).
+# Time: every part runs under `timeout`, within BUDGET_S (default 540 s: the 15-minute lease less start-up, the
+# summary and the transfers, and ~5 minutes kept for a second, shorter call); (a) gets A_LIMIT_S (330 s: on
+# 2026-11-28 its third run needed more than the ~50 s that 240 left it); a (c) run that no longer fits is
+# skipped and reported. Measured times: bench/results/gpu_check_2026-11-28.md. Exit: 0 every part OK; 1 a
+# part FAILED; 2 nothing failed but a part is INCOMPLETE (cut by the time budget).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 T0=$SECONDS
 OUT=${OUT:-/tmp/gpu_check}
 PRESET=${PRESET:-sdxl}
 if [[ "$PRESET" == tiny ]]; then BUDGET_S=${BUDGET_S:-1800} A_LIMIT_S=${A_LIMIT_S:-600}
-else BUDGET_S=${BUDGET_S:-450} A_LIMIT_S=${A_LIMIT_S:-240}; fi
+else BUDGET_S=${BUDGET_S:-540} A_LIMIT_S=${A_LIMIT_S:-330}; fi
 ITERS=${ITERS:-3}
 WARMUP=${WARMUP:-1}
 RANK0_SCRATCH=${RANK0_SCRATCH:-/tmp/rank0_scratch}
@@ -84,7 +89,7 @@ step() {
     rc=$?
     grep -v -i "warn" "$log" | grep -E "^(==|  )" | tee -a "$OUT/log.txt"
     if (( rc == 0 )); then status=ok
-    elif (( rc == 124 || rc == 137 )); then status=timeout
+    elif (( rc == 124 || rc == 137 )); then status=timeout; grep -E "^-- " "$log" | tail -3  # how far it got
     elif grep -q -E "OutOfMemoryError|CUDA out of memory" "$log"; then status=oom
     else status=failed; grep -v -i "warn" "$log" | tail -15
     fi
@@ -92,11 +97,11 @@ step() {
     printf '{"name": "%s", "args": "%s", "status": "%s", "rc": %d, "seconds": %d}\n' \
         "$name" "$*" "$status" "$rc" "$(( SECONDS - start ))" >> "$OUT/c_runs.jsonl"
 }
-# most telling first: what is cut when time runs short is the run the offload one already bounds
-step lora_mb4         150 60 --mode lora --micro-batch 4
-step full_mb1_offload 180 90 --mode full --micro-batch 1 --offload
+# most telling first; the offload run last: on 2026-11-28 it did not finish in 152 s (torch's Adam on the CPU)
+step lora_mb4         200 90 --mode lora --micro-batch 4 --profile
 step mse_lora_mb4     120 60 --mode lora --micro-batch 4 --objective mse --student-steps 32
-step full_mb1         90  45 --mode full --micro-batch 1          # the memory model: fits an 80 GB card (up to mb 3)
+step full_mb1         100 60 --mode full --micro-batch 1          # the memory model: fits an 80 GB card (up to mb 3)
+step full_mb1_offload 240 90 --mode full --micro-batch 1 --offload --iters 1   # (the last --iters wins)
 M_START=$SECONDS
 M_RC=skipped
 if (( $(left) > 20 )) && [[ -f "$OUT/step.json" ]]; then
@@ -199,7 +204,47 @@ def row_for(run):
     return None
 
 
-c_lines, c_bad, c_cut = [], 0, 0
+def last_progress(run):
+    """bench/step.py's last "-- " line: how far a run got before its time limit."""
+    try:
+        lines = [l[3:] for l in (out / "c_logs" / f"{run['name']}.log").read_text().splitlines() if l.startswith("-- ")]
+    except OSError:
+        return ""
+    return f" (last: {lines[-1]})" if lines else " (no progress line: cut while building)"
+
+
+def profile_tables(name, r):
+    """--profile's tables: where the whole step's time went, and the bare teacher forward's rate."""
+    prof, fwd, md_rows = r.get("profile"), r.get("unet_forward_tflops"), []
+    if not prof and not fwd:
+        return []
+    md_rows += ["", f"### {name}: --profile"]
+    if prof and "error" in prof:
+        md_rows.append(f"- profile FAILED: {prof['error']}")
+    elif prof:
+        line = f"- one more whole step under torch.profiler: wall {prof['wall_s'] * 1e3:.0f} ms (unprofiled median {r['whole_s'] * 1e3:.0f} ms)"
+        if "gpu_busy_s" in prof:
+            line += (f"; GPU busy {prof['gpu_busy_s'] * 1e3:.0f} ms (kernels summed {prof['gpu_kernel_sum_s'] * 1e3:.0f} ms, "
+                     f"{prof['device_events']:,} device events): **GPU idle {prof['gpu_idle_share']:.0%}** of the profiled "
+                     f"step, {prof['gpu_idle_share_unprofiled']:.0%} of the unprofiled one")
+        md_rows.append(line)
+        if prof.get("cuda_kernels"):
+            md_rows += ["", "| top CUDA kernels by total time | ms | calls |", "|---|---|---|"]
+            md_rows += [f"| `{k['name']}` | {k['total_ms']:.1f} | {k['calls']} |" for k in prof["cuda_kernels"]]
+        md_rows += ["", "| top CPU ops by self time | ms | calls |", "|---|---|---|"]
+        md_rows += [f"| `{o['name']}` | {o['self_ms']:.1f} | {o['calls']} |" for o in prof["cpu_ops"]]
+    if fwd and "error" in fwd:
+        md_rows += ["", f"- bare teacher forward FAILED: {fwd['error']}"]
+    elif fwd:
+        md_rows += ["", f"- bare teacher forward, no grad, bf16, batch {fwd['batch']} ({fwd['forward_flops'] / 1e12:.3g} TFLOP, "
+                        f"median of {fwd['repeats']}): " + "; ".join(
+                            f"{f} {fwd[f]['seconds'] * 1e3:.1f} ms = {fwd[f]['tflops']:.3g} TFLOP/s"
+                            + (f" ({fwd[f]['of_peak']:.1%} of peak)" if fwd[f]["of_peak"] is not None else "")
+                            for f in ("contiguous", "channels_last"))]
+    return md_rows
+
+
+c_lines, c_bad, c_cut, c_profiles = [], 0, 0, []
 for run in runs:
     r = row_for(run) if run["status"] == "ok" else None
     if run["status"] == "ok" and r is not None:
@@ -208,12 +253,14 @@ for run in runs:
         if "mfu" in r:
             text += f", student {r['student_tflops']:.0f} TFLOP/s = MFU {r['mfu']:.1%}, peak {r['peak_gib']:.1f} GiB"
         run["result"] = {k: r.get(k) for k in ("whole_s", "samples_per_s", "whole_over_parts", "student_tflops", "mfu",
-                                                 "peak_gib", "parts_s")}
+                                                 "peak_gib", "parts_s", "cudnn_benchmark", "profile",
+                                                 "unet_forward_tflops") if k in r}
+        c_profiles += profile_tables(run["name"], r)
     elif run["status"] == "oom":
         text = "out of memory (the memory model said it fits: compare the peaks)"
         c_bad += 1
     elif run["status"] in ("skipped", "timeout"):
-        text = "skipped: time budget" if run["status"] == "skipped" else "cut by its time limit"
+        text = "skipped: time budget" if run["status"] == "skipped" else "cut by its time limit" + last_progress(run)
         c_cut += 1
     else:
         text = f"FAILED (exit {run['rc']}; log c_logs/{run['name']}.log)"
@@ -227,6 +274,9 @@ if m_rc == "0":
 elif m_rc == "skipped":
     c_lines.append("- memory.py --compare: skipped (time budget, or no step.json)")
     c_cut += 1
+elif m_rc in ("124", "137"):  # its `timeout`: the budget's last seconds, not a failure of the model
+    c_lines.append(f"- memory.py --compare: cut by its time limit ({env['M_S']} s; memory_compare.md)")
+    c_cut += 1
 else:
     c_lines.append(f"- memory.py --compare: FAILED (exit {m_rc}; memory_compare.md)")
     c_bad += 1
@@ -235,7 +285,7 @@ summary["parts"]["c"] = {"status": c_status, "seconds": int(env["C_S"]), "runs":
                          "memory_compare": memory.get("compare", []), "memory_rc": m_rc}
 md.append("")
 md.append(f"## (c) {env['PRESET']}-preset steps (bench/step.py), memory model vs peaks: {c_status} ({env['C_S']} s)")
-md += c_lines
+md += c_lines + c_profiles
 
 statuses = {k: v["status"] for k, v in summary["parts"].items()}
 summary["ok"] = all(s == "OK" for s in statuses.values())

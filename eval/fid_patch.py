@@ -26,11 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from eval.features import make_backend  # noqa: E402
-from eval.pixel_scores import failure_signatures  # noqa: E402
+from eval.pixel_scores import failure_signatures, score_images  # noqa: E402
 from eval.plot import labelled_grid, metrics_vs_steps  # noqa: E402
 from eval.reference import REFERENCE_SEED, ReferenceSet  # noqa: E402
 from eval.report import markdown_table, update_model_card, write_results  # noqa: E402
@@ -92,11 +93,14 @@ def _loras(args) -> list:
 
 def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int, keep_features: bool = False):
     scores = SetScores(backend, keep_features=keep_features)
-    grid = []
+    grid, grain = [], []
     for images, captions in tqdm(reference.batches(batch_size), total=-(-reference.count // batch_size),
                                  desc="reference", unit="batch"):
         scores.add(images, captions if all(c is not None for c in captions) else None)
         grid.extend(images[:max(0, grid_count - len(grid))])
+        if reference.source == "shapes":
+            grain.append(score_images(np.asarray(images), list(captions))["background_grain"] * len(images))
+    scores.background_grain = sum(grain) / reference.count if grain else None
     return scores, grid
 
 
@@ -117,7 +121,8 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
     ref_scores, ref_grid = score_reference(reference, backend, args.batch_size, args.grid_count, keep)
     meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,
             "reference": args.reference, "count": args.count, "seed": args.seed,
-            "reference_alignment": ref_scores.alignment().get("alignment")}
+            "reference_alignment": ref_scores.alignment().get("alignment"),
+            "reference_background_grain": ref_scores.background_grain}
     if args.reference == "shapes":  # the floor: other real images of the same prompts, scored like a model
         floor_scores, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0, keep)
         floor = floor_scores.compare(ref_scores, args.bootstrap)
@@ -137,6 +142,7 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
         for steps in step_counts:
             scores, grid, seconds = SetScores(backend, keep_features=keep), [], 0.0
             failures = {"second_copy": 0, "hollow_fill": 0}
+            grain_sum = 0.0  # background grain (pixel std of the flat background), summed over batches
             bar = tqdm(range(0, args.count, args.batch_size), desc=f"{label} {steps} steps", unit="batch")
             for start in bar:
                 idx = list(range(start, min(start + args.batch_size, args.count)))
@@ -147,13 +153,15 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
                 if args.reference == "shapes":  # the one-step failure signatures, by a pixel rule
                     for key, found in failure_signatures(images, [prompts[i] for i in idx]).items():
                         failures[key] += int(found.sum())
+                    grain_sum += score_images(images, [prompts[i] for i in idx])["background_grain"] * len(idx)
                 grid.extend(images[:max(0, args.grid_count - len(grid))])
             row = {"label": label, "model": str(model_dir), "lora": str(lora) if lora else None, "steps": steps,
                    "guidance": guidance, "prediction_type": sampler.prediction_type,
                    "stage": sampler.manifest.get("stage"), "variant": sampler.manifest.get("variant"),
                    **scores.compare(ref_scores, args.bootstrap), "sec_per_image": seconds / args.count, "count": args.count,
                    "backend": backend.name,
-                   **({f"{k}_rate": v / args.count for k, v in failures.items()} if args.reference == "shapes" else {})}
+                   **({f"{k}_rate": v / args.count for k, v in failures.items()} if args.reference == "shapes" else {}),
+                   **({"background_grain": grain_sum / args.count} if args.reference == "shapes" else {})}
             rows.append(row)
             model_rows.append(row)
             grid_rows.append((f"{label} {steps} st", grid))

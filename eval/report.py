@@ -23,7 +23,9 @@ def _with_interval(row: dict, key: str) -> str:
     return _cell(row.get(key)) + (f" [{_cell(float(ci[0]))}, {_cell(float(ci[1]))}]" if ci else "")
 
 
-FAILURE_COLUMNS = [("second_copy_rate", "second copy"), ("hollow_fill_rate", "hollow fill")]
+# the shapes reference only: pixel rules (eval/pixel_scores.py)
+FAILURE_COLUMNS = [("second_copy_rate", "second copy"), ("hollow_fill_rate", "hollow fill"),
+                   ("background_grain", "background std /255")]
 
 
 def markdown_table(rows: list[dict], alignment_name: str = "alignment") -> str:
@@ -49,6 +51,9 @@ def write_results(out: Path, meta: dict, rows: list[dict], alignment_name: str) 
     if any(f"{k}_ci" in r for r in rows for k in ("fid_whole", "fid_patch", "alignment")):
         md.append("Brackets: 95% bootstrap intervals (images resampled with their prompts; `--bootstrap` resamples). Two rows "
                   "differ decidedly only where their intervals do not overlap.")
+    if meta.get("reference_background_grain") is not None:
+        md.append(f"Background std of the reference images themselves (anti-aliased edges count): "
+                  f"{_cell(meta['reference_background_grain'])}/255.")
     if meta.get("reference_alignment") is not None:
         md.append(f"Alignment of the reference images themselves: {_cell(meta['reference_alignment'])}.")
     md.append(f"\nCommand: `{meta['command']}`\n")

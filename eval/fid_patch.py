@@ -51,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "for a model without). A LoRA export's steps, guidance and scheduler are used, and "
                         "--update-model-card writes into its card")
     p.add_argument("--label", action="append", default=[], help="row name per --model (default: the folder's name)")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="an export folder whose own samples (its steps and guidance, the rows' prompts and noise) "
+                        "are a second reference: every row also gets FID-Whole and FID-Patch against them "
+                        "(how faithfully a student reproduces its teacher, beside how close it is to the data)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="the --teacher's steps (default: its export's)")
+    p.add_argument("--teacher-guidance", type=float, default=None, help="the --teacher's CFG (default: its export's)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default: each export's own)")
     p.add_argument("--guidance", type=float, action="append", default=[],
                    help="CFG scale, once for every --model or once per --model (default: the export's; 1 = none)")
@@ -104,6 +110,44 @@ def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_coun
     return scores, grid
 
 
+def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args: argparse.Namespace, backend,
+                  keep: bool, desc: str):
+    """Scores of `sampler`'s images of `prompts` (image i from the noise of (args.seed, i)); also the
+    images' failure counts and background grain where the reference is the shapes set."""
+    scores, grid, seconds = SetScores(backend, keep_features=keep), [], 0.0
+    failures = {"second_copy": 0, "hollow_fill": 0}
+    grain_sum = 0.0  # background grain (pixel std of the flat background), summed over batches
+    for start in tqdm(range(0, args.count, args.batch_size), desc=desc, unit="batch"):
+        idx = list(range(start, min(start + args.batch_size, args.count)))
+        t0 = time.perf_counter()
+        images = sampler.sample([prompts[i] for i in idx], idx, steps, guidance, args.seed)
+        seconds += time.perf_counter() - t0
+        scores.add(images, [prompts[i] for i in idx])
+        if args.reference == "shapes":  # the one-step failure signatures, by a pixel rule
+            for key, found in failure_signatures(images, [prompts[i] for i in idx]).items():
+                failures[key] += int(found.sum())
+            grain_sum += score_images(images, [prompts[i] for i in idx])["background_grain"] * len(idx)
+        grid.extend(images[:max(0, args.grid_count - len(grid))])
+    extra = {"sec_per_image": seconds / args.count}
+    if args.reference == "shapes":
+        extra.update({f"{k}_rate": v / args.count for k, v in failures.items()})
+        extra["background_grain"] = grain_sum / args.count
+    return scores, grid, extra
+
+
+def teacher_reference(args: argparse.Namespace, prompts: list[str], backend, keep: bool) -> SetScores:
+    from eval.generate import ExportSampler
+
+    sampler = ExportSampler(args.teacher, None, args.device, DTYPES[args.dtype])
+    steps = args.teacher_steps or sampler.default_steps
+    if steps is None:
+        raise SystemExit(f"--teacher {args.teacher} has no export.json saying its steps: pass --teacher-steps")
+    guidance = args.teacher_guidance if args.teacher_guidance is not None else sampler.default_guidance
+    scores, _, _ = sample_scores(sampler, prompts, steps, guidance, args, backend, keep, desc=f"teacher {steps} steps")
+    scores.description = {"model": str(args.teacher), "steps": steps, "guidance": guidance}
+    return scores
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python eval/fid_patch.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -130,6 +174,10 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
 
     rows, grid_rows = [], [("reference", ref_grid)]
     prompts = reference.prompts
+    teacher_scores = None
+    if args.teacher is not None:  # the second reference: the teacher's samples of the same prompts and noise
+        teacher_scores = teacher_reference(args, prompts, backend, keep)
+        meta["teacher_reference"] = teacher_scores.description
     for m, (model_dir, lora) in enumerate(zip(args.model, _loras(args))):
         sampler = ExportSampler(model_dir, lora, args.device, DTYPES[args.dtype])
         label = args.label[m] if args.label else model_dir.name + ("+lora" if lora else "")
@@ -140,28 +188,18 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
         guidance = given if given is not None else sampler.default_guidance
         model_rows = []
         for steps in step_counts:
-            scores, grid, seconds = SetScores(backend, keep_features=keep), [], 0.0
-            failures = {"second_copy": 0, "hollow_fill": 0}
-            grain_sum = 0.0  # background grain (pixel std of the flat background), summed over batches
-            bar = tqdm(range(0, args.count, args.batch_size), desc=f"{label} {steps} steps", unit="batch")
-            for start in bar:
-                idx = list(range(start, min(start + args.batch_size, args.count)))
-                t0 = time.perf_counter()
-                images = sampler.sample([prompts[i] for i in idx], idx, steps, guidance, args.seed)
-                seconds += time.perf_counter() - t0
-                scores.add(images, [prompts[i] for i in idx])
-                if args.reference == "shapes":  # the one-step failure signatures, by a pixel rule
-                    for key, found in failure_signatures(images, [prompts[i] for i in idx]).items():
-                        failures[key] += int(found.sum())
-                    grain_sum += score_images(images, [prompts[i] for i in idx])["background_grain"] * len(idx)
-                grid.extend(images[:max(0, args.grid_count - len(grid))])
+            scores, grid, extra = sample_scores(sampler, prompts, steps, guidance, args, backend, keep,
+                                                desc=f"{label} {steps} steps")
             row = {"label": label, "model": str(model_dir), "lora": str(lora) if lora else None, "steps": steps,
                    "guidance": guidance, "prediction_type": sampler.prediction_type,
                    "stage": sampler.manifest.get("stage"), "variant": sampler.manifest.get("variant"),
-                   **scores.compare(ref_scores, args.bootstrap), "sec_per_image": seconds / args.count, "count": args.count,
-                   "backend": backend.name,
-                   **({f"{k}_rate": v / args.count for k, v in failures.items()} if args.reference == "shapes" else {}),
-                   **({"background_grain": grain_sum / args.count} if args.reference == "shapes" else {})}
+                   **scores.compare(ref_scores, args.bootstrap), "count": args.count, "backend": backend.name, **extra}
+            if teacher_scores is not None:
+                versus = scores.compare(teacher_scores, args.bootstrap)
+                for key in ("fid_whole", "fid_patch"):  # `<key>_vs_teacher` and its interval `<key>_vs_teacher_ci`
+                    row[f"{key}_vs_teacher"] = versus[key]
+                    if f"{key}_ci" in versus:
+                        row[f"{key}_vs_teacher_ci"] = versus[f"{key}_ci"]
             rows.append(row)
             model_rows.append(row)
             grid_rows.append((f"{label} {steps} st", grid))

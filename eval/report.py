@@ -28,8 +28,13 @@ FAILURE_COLUMNS = [("second_copy_rate", "second copy"), ("hollow_fill_rate", "ho
                    ("background_grain", "background std /255")]
 
 
+# with eval/fid_patch.py --teacher: the same FIDs against the teacher's own samples
+TEACHER_COLUMNS = [("fid_whole_vs_teacher", "FID-Whole vs teacher"), ("fid_patch_vs_teacher", "FID-Patch vs teacher")]
+
+
 def markdown_table(rows: list[dict], alignment_name: str = "alignment") -> str:
-    columns = COLUMNS + [c for c in FAILURE_COLUMNS if any(c[0] in row for row in rows)]
+    present = lambda cols: [c for c in cols if any(c[0] in row for row in rows)]
+    columns = COLUMNS[:5] + present(TEACHER_COLUMNS) + COLUMNS[5:] + present(FAILURE_COLUMNS)
     header = [name if key != "alignment" else f"alignment ({alignment_name})" for key, name in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -51,6 +56,10 @@ def write_results(out: Path, meta: dict, rows: list[dict], alignment_name: str) 
     if any(f"{k}_ci" in r for r in rows for k in ("fid_whole", "fid_patch", "alignment")):
         md.append("Brackets: 95% bootstrap intervals (images resampled with their prompts; `--bootstrap` resamples). Two rows "
                   "differ decidedly only where their intervals do not overlap.")
+    if meta.get("teacher_reference"):
+        t = meta["teacher_reference"]
+        md.append(f"\"vs teacher\": against {t['model']}'s own samples of the same prompts and noise ({t['steps']} steps, "
+                  f"guidance {t['guidance']}): how faithfully a row reproduces that teacher, beside how close it is to the data.")
     if meta.get("reference_background_grain") is not None:
         md.append(f"Background std of the reference images themselves (anti-aliased edges count): "
                   f"{_cell(meta['reference_background_grain'])}/255.")

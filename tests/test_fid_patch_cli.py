@@ -115,6 +115,27 @@ def test_shapes_backend_end_to_end(toy, tmp_path):
     assert events[0].value == pytest.approx(rows[0]["fid_whole"], rel=1e-5)
 
 
+def test_fid_against_the_teachers_own_samples_and_background_grain(toy, tmp_path):
+    out = tmp_path / "eval"
+    assert fid_patch.main(["--model", str(toy["teacher"]), "--model", str(toy["lora_export"]), "--label", "teacher",
+                           "--label", "student", "--guidance", "3", "--guidance", "1", "--steps", "2",
+                           "--teacher", str(toy["teacher"]), "--teacher-steps", "2", "--teacher-guidance", "3",
+                           "--reference", "shapes", "--count", "10", "--batch-size", "5", "--bootstrap", "20",
+                           "--out", str(out), "--no-tensorboard"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    teacher, student = results["rows"]
+    assert results["teacher_reference"] == {"model": str(toy["teacher"]), "steps": 2, "guidance": 3.0}
+    # the teacher's row is the teacher reference itself (same prompts, same noise): FID 0; the student is not
+    assert teacher["fid_whole_vs_teacher"] == pytest.approx(0, abs=1e-3)
+    assert student["fid_whole_vs_teacher"] > 1 and len(student["fid_whole_vs_teacher_ci"]) == 2
+    assert student["fid_whole_vs_teacher"] != pytest.approx(student["fid_whole"])
+    # background grain: a random UNet's backgrounds are far from the real images' flat ones
+    assert student["background_grain"] > 2 * results["reference_background_grain"] >= 0
+    md = (out / "results.md").read_text()
+    assert "| FID-Whole vs teacher | FID-Patch vs teacher |" in md and "background std /255" in md
+    assert "own samples of the same prompts and noise (2 steps, guidance 3.0)" in md
+
+
 def test_inception_backend_end_to_end_on_an_sdxl_folder(tmp_path):
     model = make_tiny_sdxl_folder(tmp_path / "tiny-sdxl")
     ref = tmp_path / "ref"

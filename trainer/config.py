@@ -442,6 +442,41 @@ class LogConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The stage-length probe: every `every_samples` samples of a stage phase, rank 0 samples the student on a
+    fixed prompt set (the first `count` samples of the first shard, fixed noise) and logs the FID of those
+    images against its teacher's samples of the same prompts and noise (TensorBoard `<phase>/probe_fid_vs_teacher`,
+    the images beside it). With `stop_when_flat`, a phase ends once the curve has flattened: `patience` probes in
+    a row that beat the best so far by less than `min_improvement` (relative). The paper states no stage
+    lengths; its recipe keeps the lengths (off)."""
+    every_samples: int = 0  # 0 = off
+    count: int = 256  # images per probe (FID on fewer is mostly noise)
+    backend: str = "shapes"  # feature network (eval/features.py): shapes (the toy) | inception (needs `weights`)
+    weights: str = ""  # the feature network's file; "" = assets/shapes_classifier.safetensors for shapes
+    stop_when_flat: bool = False
+    patience: int = 3
+    min_improvement: float = 0.02
+
+    def check(self, fail: Fail) -> None:
+        if self.every_samples < 0:
+            fail("probe.every_samples", f"must be >= 0 (0 = off), got {self.every_samples}")
+        if self.every_samples == 0:
+            if self.stop_when_flat:
+                fail("probe.stop_when_flat", "needs probe.every_samples > 0 (the curve it stops on)")
+            return
+        if self.count < 16:
+            fail("probe.count", f"must be at least 16 images, got {self.count}")
+        if self.backend not in ("shapes", "inception"):
+            fail("probe.backend", f"'{self.backend}' is not shapes or inception")
+        if self.backend == "inception" and not self.weights:
+            fail("probe.weights", "the inception backend needs the Inception weights file (no downloads)")
+        if self.patience < 1:
+            fail("probe.patience", f"must be at least 1, got {self.patience}")
+        if not 0 <= self.min_improvement < 1:
+            fail("probe.min_improvement", f"must be in [0, 1), got {self.min_improvement}")
+
+
+@dataclass
 class ExportConfig:
     # Copy every part of the base model into each export instead of linking the large ones (SDXL's text
     # encoders and VAE, ~5 GB per export): folders that can be moved to another machine.
@@ -461,6 +496,7 @@ class Config:
     stages: list[StageConfig] = field(default_factory=list)
     deepspeed: str = "ds_configs/zero2_cpu.json"
     log: LogConfig = field(default_factory=LogConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     source: str = ""  # the file it came from, for messages
 
@@ -595,6 +631,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     cfg.schedule.check(fail)
     cfg.teacher.check(fail)
     cfg.log.check(fail)
+    cfg.probe.check(fail)
+    if check_paths and cfg.probe.every_samples and cfg.probe.weights and not Path(cfg.probe.weights).is_file():
+        fail("probe.weights", f"'{cfg.probe.weights}' does not exist")
     previous_student = None
     for i, stage in enumerate(cfg.stages):
         key = f"stages[{i}]"

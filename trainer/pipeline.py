@@ -23,6 +23,7 @@ from trainer.method.models import Conditioning, build_toy_unet, load_unet
 from trainer.method.phases import PhaseExport, PhaseStart, run_phase
 from trainer.method.stages import StageRunner
 from trainer.method.sampling import make_grid, make_scheduler, sample_latents, save_png, to_uint8
+from trainer.runtime.probe import Probe
 
 DEFAULT_GRID_PROMPTS = [
     "a red circle at top left", "a green square at top right", "a blue triangle at bottom left",
@@ -243,6 +244,7 @@ def run_progression(cfg: Config, info: DistInfo, only: Optional[list[str]] = Non
     base = prepare_base(cfg, info)
     prepare_shards(cfg, base, info)
     grids = GridMaker(cfg, base)
+    probe = Probe(cfg, base) if cfg.probe.every_samples else None  # used on rank 0 only, loaded on first use
     wanted = lambda name: only is None or name in only
 
     # Without teacher training (teacher.init, or teacher.samples 0: the base model teaches) run_teacher
@@ -260,7 +262,7 @@ def run_progression(cfg: Config, info: DistInfo, only: Optional[list[str]] = Non
         if wanted(stage.name):
             if not is_complete(previous) and previous != base:
                 raise FileNotFoundError(f"stage '{stage.name}' needs its teacher at {previous}: run the earlier jobs first")
-            previous = StageRunner(cfg, info, i, previous, disc_base, base, grids).run()
+            previous = StageRunner(cfg, info, i, previous, disc_base, base, grids, probe).run()
         else:
             previous = cfg.out_dir / "exports" / stage.name
         exports[stage.name] = previous

@@ -117,7 +117,7 @@ class PhaseExport:
 
 
 def run_phase(start: PhaseStart, job_dir: Path, result: Path, export: PhaseExport,
-              make_grid: Optional[Callable[[torch.nn.Module], np.ndarray]] = None) -> None:
+              make_grid: Optional[Callable[[torch.nn.Module], np.ndarray]] = None, probe=None) -> None:
     """Trains the phase (or resumes it), frees its engines and networks, then rank 0 exports its result."""
     dev = device()
     if start.info.is_main and dev.type == "cuda":
@@ -127,7 +127,7 @@ def run_phase(start: PhaseStart, job_dir: Path, result: Path, export: PhaseExpor
     start.forget_networks()  # the method holds what it needs; a module left here would keep its engine alive
     try:
         final = train(Job(start.name, job_dir, start.phase.samples, start.micro_batch, start.accumulation, method,
-                          ema_decay=start.ema_decay, make_grid=make_grid), start.cfg, start.info)
+                          ema_decay=start.ema_decay, make_grid=make_grid, probe=probe), start.cfg, start.info)
     finally:
         method.close()
     del method

@@ -26,12 +26,14 @@ from trainer.runtime.preemption import preemption_handler, solo
 
 
 class StageRunner:
-    def __init__(self, cfg: Config, info: DistInfo, index: int, teacher_dir: Path, disc_base: Path, base: Path, grids):
+    def __init__(self, cfg: Config, info: DistInfo, index: int, teacher_dir: Path, disc_base: Path, base: Path, grids,
+                 probe=None):
         self.cfg, self.info = cfg, info
         self.index, self.stage = index, cfg.stages[index]
         self.key = f"stages[{index}]"
         self.teacher_dir, self.disc_base, self.base = Path(teacher_dir), Path(disc_base), Path(base)
         self.grids = grids
+        self.probe = probe  # trainer.runtime.probe.Probe, or None (probe.every_samples: 0)
         self.stage_dir = cfg.out_dir / "jobs" / self.stage.name
 
     def run(self) -> Path:
@@ -103,7 +105,11 @@ class StageRunner:
             disc_base=self.disc_base, lora_dir=lora_dir, lora_extract_from=lora_extract)
         export = PhaseExport(steps=stage.student_steps, prediction_type=out_pred, base_dir=self.base,
                              notes={"phase": phase.kind, "train": phase.train})
-        run_phase(start, self.stage_dir / name, result, export, make_grid=self.grids.bind(stage.student_steps, out_pred))
+        probe = None if self.probe is None else self.probe.for_phase(
+            self.stage_dir, self.teacher_dir, start.teacher_pred, stage.teacher_steps, stage.cfg_scale,
+            stage.student_steps, out_pred)
+        run_phase(start, self.stage_dir / name, result, export, make_grid=self.grids.bind(stage.student_steps, out_pred),
+                  probe=probe)
 
     def objective_label(self) -> str:
         return "+".join(p.kind for p in self.stage.phases) if self.stage.phases else self.stage.objective

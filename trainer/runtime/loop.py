@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ class Job:
     ema_decay: float = 0.0  # of the student's weights; 0: none
     # module -> uint8 grid image (rank 0 only); None: no grids
     make_grid: Optional[Callable[[torch.nn.Module], np.ndarray]] = None
+    # trainer.runtime.probe.PhaseProbe: the student's FID against its teacher's samples every N samples; None: off
+    probe: Optional[Any] = None
 
 
 class EMA:
@@ -192,6 +194,8 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     consecutive_skips = 0
     window_start, window_samples = time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=state["step"], desc=job.name, disable=not info.is_main, mininterval=5)
+    if job.probe is not None and "probe" not in state:  # where the phase starts from: the curve's first point
+        _probe(job, tracker, student.module, state)
 
     while state["step"] < total_steps:
         job.method.set_progress(state["step"], total_steps)  # e.g. D warm-up, the t* weights' switch
@@ -247,6 +251,13 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             window, window_start, window_samples = {}, time.perf_counter(), 0
         if job.make_grid is not None and info.is_main and _crossed(before, state["samples_seen"], cfg.log.sample_every_samples):
             _log_grid(job, tracker, student.module, state["samples_seen"])
+        if job.probe is not None and _crossed(before, state["samples_seen"], job.probe.every_samples):
+            if _probe(job, tracker, student.module, state) and job.probe.stop_when_flat:
+                state["stopped_when_flat"] = state["samples_seen"]
+                if info.is_main:
+                    print(f"[{job.name}] the probe's FID against the teacher has flattened: stopping at "
+                          f"{state['samples_seen']} of {job.total_samples} samples (probe.stop_when_flat)", flush=True)
+                break
 
         if state["step"] == total_steps:
             break
@@ -259,6 +270,8 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     state["replica_digests"] = collectives.gather_strings(replica_digest(student.module))
     if len(set(state["replica_digests"])) != 1:
         raise RuntimeError(f"[{job.name}] ranks ended with different weights: {state['replica_digests']}")
+    if job.probe is not None and state["probe"][-1][0] != state["samples_seen"]:  # the curve's last point
+        _probe(job, tracker, student.module, state)
     final = save(done=True)
     if job.make_grid is not None and info.is_main:
         _log_grid(job, tracker, student.module, state["samples_seen"])
@@ -280,6 +293,31 @@ class SlowMicroStepWarning:
                   f"{self.deadline_s:g}: a stop signal waits that long for its checkpoint; a smaller micro_batch "
                   f"(global_batch kept) shortens it", flush=True)
             self.warned = True
+
+
+def _probe(job: Job, tracker: Tracker, module: torch.nn.Module, state: dict) -> bool:
+    """Rank 0 measures the probe (the other ranks wait for it in the rank-0 wait group); every rank gets the
+    curve so far into its state (checkpointed, so a resumed phase keeps it) and whether it has flattened."""
+    from trainer.runtime.probe import flattened
+
+    samples = state["samples_seen"]
+
+    def measure() -> list:
+        was_training = module.training
+        module.eval()
+        try:
+            fid, grid = job.probe.measure(module)
+        finally:
+            module.train(was_training)
+        tracker.scalars({f"{job.name}/probe_fid_vs_teacher": fid}, samples)
+        tracker.image(f"{job.name}/probe_samples", grid, samples)
+        save_png(grid, job.out_dir / "grids" / f"probe-{samples:09d}.png")
+        print(f"[{job.name}] probe at {samples} samples: FID {fid:.2f} against the teacher's samples", flush=True)
+        return state.get("probe", []) + [[samples, fid]]
+
+    state["probe"] = collectives.on_main(f"[{job.name}] probe", measure, log=False)
+    cfg = job.probe
+    return flattened([fid for _, fid in state["probe"]], cfg.patience, cfg.min_improvement)
 
 
 def _log_grid(job: Job, tracker: Tracker, module: torch.nn.Module, samples_seen: int) -> None:

@@ -1,0 +1,50 @@
+"""The stage-length probe (config `probe`): the flattening rule, and a real stage-1 run that logs the curve,
+keeps it in its checkpoint state, and stops where the curve has flattened."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from test_training import _stage1_from
+from trainer.runtime.probe import flattened
+
+
+@pytest.mark.parametrize("history, patience, flat", [
+    ([100.0], 1, False),                       # nothing to compare with yet
+    ([100.0, 80.0], 1, False),                 # still going down by more than 2%
+    ([100.0, 99.0], 1, True),                  # less than 2% better than the best before
+    ([100.0, 80.0, 79.0, 85.0], 2, True),      # two probes in a row without a 2% gain on 80
+    ([100.0, 80.0, 79.0, 70.0], 2, False),     # the last one gained
+    ([100.0, 120.0, 130.0], 3, False),         # not yet `patience` probes after a first one
+])
+def test_flattened(history, patience, flat):
+    assert flattened(history, patience, min_improvement=0.02) is flat
+
+
+def test_stage_logs_the_probe_and_stops_when_flat(smoke_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _stage1_from(smoke_run, tmp_path / "run")
+    # min_improvement 0.99: no probe beats the one before by 99%, so the phase stops at its first probe after
+    # the start (a real run would use a few percent)
+    proc = run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--jobs", "stage1_32", "--set", f"run.out_dir={out}",
+                    "--set", "stages.0.samples=96", "--set", "probe.every_samples=32", "--set", "probe.count=16",
+                    "--set", "probe.stop_when_flat=true", "--set", "probe.patience=1",
+                    "--set", "probe.min_improvement=0.99"])
+    assert "[stage1_32.0_mse] probe at 0 samples: FID" in proc.stdout
+    assert "has flattened: stopping at 32 of 96 samples" in proc.stdout, proc.stdout[-3000:]
+    job = out / "jobs" / "stage1_32" / "stage1_32.0_mse"
+    state = json.loads((job / "ckpt" / (job / "ckpt" / "LATEST").read_text() / "trainer_state.json").read_text())
+    assert state["done"] and state["stopped_when_flat"] == 32 and [s for s, _ in state["probe"]] == [0, 32]
+    assert (out / "exports" / "stage1_32" / "export.json").is_file()
+    teacher = np.load(out / "jobs" / "stage1_32" / "probe_teacher_features.npy")
+    assert teacher.shape[0] == 16 and np.isfinite(teacher).all()
+
+    acc = EventAccumulator(str(job / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("stage1_32.0_mse/probe_fid_vs_teacher")
+    assert [e.step for e in events] == [0, 32]
+    assert [e.value for e in events] == pytest.approx([fid for _, fid in state["probe"]], rel=1e-5)
+    assert all(v > 0 for v in (e.value for e in events)) and "stage1_32.0_mse/probe_samples" in acc.Tags()["images"]
+    assert (job / "grids" / "probe-000000032.png").is_file()

@@ -67,6 +67,9 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
 FILLED = ("circle", "square", "triangle", "cross")  # ring and frame are outlines: their hole is the shape
 COPY_FRACTION = 0.3  # a second component this large (of the main one's pixels), apart from it: a second copy
 HOLE_FRACTION = 0.2  # a filled shape whose enclosed holes are this share of its filled area: hollow
+# An interior pixel (1 px in from the shape's edge) this much darker than the shape's full brightness (90th percentile)
+# counts as a hole too: the one-step student "hollows" a fill by darkening its middle, still saturated
+DARK_FRACTION = 0.6
 
 
 def failure_signatures(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
@@ -74,7 +77,8 @@ def failure_signatures(images: np.ndarray, captions: list[str]) -> dict[str, np.
     - second_copy: besides the largest blob of shape pixels, another one of >= 30% its size (and >= 4
       pixels) outside the largest one's box grown by 2 px (a ring broken into pieces stays one shape);
     - hollow_fill: a filled shape (circle, square, triangle, cross) whose largest blob encloses holes of
-      >= 20% of its filled area (the background showing through where the shape should be solid).
+      >= 20% of its filled area: the background showing through where the shape should be solid, or an
+      interior darkened below 60% of the shape's full brightness (the 90th percentile of its max channel).
     Real images of the dataset score 0 on both (tests/test_pixel_scores.py)."""
     from scipy import ndimage
 
@@ -97,7 +101,9 @@ def failure_signatures(images: np.ndarray, captions: list[str]) -> dict[str, np.
         if parse_caption(caption)[0] in FILLED:
             blob = labels == main
             filled = ndimage.binary_fill_holes(blob)
-            hollow[i] = (filled & ~blob).sum() >= HOLE_FRACTION * filled.sum()
+            brightness = image.max(-1)
+            dark = ndimage.binary_erosion(filled) & (brightness < DARK_FRACTION * np.percentile(brightness[blob], 90))
+            hollow[i] = ((filled & ~blob) | dark).sum() >= HOLE_FRACTION * filled.sum()
     return {"second_copy": copies, "hollow_fill": hollow}
 
 

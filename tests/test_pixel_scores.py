@@ -58,3 +58,22 @@ def test_filled_shapes_with_the_background_through_their_middle_are_hollow():
                            for im in images])
     assert found[filled & big_enough].mean() > 0.9
     assert found[~filled].sum() == 0
+
+
+def test_filled_shapes_darkened_in_their_middle_are_hollow():
+    """The one-step student's version: the inside keeps its hue (still saturated, so still "shape pixels")
+    but at 40% of the brightness; half that darkening is not counted."""
+    images, captions = _real()
+    filled = np.array([parse_caption(c)[0] in ("circle", "square", "triangle", "cross") for c in captions])
+    found = {}
+    for factor in (0.4, 0.8):
+        darkened = images.copy()
+        for i, image in enumerate(images):
+            mask = image.max(-1).astype(int) - image.min(-1) > SATURATION
+            inside = ndimage.binary_erosion(mask, iterations=2)
+            darkened[i][inside] = (image[inside] * factor).astype(np.uint8)
+        found[factor] = failure_signatures(darkened, captions)["hollow_fill"]
+    big_enough = np.array([ndimage.binary_erosion(im.max(-1).astype(int) - im.min(-1) > SATURATION, iterations=2).sum() >= 9
+                           for im in images])
+    assert found[0.4][filled & big_enough].mean() > 0.9 and found[0.4][~filled].sum() == 0
+    assert found[0.8].sum() == 0

@@ -22,7 +22,9 @@ def test_flattened(history, patience, flat):
     assert flattened(history, patience, min_improvement=0.02) is flat
 
 
-def test_stage_logs_the_probe_and_stops_when_flat(smoke_run, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_stage_logs_the_probe_and_stops_when_flat(smoke_run, tmp_path, ranks):
+    """On 2 ranks rank 0 measures alone and both ranks stop at the same step (the run ends with equal weights)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = _stage1_from(smoke_run, tmp_path / "run")
@@ -31,12 +33,13 @@ def test_stage_logs_the_probe_and_stops_when_flat(smoke_run, tmp_path):
     proc = run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--jobs", "stage1_32", "--set", f"run.out_dir={out}",
                     "--set", "stages.0.samples=96", "--set", "probe.every_samples=32", "--set", "probe.count=16",
                     "--set", "probe.stop_when_flat=true", "--set", "probe.patience=1",
-                    "--set", "probe.min_improvement=0.99"])
+                    "--set", "probe.min_improvement=0.99", "--set", "stages.0.global_batch=16"], ranks=ranks)
     assert "[stage1_32.0_mse] probe at 0 samples: FID" in proc.stdout
     assert "has flattened: stopping at 32 of 96 samples" in proc.stdout, proc.stdout[-3000:]
     job = out / "jobs" / "stage1_32" / "stage1_32.0_mse"
     state = json.loads((job / "ckpt" / (job / "ckpt" / "LATEST").read_text() / "trainer_state.json").read_text())
     assert state["done"] and state["stopped_when_flat"] == 32 and [s for s, _ in state["probe"]] == [0, 32]
+    assert len(state["replica_digests"]) == ranks and len(set(state["replica_digests"])) == 1
     assert (out / "exports" / "stage1_32" / "export.json").is_file()
     teacher = np.load(out / "jobs" / "stage1_32" / "probe_teacher_features.npy")
     assert teacher.shape[0] == 16 and np.isfinite(teacher).all()

@@ -1,20 +1,31 @@
 """The paper's table at shapes scale: teacher, MSE-only progression, conditional-only, and the full method
-(conditional then unconditional; full UNet and LoRA), scored with eval/fid_patch.py.
+(conditional then unconditional; full UNet and LoRA), scored with eval/fid_patch.py, with intervals and seeds.
 
     python bench/shapes_table.py                       # everything: trains what is missing, then evaluates
-    python bench/shapes_table.py --methods lightning,mse --count 1000   # less noisy, ~3x the evaluation time
+    python bench/shapes_table.py --methods lightning,mse --seeds 0 --count 300   # a quicker, noisier look
 
-Runs go to --runs (default runs/table/<method>); a run already complete is reused (the trainer skips finished
-jobs), and `--reuse-lightning runs/shapes` takes the main job's run as the full method's. Writes
-bench/results/shapes_table.{md,json}: one row per (method, variant, steps) with fid_whole, fid_patch,
-alignment, sec_per_image, and the targets of the evaluation issue checked against the 32-step teacher.
+Each method's whole chain is trained once (seed 0) in --runs/<method> (default runs/table/<method>; the
+128->32 stage is shared by all methods); for every other --seeds S (default 0,1,2) --runs/<method>_seed<S>
+gets copies of that run's exports up to the 4-step stage and the trainer retrains only the 2- and 1-step
+stages with run.seed=S. A run already complete is reused (the trainer skips finished exports), and
+`--reuse-lightning runs/shapes` takes the main job's run as the full method's seed 0. Every row is scored on
+--count images (default 1,000) with 95% bootstrap intervals (eval/fid_patch.py --bootstrap, its default 200),
+against the data and against the 32-step teacher's own samples. Several hours on 2 cores: 3 chains (~95 min
+measured at 300 images, bench/README.md), 2 extra seeds x 2 stages x 3 methods, and evaluation at 1,000
+images with the teacher's samples as a second reference (estimated, not measured: ~3 h in all).
+
+Writes bench/results/shapes_table.md (one row per (method, variant, steps): seeds, mean [interval] and
+per-seed values, the targets of the evaluation issue as met / missed / undecided, the comparisons as decided
+or not) and shapes_table.json (the per-seed rows, the aggregates, the target lines).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -26,8 +37,13 @@ if str(ROOT) not in sys.path:  # `python bench/shapes_table.py` from a clone, an
 from trainer.export import is_complete  # noqa: E402
 
 CONFIG = "configs/shapes.yaml"
+TEACHER = ROOT / "assets" / "shapes_teacher"
+TEACHER_REFERENCE = ["--teacher", str(TEACHER), "--teacher-steps", "32", "--teacher-guidance", "3"]
 ADV_STAGES = (1, 2, 3, 4)  # indices of the 32->8, 8->4, 4->2, 2->1 stages in configs/shapes.yaml
 SHARED_STAGE = "stage1_32"  # the 128->32 MSE stage (CFG teacher) is the same for every method: trained once
+# a seed run starts from seed 0's 4-step student (and its LoRA, which the 2-step stage's LoRA continues)
+SEED_SHARED, SEED_OPTIONAL = ("stage1_32", "stage2_8", "stage3_4"), ("stage3_4_lora",)
+SEEDED = ("stage4_2", "stage5_1")  # the stages every seed trains
 
 # The table's recipe is the main job's with an 8x longer first stage (38,400 samples, cosine decay): the
 # main job's stage 1 does not distil the teacher's CFG, and every later stage inherits that gap
@@ -43,6 +59,11 @@ OVERRIDES = {
     # the recipe's (its adversarial phase is conditional already)
     "adv_cond": [f"stages.{i}.{k}={v}" for i in ADV_STAGES[:-1] for k, v in (("objective", "adv_cond"), ("variant", "full"))],
 }
+NAMES = {"lightning": "full method", "mse": "MSE-only", "adv_cond": "conditional-only", "teacher": "teacher"}
+
+# per-row numbers carried from eval/fid_patch.py's results.json; those with an interval have `<key>_ci`
+METRICS = ("fid_whole", "fid_whole_vs_teacher", "fid_patch", "fid_patch_vs_teacher", "alignment",
+           "second_copy_rate", "hollow_fill_rate", "background_grain", "sec_per_image")
 
 
 def run(cmd: list[str]) -> None:
@@ -50,26 +71,51 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+# -- training -------------------------------------------------------------------------------------
+
+def copy_exports(src_run: Path, dst_run: Path, names, optional=()) -> None:
+    """Give `dst_run` copies of `src_run`'s finished exports `names` (and of `optional` ones where they
+    exist), which the trainer then skips. A complete copy is left alone, a half-written one replaced."""
+    for name in [*names, *optional]:
+        src, dst = src_run / "exports" / name, dst_run / "exports" / name
+        if is_complete(dst) or (name in optional and not src.exists()):
+            continue
+        if not is_complete(src):
+            raise FileNotFoundError(f"{src}: the shared stage did not finish")
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+
+
 def share_stage(first: Path, out: Path) -> None:
     """Give `out` the first method's finished shared stage, which the trainer then skips."""
-    src, dst = first / "exports" / SHARED_STAGE, out / "exports" / SHARED_STAGE
-    if is_complete(dst):
-        return
-    if not is_complete(src):
-        raise FileNotFoundError(f"{src}: the shared stage did not finish")
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
+    copy_exports(first, out, [SHARED_STAGE])
 
 
-def train(method: str, out: Path, shards: Path | None) -> None:
+def train(method: str, out: Path, shards: Path | None, seed: int | None = None) -> None:
     cmd = [sys.executable, "-m", "trainer.run", "--config", CONFIG, "--set", f"run.out_dir={out}"]
     if shards is not None:
         cmd += ["--set", f"data.shards={shards}"]
     for o in TABLE_OVERRIDES + OVERRIDES[method]:
         cmd += ["--set", o]
+    if seed is not None:
+        cmd += ["--set", f"run.seed={seed}"]
     run(cmd)
 
+
+def train_seeds(method: str, first_out: Path, runs: Path, shards: Path | None, seeds: list[int]) -> dict[int, Path]:
+    """{seed: run folder}: seed 0 is `first_out` (the whole chain); every other seed retrains only the 2- and
+    1-step stages, from copies of seed 0's exports up to the 4-step stage."""
+    outs = {0: first_out}
+    for seed in (s for s in seeds if s != 0):
+        out = runs / f"{method}_seed{seed}"
+        copy_exports(first_out, out, SEED_SHARED, SEED_OPTIONAL)
+        train(method, out, shards, seed=seed)
+        outs[seed] = out
+    return outs
+
+
+# -- evaluation -----------------------------------------------------------------------------------
 
 def evaluate(models: list[tuple], out: Path, count: int) -> list[dict]:
     """models: (label, model folder, steps, guidance[, LoRA export to load onto the model])."""
@@ -79,7 +125,8 @@ def evaluate(models: list[tuple], out: Path, count: int) -> list[dict]:
         sub = [m for m in models if m[2] == steps]
         sub_out = out / f"steps{steps}"
         sub_cmd = [sys.executable, "eval/fid_patch.py", "--reference", "shapes", "--backend", "shapes",
-                   "--count", str(count), "--out", str(sub_out), "--no-tensorboard", "--steps", str(steps)]
+                   "--count", str(count), "--out", str(sub_out), "--no-tensorboard", "--steps", str(steps),
+                   *TEACHER_REFERENCE]
         for label, path, _, guidance, *lora in sub:
             sub_cmd += ["--model", str(path), "--label", label, "--guidance", str(guidance),
                         "--lora", str(lora[0]) if lora else "none"]
@@ -88,87 +135,243 @@ def evaluate(models: list[tuple], out: Path, count: int) -> list[dict]:
     return rows
 
 
+def models_to_score(run_dirs: dict[str, dict[int, Path]]) -> tuple[list[tuple], dict[str, tuple]]:
+    """The teacher at 128 and 32 steps, every stage of seed 0's runs, the seeded stages of the others;
+    and {label: (method, variant, seed)}."""
+    models = [("teacher", TEACHER, 128, 3.0), ("teacher", TEACHER, 32, 3.0)]
+    labels = {"teacher": ("teacher", "full", None)}
+    for method, by_seed in run_dirs.items():
+        for seed, out in sorted(by_seed.items()):
+            for stage, steps in STEPS.items():
+                if seed != 0 and stage not in SEEDED:
+                    continue
+                label = f"{method}/full/seed{seed}"
+                models.append((label, out / "exports" / stage, steps, 1.0))
+                labels[label] = (method, "full", seed)
+                lora = out / "exports" / f"{stage}_lora"
+                if (lora / "export.json").is_file():  # as users apply it: the LoRA file on the base model, by diffusers
+                    base = json.loads((lora / "export.json").read_text()).get("lora_base", str(TEACHER))
+                    models.append((f"{method}/lora/seed{seed}", Path(base), steps, 1.0, lora))
+                    labels[f"{method}/lora/seed{seed}"] = (method, "lora", seed)
+    return models, labels
+
+
+def wilson(rate: float, n: int) -> list[float]:
+    """95% Wilson interval of a proportion `rate` over `n` images (the failure rates have no bootstrap)."""
+    z = 1.96
+    centre, half = rate + z * z / (2 * n), z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return [max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))]
+
+
+def per_seed_rows(raw: list[dict], labels: dict[str, tuple]) -> list[dict]:
+    """eval/fid_patch.py's rows as the table's: method, variant, steps, seed, METRICS and their intervals."""
+    rows = []
+    for r in raw:
+        method, variant, seed = labels[r["label"]]
+        row = {"method": method, "variant": variant, "steps": r["steps"], "seed": seed, "model": r["model"],
+               "lora": r.get("lora"), "count": r.get("count")}
+        for key in METRICS:
+            row[key], row[f"{key}_ci"] = r.get(key), r.get(f"{key}_ci")
+            if key.endswith("_rate") and row[key] is not None and row["count"]:
+                row[f"{key}_ci"] = wilson(row[key], row["count"])
+        rows.append(row)
+    return rows
+
+
+# -- aggregation and decisions (pure) -------------------------------------------------------------
+
+def summarise(values: list, intervals: list) -> dict | None:
+    """One metric over a row's seeds: mean, per-seed values, range, sd, and the comparison interval (the
+    union of the seeds' 95% intervals: it holds the seed spread too; None if a seed has none)."""
+    pairs = [(v, ci) for v, ci in zip(values, intervals) if v is not None]
+    if not pairs:
+        return None
+    vals = [v for v, _ in pairs]
+    cis = [ci for _, ci in pairs]
+    return {"mean": statistics.fmean(vals), "values": vals, "range": [min(vals), max(vals)],
+            "sd": statistics.stdev(vals) if len(vals) > 1 else None,
+            "interval": None if any(ci is None for ci in cis) else [min(c[0] for c in cis), max(c[1] for c in cis)]}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per-seed rows grouped by (method, variant, steps): {method, variant, steps, seeds, <metric>: summary}."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["variant"], r["steps"]), []).append(r)
+    out = []
+    for (method, variant, steps), rs in groups.items():
+        rs = sorted(rs, key=lambda r: -1 if r.get("seed") is None else r["seed"])
+        agg = {"method": method, "variant": variant, "steps": steps, "seeds": [r.get("seed") for r in rs]}
+        for key in METRICS:
+            agg[key] = summarise([r.get(key) for r in rs], [r.get(f"{key}_ci") for r in rs])
+        out.append(agg)
+    return sorted(out, key=lambda a: (a["method"] != "teacher", a["method"], a["variant"], -a["steps"]))
+
+
+def decide(a: list | None, b: list | None, lower_is_better: bool = True) -> str:
+    """'a' or 'b' (the winner, decided: the 95% intervals do not overlap), 'overlap', or 'no interval'."""
+    if a is None or b is None:
+        return "no interval"
+    if a[1] < b[0]:
+        return "a" if lower_is_better else "b"
+    if b[1] < a[0]:
+        return "b" if lower_is_better else "a"
+    return "overlap"
+
+
+def comparison_text(name_a: str, name_b: str, outcome: str) -> str:
+    return {"a": f"{name_a} beats {name_b} (decided)", "b": f"{name_b} beats {name_a} (decided)",
+            "overlap": "undecided (intervals overlap)", "no interval": "undecided (no interval)"}[outcome]
+
+
+def verdict(outcome: str) -> str:
+    """A target as a comparison the row must win: met, missed, or undecided."""
+    return {"a": "met", "b": "missed", "overlap": "undecided (intervals overlap)",
+            "no interval": "undecided (no interval)"}[outcome]
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def _interval(ci) -> str:
+    return "" if ci is None else f" [{_num(ci[0])}, {_num(ci[1])}]"
+
+
+def cell(s: dict | None, per_seed: bool = False) -> str:
+    """mean [comparison interval], with the per-seed values where asked and there are several."""
+    if s is None:
+        return "n/a"
+    seeds = f" ({', '.join(_num(v) for v in s['values'])})" if per_seed and len(s["values"]) > 1 else ""
+    return _num(s["mean"]) + _interval(s["interval"]) + seeds
+
+
+def _scaled(s: dict, factor: float) -> list[float] | None:
+    """A teacher's interval times a target's factor: the bar a row's interval must clear."""
+    return None if s["interval"] is None else [s["interval"][0] * factor, s["interval"][1] * factor]
+
+
+def _seed_note(s: dict) -> str:
+    return f", seeds {_num(s['range'][0])}-{_num(s['range'][1])}" if len(s["values"]) > 1 else ""
+
+
+def targets(table: list[dict]) -> list[str]:
+    """The evaluation issue's targets, each met / missed / undecided with its numbers."""
+    get = lambda m, v, s: next((a for a in table if (a["method"], a["variant"], a["steps"]) == (m, v, s)), None)
+    ref = get("teacher", "full", 32)
+    if ref is None:
+        return ["- no 32-step teacher row: no targets checked"]
+    lines = []
+    for steps, limit in ((4, 1.10), (1, 1.30)):
+        row = get("lightning", "full", steps)
+        if row and row["fid_whole"] and ref["fid_whole"]:
+            s, t = row["fid_whole"], ref["fid_whole"]
+            lines.append(f"- {steps}-step FID-Whole <= {limit:.2f}x the 32-step teacher's: "
+                         f"{cell(s)} = {s['mean'] / t['mean']:.2f}x "
+                         f"(teacher {cell(t)}{_seed_note(s)}): "
+                         f"{verdict(decide(s['interval'], _scaled(t, limit)))}")
+    for row in (a for a in table if (a["method"], a["variant"]) == ("lightning", "full")):
+        s, t = row["alignment"], ref["alignment"]
+        if s and t:
+            lines.append(f"- {row['steps']}-step alignment >= 0.97x the teacher's: {cell(s)} = {s['mean'] / t['mean']:.3f}x "
+                         f"(teacher {cell(t)}{_seed_note(s)}): "
+                         f"{verdict(decide(s['interval'], _scaled(t, 0.97), lower_is_better=False))}")
+    pairs = [(2, "mse", "fid_whole"), (2, "mse", "fid_patch"), (1, "mse", "fid_whole"), (1, "mse", "fid_patch"),
+             (1, "adv_cond", "fid_whole")]
+    for steps, other, key in pairs:
+        a, b = get("lightning", "full", steps), get(other, "full", steps)
+        if a and b and a[key] and b[key]:
+            outcome = decide(a[key]["interval"], b[key]["interval"])
+            name = {"fid_whole": "FID-Whole", "fid_patch": "FID-Patch"}[key]
+            lines.append(f"- {steps} step{'s' if steps > 1 else ''}, {name}: full method {cell(a[key], True)} vs "
+                         f"{NAMES[other]} {cell(b[key], True)}: {comparison_text('full method', NAMES[other], outcome)}: "
+                         f"target {'met' if outcome == 'a' else 'missed' if outcome == 'b' else 'undecided'}")
+    row = get("lightning", "full", 1)
+    for key, name in (("second_copy_rate", "second copies"), ("hollow_fill_rate", "hollow fills")):
+        if row and row[key] and ref[key]:
+            s, t = row[key], ref[key]
+            lines.append(f"- 1-step {name} <= 2x the 32-step teacher's rate: {cell(s)} vs teacher {cell(t)}"
+                         f"{_seed_note(s)}: {verdict(decide(s['interval'], _scaled(t, 2.0)))}")
+    return lines
+
+
+COLUMNS = [("fid_whole", "FID-Whole (per seed)"), ("fid_whole_vs_teacher", "FID-Whole vs teacher"),
+           ("fid_patch", "FID-Patch"), ("fid_patch_vs_teacher", "FID-Patch vs teacher"), ("alignment", "alignment"),
+           ("second_copy_rate", "second copy"), ("hollow_fill_rate", "hollow fill"),
+           ("background_grain", "background std /255"), ("sec_per_image", "s / image")]
+RATIOS = ("fid_whole", "fid_patch", "alignment")  # also shown as a multiple of the 32-step teacher's
+
+
+def render(table: list[dict], args, seconds: float) -> str:
+    """table: aggregate()'s rows."""
+    ref = next((a for a in table if (a["method"], a["steps"]) == ("teacher", 32)), None)
+    seeds = ",".join(str(s) for s in args.seeds)
+    header = ["method", "variant", "steps", "seeds"]
+    for key, name in COLUMNS:
+        header += [name] + (["x teacher-32"] if key in RATIOS else [])
+    lines = ["# The paper's table at shapes scale", "",
+             f"Made by `python bench/shapes_table.py {' '.join(sys.argv[1:])}` in {seconds / 60:.0f} min "
+             f"(2-core CPU), {args.count} images per row, shapes backend (eval/fid_patch.py). The 2- and 1-step "
+             f"rows of each method: seeds {seeds} (the other seeds retrain the 2- and 1-step stages from seed 0's "
+             f"4-step student); the 8- and 4-step rows: seed 0 only.", "",
+             "Cells: mean over the seeds [95% interval: bootstrap for FIDs and alignment, Wilson for the failure "
+             "rates; with several seeds the union of the seeds' intervals, which holds their spread]; FID-Whole also "
+             "lists each seed's value. \"vs teacher\": against the 32-step teacher's own samples (CFG 3, same prompts "
+             "and noise). A comparison or target is decided only where the intervals do not overlap (a target: the "
+             "row's against the 32-step teacher's times the target's factor).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for a in table:
+        cells = [a["method"], a["variant"], str(a["steps"]), str(len(a["seeds"]))]
+        for key, _ in COLUMNS:
+            cells.append(cell(a[key], per_seed=key == "fid_whole"))
+            if key in RATIOS:
+                r = ref and ref[key]
+                cells.append("n/a" if not r or not a[key] or not r["mean"] else f"{a[key]['mean'] / r['mean']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", "Targets (the evaluation issue):", *targets(table), ""])
+
+
+# -- main -----------------------------------------------------------------------------------------
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="lightning,mse,adv_cond")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "table")
     p.add_argument("--reuse-lightning", type=Path, default=None, help="a finished main-job run to use as the full method")
-    p.add_argument("--count", type=int, default=300, help="images per row (every number in bench/README.md used 300)")
+    p.add_argument("--count", type=int, default=1000, help="images per row")
+    p.add_argument("--seeds", default="0,1,2",
+                   help="training seeds of the 2- and 1-step stages (0: the whole chain's run; must be given)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    if 0 not in args.seeds:
+        p.error("--seeds must include 0: the run that trains each method's whole chain")
     start = time.time()
 
-    run_dirs = {}
+    first_runs = {}
     shards = first = None
-    for method in methods:
+    for method in methods:  # seed 0: every method's whole chain, the first one's stage 1 and shards shared
         out = args.reuse_lightning if method == "lightning" and args.reuse_lightning else args.runs / method
         if first is not None:
             share_stage(first, out)
         train(method, out, shards)
         shards = shards or out / "shards"
         first = first or out
-        run_dirs[method] = out
+        first_runs[method] = out
+    run_dirs = {m: train_seeds(m, out, args.runs, shards, args.seeds) for m, out in first_runs.items()}
 
-    teacher = ROOT / "assets" / "shapes_teacher"
-    models = [("teacher", teacher, 128, 3.0), ("teacher", teacher, 32, 3.0)]
-    labels = {}
-    for method, out in run_dirs.items():
-        for stage, steps in STEPS.items():
-            label = f"{method}/full"
-            models.append((label, out / "exports" / stage, steps, 1.0))
-            labels[label] = (method, "full")
-            lora = out / "exports" / f"{stage}_lora"
-            if (lora / "export.json").is_file():  # as users apply it: the LoRA file on the base model, by diffusers
-                base = json.loads((lora / "export.json").read_text()).get("lora_base", str(teacher))
-                models.append((f"{method}/lora", Path(base), steps, 1.0, lora))
-                labels[f"{method}/lora"] = (method, "lora")
-    raw = evaluate(models, args.results / "shapes_table_eval", args.count)
-
-    table = []
-    for r in raw:
-        method, variant = ("teacher", "full") if r["label"] == "teacher" else labels[r["label"]]
-        table.append({"method": method, "variant": variant, "steps": r["steps"], "fid_whole": r.get("fid_whole"),
-                      "fid_patch": r.get("fid_patch"), "alignment": r.get("alignment"),
-                      "sec_per_image": r.get("sec_per_image"), "model": r["model"]})
-    (args.results / "shapes_table.json").write_text(json.dumps(table, indent=1))
-    (args.results / "shapes_table.md").write_text(render(table, args, time.time() - start))
-    print((args.results / "shapes_table.md").read_text())
+    models, labels = models_to_score(run_dirs)
+    rows = per_seed_rows(evaluate(models, args.results / "shapes_table_eval", args.count), labels)
+    table = aggregate(rows)
+    text = render(table, args, time.time() - start)
+    (args.results / "shapes_table.json").write_text(json.dumps(
+        {"rows": rows, "aggregates": table, "targets": targets(table)}, indent=1))
+    (args.results / "shapes_table.md").write_text(text)
+    print(text)
     return 0
-
-
-def render(table: list[dict], args, seconds: float) -> str:
-    ref = next(r for r in table if r["method"] == "teacher" and r["steps"] == 32)
-    lines = ["# The paper's table at shapes scale", "",
-             f"Made by `python bench/shapes_table.py {' '.join(sys.argv[1:])}` in {seconds / 60:.0f} min "
-             f"(2-core CPU), {args.count} images per row, shapes backend (eval/fid_patch.py).", "",
-             "| method | variant | steps | FID-Whole | x teacher-32 | FID-Patch | x teacher-32 | alignment | x teacher-32 | s / image |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3g}"
-    ratio = lambda a, b: "n/a" if a is None or not b else f"{a / b:.2f}"
-    for r in sorted(table, key=lambda r: (r["method"] != "teacher", r["method"], r["variant"], -r["steps"])):
-        lines.append(f"| {r['method']} | {r['variant']} | {r['steps']} | {fmt(r['fid_whole'])} | "
-                     f"{ratio(r['fid_whole'], ref['fid_whole'])} | {fmt(r['fid_patch'])} | "
-                     f"{ratio(r['fid_patch'], ref['fid_patch'])} | {fmt(r['alignment'])} | "
-                     f"{ratio(r['alignment'], ref['alignment'])} | {fmt(r['sec_per_image'])} |")
-    get = lambda m, v, s: next((r for r in table if (r["method"], r["variant"], r["steps"]) == (m, v, s)), None)
-    checks = []
-    for steps, limit in ((4, 1.10), (1, 1.30)):
-        row = get("lightning", "full", steps)
-        if row:
-            x = row["fid_whole"] / ref["fid_whole"]
-            checks.append(f"- {steps}-step FID-Whole {x:.2f}x the 32-step teacher's (target <= {limit}x): "
-                          f"{'met' if x <= limit else 'missed'}")
-    for steps in (2, 1):
-        a, b = get("lightning", "full", steps), get("mse", "full", steps)
-        if a and b:
-            checks.append(f"- {steps} step{'s' if steps > 1 else ''}: full method FID-Whole {a['fid_whole']:.3g} vs MSE-only {b['fid_whole']:.3g}: "
-                          f"{'beats' if a['fid_whole'] < b['fid_whole'] else 'does not beat'} it")
-    worst = min((r["alignment"] for r in table if r["method"] == "lightning" and r["alignment"] is not None), default=None)
-    if worst is not None:
-        checks.append(f"- lowest full-method alignment {worst:.3g} = {worst / ref['alignment']:.2f}x the teacher's "
-                      f"(target >= 0.95x): {'met' if worst >= 0.95 * ref['alignment'] else 'missed'}")
-    return "\n".join(lines + ["", "Targets (the evaluation issue):", *checks, ""])
 
 
 if __name__ == "__main__":

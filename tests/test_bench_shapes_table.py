@@ -1,9 +1,12 @@
 """bench/shapes_table.py's plumbing (the training and evaluation it drives are tested elsewhere): the shared
-first stage, the commands it builds per method, and the targets it checks."""
+first stage, the commands it builds per method and seed, the aggregation over seeds, the decisions by
+95% intervals, and the targets it checks."""
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -42,18 +45,201 @@ def test_every_method_trains_the_table_recipe(monkeypatch, tmp_path):
         assert objectives == {f"stages.{i}.objective={method}" for i in changed}
 
 
-def _row(method, steps, fid, alignment=0.97, variant="full"):
-    return {"method": method, "variant": variant, "steps": steps, "fid_whole": fid, "fid_patch": fid * 5,
-            "alignment": alignment, "sec_per_image": 0.01, "model": "m"}
+def _export(folder, **manifest):
+    """A tiny fake export, complete as trainer.export.is_complete sees it."""
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "export.json").write_text(json.dumps(manifest))
 
 
-def test_render_checks_each_target_against_the_32_step_teacher():
-    table = [_row("teacher", 32, 100.0), _row("teacher", 128, 95.0),
-             _row("lightning", 4, 109.0), _row("lightning", 2, 120.0), _row("lightning", 1, 140.0, alignment=0.9),
-             _row("mse", 2, 130.0), _row("mse", 1, 135.0)]
-    text = shapes_table.render(table, argparse.Namespace(count=300), seconds=60)
-    assert "4-step FID-Whole 1.09x the 32-step teacher's (target <= 1.1x): met" in text
-    assert "1-step FID-Whole 1.40x the 32-step teacher's (target <= 1.3x): missed" in text
-    assert "2 steps: full method FID-Whole 120 vs MSE-only 130: beats it" in text
-    assert "1 step: full method FID-Whole 140 vs MSE-only 135: does not beat it" in text
-    assert "lowest full-method alignment 0.9 = 0.93x the teacher's (target >= 0.95x): missed" in text
+def _fake_run(commands):
+    """Stands in for shapes_table.run: the trainer makes every export its run folder lacks (as the real one
+    skips finished ones), eval/fid_patch.py writes a results.json with intervals for every --label."""
+    def fake(cmd):
+        commands.append(cmd)
+        if cmd[1:3] == ["-m", "trainer.run"]:
+            sets = dict(cmd[i + 1].split("=", 1) for i, c in enumerate(cmd) if c == "--set")
+            out = Path(sets["run.out_dir"])
+            for name in ["stage1_32", *shapes_table.STEPS]:
+                if shapes_table.is_complete(out / "exports" / name):
+                    continue
+                published = [name] + ([f"{name}_lora"] if out.name.startswith("lightning") and name in (
+                    "stage2_8", "stage3_4", "stage4_2") else [])  # the recipe's lora+full stages
+                for export in published:
+                    _export(out / "exports" / export, made_by=str(out), seed=sets.get("run.seed", "0"))
+        else:
+            out = Path(cmd[cmd.index("--out") + 1])
+            steps = int(cmd[cmd.index("--steps") + 1])
+            labels = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--label"]
+            rows = [{"label": label, "model": "m", "steps": steps, "count": 1000, "fid_whole": 100.0,
+                     "fid_whole_ci": [90.0, 110.0], "fid_patch": 500.0, "fid_patch_ci": [450.0, 550.0],
+                     "alignment": 0.97, "alignment_ci": [0.96, 0.98], "fid_whole_vs_teacher": 20.0,
+                     "fid_whole_vs_teacher_ci": [18.0, 22.0], "second_copy_rate": 0.01, "hollow_fill_rate": 0.02,
+                     "background_grain": 0.08, "sec_per_image": 0.01} for label in labels]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps({"rows": rows}))
+    return fake
+
+
+def test_main_trains_the_seeds_from_seed_0s_4_step_student_and_scores_against_the_teacher(monkeypatch, tmp_path):
+    commands = []
+    monkeypatch.setattr(shapes_table, "run", _fake_run(commands))
+    results = tmp_path / "results"
+    assert shapes_table.main(["--runs", str(tmp_path / "runs"), "--results", str(results)]) == 0
+    runs = tmp_path / "runs"
+    trainer = [c for c in commands if c[1:3] == ["-m", "trainer.run"]]
+    sets = [[c[i + 1] for i, a in enumerate(c) if a == "--set"] for c in trainer]
+    assert len(trainer) == 3 * 3  # 3 methods' chains, then 2 extra seeds each
+    for method in shapes_table.OVERRIDES:
+        for seed in (1, 2):
+            out = runs / f"{method}_seed{seed}"
+            s = next(s for s in sets if f"run.out_dir={out}" in s)
+            assert f"run.seed={seed}" in s
+            assert f"data.shards={runs / 'lightning' / 'shards'}" in s
+            assert all(o in s for o in shapes_table.TABLE_OVERRIDES + shapes_table.OVERRIDES[method])
+            made_by = lambda name: json.loads((out / "exports" / name / "export.json").read_text())["made_by"]
+            assert made_by("stage1_32") == str(runs / "lightning")  # shared by every method
+            for name in ("stage2_8", "stage3_4") + (("stage3_4_lora",) if method == "lightning" else ()):
+                assert made_by(name) == str(runs / method)
+            for name in shapes_table.SEEDED:  # trained in the seed's own run
+                assert json.loads((out / "exports" / name / "export.json").read_text()) == {
+                    "made_by": str(out), "seed": str(seed)}
+            assert not (out / "exports" / "stage2_8_lora").exists()
+    seed0 = [s for s in sets if not any(x.startswith("run.seed=") for x in s)]
+    assert len(seed0) == 3
+
+    evals = [c for c in commands if c[1] == "eval/fid_patch.py"]
+    assert [int(c[c.index("--steps") + 1]) for c in evals] == [128, 32, 8, 4, 2, 1]
+    for c in evals:
+        assert c[c.index("--teacher") + 1].endswith("assets/shapes_teacher")
+        assert c[c.index("--teacher-steps") + 1] == "32" and c[c.index("--teacher-guidance") + 1] == "3"
+        assert c[c.index("--count") + 1] == "1000"
+    labels = lambda steps: [c[i + 1] for c in evals if c[c.index("--steps") + 1] == str(steps)
+                            for i, a in enumerate(c) if a == "--label"]
+    assert labels(4) == ["lightning/full/seed0", "lightning/lora/seed0", "mse/full/seed0", "adv_cond/full/seed0"]
+    assert sorted(labels(1)) == sorted(f"{m}/full/seed{s}" for m in shapes_table.OVERRIDES for s in (0, 1, 2))
+    assert "lightning/lora/seed2" in labels(2)
+
+    saved = json.loads((results / "shapes_table.json").read_text())
+    one = next(a for a in saved["aggregates"] if (a["method"], a["variant"], a["steps"]) == ("mse", "full", 1))
+    assert one["seeds"] == [0, 1, 2] and one["fid_whole"]["values"] == [100.0] * 3
+    assert one["fid_whole_vs_teacher"]["interval"] == [18.0, 22.0] and one["fid_patch_vs_teacher"] is None
+    assert {r["seed"] for r in saved["rows"] if r["steps"] == 8 and r["method"] != "teacher"} == {0}
+    text = (results / "shapes_table.md").read_text()
+    assert "seeds 0,1,2" in text and "8- and 4-step rows: seed 0 only" in text
+    assert "| mse | full | 1 | 3 | 100 [90, 110] (100, 100, 100) | 1.00 | 20 [18, 22] |" in text
+
+
+def test_seed_runs_need_seed_0s_4_step_student(tmp_path):
+    first = tmp_path / "lightning"
+    for name in ("stage1_32", "stage2_8"):
+        _export(first / "exports" / name)
+    with pytest.raises(FileNotFoundError, match="stage3_4: the shared stage did not finish"):
+        shapes_table.train_seeds("lightning", first, tmp_path, None, [0, 1])
+    _export(first / "exports" / "stage3_4")  # no LoRA export (a method without one): nothing else needed
+    shapes_table.copy_exports(first, tmp_path / "seed1", shapes_table.SEED_SHARED, shapes_table.SEED_OPTIONAL)
+    assert sorted(p.name for p in (tmp_path / "seed1" / "exports").iterdir()) == ["stage1_32", "stage2_8", "stage3_4"]
+
+
+def _seed_row(method, steps, seed, fid, ci, variant="full", **extra):
+    return {"method": method, "variant": variant, "steps": steps, "seed": seed, "fid_whole": fid, "fid_whole_ci": ci,
+            **extra}
+
+
+def test_aggregate_takes_the_seed_mean_spread_and_the_union_of_their_intervals():
+    rows = [_seed_row("mse", 1, 2, 130.0, [120.0, 140.0]), _seed_row("mse", 1, 0, 100.0, [95.0, 105.0]),
+            _seed_row("mse", 1, 1, 115.0, [100.0, 125.0]), _seed_row("teacher", 32, None, 80.0, None),
+            _seed_row("mse", 2, 0, 90.0, [85.0, 95.0], fid_patch=400.0)]
+    table = shapes_table.aggregate(rows)
+    assert [(a["method"], a["steps"]) for a in table] == [("teacher", 32), ("mse", 2), ("mse", 1)]
+    one = table[2]
+    assert one["seeds"] == [0, 1, 2]
+    assert one["fid_whole"]["mean"] == pytest.approx(115.0)
+    assert one["fid_whole"]["values"] == [100.0, 115.0, 130.0] and one["fid_whole"]["range"] == [100.0, 130.0]
+    assert one["fid_whole"]["sd"] == pytest.approx(15.0)
+    assert one["fid_whole"]["interval"] == [95.0, 140.0]
+    assert one["fid_patch"] is None
+    assert table[0]["fid_whole"]["interval"] is None  # no interval: none to compare with
+    assert table[1]["fid_whole"]["interval"] == [85.0, 95.0] and table[1]["fid_whole"]["sd"] is None
+    assert table[1]["fid_patch"] == {"mean": 400.0, "values": [400.0], "range": [400.0, 400.0], "sd": None,
+                                     "interval": None}
+    half = shapes_table.aggregate([_seed_row("mse", 1, 0, 100.0, [95.0, 105.0]), _seed_row("mse", 1, 1, 110.0, None)])
+    assert half[0]["fid_whole"]["interval"] is None  # a seed without an interval: the union is unknown
+
+
+def test_decide_only_where_the_intervals_do_not_overlap():
+    assert shapes_table.decide([90, 100], [95, 110]) == "overlap"
+    assert shapes_table.decide([90, 100], [101, 110]) == "a"
+    assert shapes_table.decide([101, 110], [90, 100]) == "b"
+    assert shapes_table.decide([0.95, 0.96], [0.97, 0.98], lower_is_better=False) == "b"
+    assert shapes_table.decide(None, [1, 2]) == "no interval"
+    text = shapes_table.comparison_text
+    assert text("full method", "MSE-only", "a") == "full method beats MSE-only (decided)"
+    assert text("full method", "MSE-only", "b") == "MSE-only beats full method (decided)"
+    assert text("full method", "MSE-only", "overlap") == "undecided (intervals overlap)"
+    assert text("full method", "MSE-only", "no interval") == "undecided (no interval)"
+    # multi-seed: the union interval holds the spread, so a seed that overlaps keeps it undecided
+    table = shapes_table.aggregate([_seed_row("lightning", 1, 0, 100.0, [95.0, 105.0]),
+                                    _seed_row("lightning", 1, 1, 130.0, [120.0, 140.0]),
+                                    _seed_row("mse", 1, 0, 150.0, [135.0, 165.0])])
+    full, mse = (next(a for a in table if a["method"] == m)["fid_whole"]["interval"] for m in ("lightning", "mse"))
+    assert shapes_table.decide(full, mse) == "overlap"
+    assert shapes_table.wilson(0.0, 1000)[0] == 0.0 and shapes_table.wilson(0.0, 1000)[1] == pytest.approx(0.00383, abs=1e-4)
+
+
+def _agg_row(method, steps, fid, ci, patch=None, patch_ci=None, alignment=0.97, align_ci=(0.96, 0.98),
+             variant="full", seeds=(0,), **rates):
+    rows = []
+    for i, seed in enumerate(seeds):
+        f = fid if not isinstance(fid, (list, tuple)) else fid[i]
+        c = ci if ci is None or not isinstance(ci[0], (list, tuple)) else ci[i]
+        rows.append({"method": method, "variant": variant, "steps": steps, "seed": seed, "fid_whole": f,
+                     "fid_whole_ci": c and list(c), "fid_patch": patch, "fid_patch_ci": patch_ci and list(patch_ci),
+                     "alignment": alignment, "alignment_ci": align_ci and list(align_ci), **rates})
+    return rows
+
+
+def test_render_writes_each_target_as_met_missed_or_undecided():
+    rates = lambda copy, hollow, n=1000: {"second_copy_rate": copy, "hollow_fill_rate": hollow, "count": n,
+                                         "second_copy_rate_ci": shapes_table.wilson(copy, n),
+                                         "hollow_fill_rate_ci": shapes_table.wilson(hollow, n)}
+    rows = (_agg_row("teacher", 32, 100.0, (98.0, 102.0), 600.0, (590.0, 610.0), seeds=(None,), **rates(0.01, 0.01))
+            + _agg_row("lightning", 4, 109.0, (107.0, 109.5), 550.0, (540.0, 560.0), alignment=0.90, align_ci=(0.89, 0.91))
+            + _agg_row("lightning", 2, 120.0, (115.0, 125.0), 450.0, (440.0, 460.0))
+            + _agg_row("lightning", 1, [125.0, 135.0], [(120.0, 130.0), (128.0, 140.0)], 800.0, (780.0, 820.0),
+                       seeds=(0, 1), **rates(0.05, 0.015))
+            + _agg_row("mse", 2, 118.0, (110.0, 126.0), 500.0, (490.0, 510.0))
+            + _agg_row("mse", 1, 180.0, (170.0, 190.0), 780.0, (770.0, 790.0))
+            + _agg_row("adv_cond", 1, 150.0, None))
+    text = shapes_table.render(shapes_table.aggregate(rows), argparse.Namespace(count=1000, seeds=[0, 1]), seconds=60)
+    assert ("- 4-step FID-Whole <= 1.10x the 32-step teacher's: 109 [107, 110] = 1.09x (teacher 100 [98, 102]): "
+            "undecided (intervals overlap)") in text
+    assert ("- 1-step FID-Whole <= 1.30x the 32-step teacher's: 130 [120, 140] = 1.30x (teacher 100 [98, 102], "
+            "seeds 125-135): undecided (intervals overlap)") in text
+    assert "- 4-step alignment >= 0.97x the teacher's: 0.9 [0.89, 0.91] = 0.928x (teacher 0.97 [0.96, 0.98]): missed" in text
+    assert ("- 2 steps, FID-Whole: full method 120 [115, 125] vs MSE-only 118 [110, 126]: undecided (intervals overlap): "
+            "target undecided") in text
+    assert ("- 2 steps, FID-Patch: full method 450 [440, 460] vs MSE-only 500 [490, 510]: full method beats MSE-only "
+            "(decided): target met") in text
+    assert ("- 1 step, FID-Whole: full method 130 [120, 140] (125, 135) vs MSE-only 180 [170, 190]: full method beats "
+            "MSE-only (decided): target met") in text
+    assert ("- 1 step, FID-Patch: full method 800 [780, 820] (800, 800) vs MSE-only 780 [770, 790]: undecided (intervals overlap): "
+            "target undecided") in text
+    assert ("- 1 step, FID-Whole: full method 130 [120, 140] (125, 135) vs conditional-only 150: undecided (no interval): "
+            "target undecided") in text
+    assert "- 1-step second copies <= 2x the 32-step teacher's rate: 0.05 [0.0381, 0.0653] vs teacher 0.01 [0.00544, 0.0183], seeds 0.05-0.05: missed" in text
+    assert ("- 1-step hollow fills <= 2x the 32-step teacher's rate: 0.015 [0.00911, 0.0246] vs teacher 0.01 "
+            "[0.00544, 0.0183], seeds 0.015-0.015: undecided (intervals overlap)") in text
+    assert "- 2-step alignment >= 0.97x the teacher's: 0.97 [0.96, 0.98] = 1.000x (teacher 0.97 [0.96, 0.98]): met" in text
+    assert "| lightning | full | 1 | 2 | 130 [120, 140] (125, 135) | 1.30 |" in text
+
+
+def test_render_without_intervals_decides_nothing():
+    rows = (_agg_row("teacher", 32, 100.0, None, align_ci=None, seeds=(None,))
+            + _agg_row("lightning", 4, 105.0, None, align_ci=None) + _agg_row("lightning", 2, 90.0, None, align_ci=None)
+            + _agg_row("mse", 2, 130.0, None, align_ci=None))
+    text = shapes_table.render(shapes_table.aggregate(rows), argparse.Namespace(count=300, seeds=[0]), seconds=60)
+    assert "- 4-step FID-Whole <= 1.10x the 32-step teacher's: 105 = 1.05x (teacher 100): undecided (no interval)" in text
+    assert "full method 90 vs MSE-only 130: undecided (no interval): target undecided" in text
+    targets = text.split("Targets")[1]
+    assert ": met" not in targets and ": missed" not in targets and "(decided)" not in targets

@@ -38,7 +38,8 @@ from trainer.export import is_complete  # noqa: E402
 
 CONFIG = "configs/shapes.yaml"
 TEACHER = ROOT / "assets" / "shapes_teacher"
-TEACHER_REFERENCE = ["--teacher", str(TEACHER), "--teacher-steps", "32", "--teacher-guidance", "3"]
+# the teacher at its own steps and guidance (its export.json): the reference "FID vs teacher" is measured against
+TEACHER_REFERENCE = ["--teacher", str(TEACHER)]
 ADV_STAGES = (1, 2, 3, 4)  # indices of the 32->8, 8->4, 4->2, 2->1 stages in configs/shapes.yaml
 SHARED_STAGE = "stage1_32"  # the 128->32 MSE stage (CFG teacher) is the same for every method: trained once
 # a seed run starts from seed 0's 4-step student (and its LoRA, which the 2-step stage's LoRA continues)
@@ -138,7 +139,8 @@ def evaluate(models: list[tuple], out: Path, count: int) -> list[dict]:
 def models_to_score(run_dirs: dict[str, dict[int, Path]]) -> tuple[list[tuple], dict[str, tuple]]:
     """The teacher at 128 and 32 steps, every stage of seed 0's runs, the seeded stages of the others;
     and {label: (method, variant, seed)}."""
-    models = [("teacher", TEACHER, 128, 3.0), ("teacher", TEACHER, 32, 3.0)]
+    guidance = json.loads((TEACHER / "export.json").read_text())["guidance"]
+    models = [("teacher", TEACHER, 128, guidance), ("teacher", TEACHER, 32, guidance)]
     labels = {"teacher": ("teacher", "full", None)}
     for method, by_seed in run_dirs.items():
         for seed, out in sorted(by_seed.items()):

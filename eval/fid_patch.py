@@ -99,6 +99,7 @@ def _loras(args) -> list:
 
 def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int, keep_features: bool = False):
     scores = SetScores(backend, keep_features=keep_features)
+    """The reference's scores, its first `grid_count` images, and (shapes reference) its background std."""
     grid, grain = [], []
     for images, captions in tqdm(reference.batches(batch_size), total=-(-reference.count // batch_size),
                                  desc="reference", unit="batch"):
@@ -106,8 +107,7 @@ def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_coun
         grid.extend(images[:max(0, grid_count - len(grid))])
         if reference.source == "shapes":
             grain.append(score_images(np.asarray(images), list(captions))["background_grain"] * len(images))
-    scores.background_grain = sum(grain) / reference.count if grain else None
-    return scores, grid
+    return scores, grid, (sum(grain) / reference.count if grain else None)
 
 
 def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args: argparse.Namespace, backend,
@@ -119,14 +119,15 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
     grain_sum = 0.0  # background grain (pixel std of the flat background), summed over batches
     for start in tqdm(range(0, args.count, args.batch_size), desc=desc, unit="batch"):
         idx = list(range(start, min(start + args.batch_size, args.count)))
+        batch_prompts = [prompts[i] for i in idx]
         t0 = time.perf_counter()
-        images = sampler.sample([prompts[i] for i in idx], idx, steps, guidance, args.seed)
+        images = sampler.sample(batch_prompts, idx, steps, guidance, args.seed)
         seconds += time.perf_counter() - t0
-        scores.add(images, [prompts[i] for i in idx])
+        scores.add(images, batch_prompts)
         if args.reference == "shapes":  # the one-step failure signatures, by a pixel rule
-            for key, found in failure_signatures(images, [prompts[i] for i in idx]).items():
+            for key, found in failure_signatures(images, batch_prompts).items():
                 failures[key] += int(found.sum())
-            grain_sum += score_images(images, [prompts[i] for i in idx])["background_grain"] * len(idx)
+            grain_sum += score_images(images, batch_prompts)["background_grain"] * len(idx)
         grid.extend(images[:max(0, args.grid_count - len(grid))])
     extra = {"sec_per_image": seconds / args.count}
     if args.reference == "shapes":
@@ -135,7 +136,8 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
     return scores, grid, extra
 
 
-def teacher_reference(args: argparse.Namespace, prompts: list[str], backend, keep: bool) -> SetScores:
+def teacher_reference(args: argparse.Namespace, prompts: list[str], backend, keep: bool) -> tuple[SetScores, dict]:
+    """The --teacher's scores on the rows' prompts and noise, and what was sampled (model, steps, guidance)."""
     from eval.generate import ExportSampler
 
     sampler = ExportSampler(args.teacher, None, args.device, DTYPES[args.dtype])
@@ -144,8 +146,7 @@ def teacher_reference(args: argparse.Namespace, prompts: list[str], backend, kee
         raise SystemExit(f"--teacher {args.teacher} has no export.json saying its steps: pass --teacher-steps")
     guidance = args.teacher_guidance if args.teacher_guidance is not None else sampler.default_guidance
     scores, _, _ = sample_scores(sampler, prompts, steps, guidance, args, backend, keep, desc=f"teacher {steps} steps")
-    scores.description = {"model": str(args.teacher), "steps": steps, "guidance": guidance}
-    return scores
+    return scores, {"model": str(args.teacher), "steps": steps, "guidance": guidance}
 
 
 def main(argv=None) -> int:
@@ -162,13 +163,13 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
                            device=args.device, inception_dims=args.inception_dims)
     reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts)
     keep = args.bootstrap > 0
-    ref_scores, ref_grid = score_reference(reference, backend, args.batch_size, args.grid_count, keep)
+    ref_scores, ref_grid, ref_grain = score_reference(reference, backend, args.batch_size, args.grid_count, keep)
     meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,
             "reference": args.reference, "count": args.count, "seed": args.seed,
             "reference_alignment": ref_scores.alignment().get("alignment"),
-            "reference_background_grain": ref_scores.background_grain}
+            "reference_background_grain": ref_grain}
     if args.reference == "shapes":  # the floor: other real images of the same prompts, scored like a model
-        floor_scores, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0, keep)
+        floor_scores, _, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0, keep)
         floor = floor_scores.compare(ref_scores, args.bootstrap)
         meta["floor"] = {k: v for k, v in floor.items() if k.startswith(("fid_whole", "fid_patch"))}
 
@@ -176,8 +177,7 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
     prompts = reference.prompts
     teacher_scores = None
     if args.teacher is not None:  # the second reference: the teacher's samples of the same prompts and noise
-        teacher_scores = teacher_reference(args, prompts, backend, keep)
-        meta["teacher_reference"] = teacher_scores.description
+        teacher_scores, meta["teacher_reference"] = teacher_reference(args, prompts, backend, keep)
     for m, (model_dir, lora) in enumerate(zip(args.model, _loras(args))):
         sampler = ExportSampler(model_dir, lora, args.device, DTYPES[args.dtype])
         label = args.label[m] if args.label else model_dir.name + ("+lora" if lora else "")

@@ -22,7 +22,7 @@ from trainer.export import is_complete, prediction_type_of
 from trainer.method.models import Conditioning, build_toy_unet, load_unet
 from trainer.method.phases import PhaseExport, PhaseStart, run_phase
 from trainer.method.stages import StageRunner
-from trainer.method.sampling import make_grid, make_scheduler, sample_latents, save_png, to_uint8
+from trainer.method.sampling import make_grid, make_scheduler, sample_images, save_png
 from trainer.runtime.probe import Probe
 
 DEFAULT_GRID_PROMPTS = [
@@ -172,11 +172,8 @@ class GridMaker:
     @torch.no_grad()
     def images(self, unet: torch.nn.Module, steps: int, prediction_type: str, guidance: float = 1.0) -> np.ndarray:
         self._load()
-        dtype = next(unet.parameters()).dtype
-        dev = next(unet.parameters()).device
-        latents = sample_latents(unet, make_scheduler(self.cfg.schedule, prediction_type), self._cond.to(dev),
-                                 self._noise.to(dev), steps, guidance, dtype)
-        return to_uint8(self._codec.decode(latents.float()))
+        return sample_images(unet, make_scheduler(self.cfg.schedule, prediction_type), self._cond, self._noise,
+                             self._codec, steps, guidance)
 
     def bind(self, steps: int, prediction_type: str, guidance: float = 1.0) -> Callable[[torch.nn.Module], np.ndarray]:
         return lambda unet: self(unet, steps, prediction_type, guidance)

@@ -39,6 +39,22 @@ def sample_latents(unet: torch.nn.Module, scheduler: EulerDiscreteScheduler, con
     return x
 
 
+@torch.no_grad()
+def sample_images(unet: torch.nn.Module, scheduler: EulerDiscreteScheduler, cond: Conditioning, noise: torch.Tensor,
+                  codec, steps: int, guidance: float = 1.0, batch_size: int | None = None) -> np.ndarray:
+    """uint8 [N, H, W, 3]: `cond` sampled by `unet` from `noise` where the UNet is and in its dtype, decoded by
+    `codec`; `batch_size` images at a time (None: all at once)."""
+    param = next(unet.parameters())
+    size = batch_size or len(noise)
+    out = []
+    for i in range(0, len(noise), size):
+        part = Conditioning(*(None if t is None else t[i:i + size] for t in (cond.prompt_embeds, cond.pooled, cond.time_ids)))
+        latents = sample_latents(unet, scheduler, part.to(param.device), noise[i:i + size].to(param.device), steps,
+                                 guidance, param.dtype)
+        out.append(to_uint8(codec.decode(latents.float())))
+    return np.concatenate(out)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float BCHW -> uint8 BHWC."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

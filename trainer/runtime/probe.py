@@ -22,7 +22,7 @@ from trainer.config import Config, ConfigError, ProbeConfig
 from trainer.data.loader import read_raw_samples
 from trainer.data.shards import decode_sample, list_shards, read_index
 from trainer.method.models import Conditioning, load_unet
-from trainer.method.sampling import make_grid, make_scheduler, sample_latents, to_uint8
+from trainer.method.sampling import make_grid, make_scheduler, sample_images
 
 PROBE_NOISE_SEED = 4321
 GRID_IMAGES = 16  # the probe images shown beside the curve
@@ -82,20 +82,11 @@ class Probe:
             self._backend = _feature_backend(self.cfg.probe, dev)
 
     @torch.no_grad()
-    def images(self, unet: torch.nn.Module, steps: int, prediction_type: str, guidance: float = 1.0,
-               batch_size: int = 32) -> np.ndarray:
+    def images(self, unet: torch.nn.Module, steps: int, prediction_type: str, guidance: float = 1.0) -> np.ndarray:
         """uint8 [count, H, W, 3]: the probe prompts sampled by `unet` from the probe noise."""
-        param = next(unet.parameters())
-        self._load(param.device)
-        scheduler = make_scheduler(self.cfg.schedule, prediction_type)
-        out = []
-        for i in range(0, self.cfg.probe.count, batch_size):
-            cond = Conditioning(*(None if t is None else t[i:i + batch_size].to(param.device)
-                                  for t in (self._cond.prompt_embeds, self._cond.pooled, self._cond.time_ids)))
-            latents = sample_latents(unet, scheduler, cond, self._noise[i:i + batch_size].to(param.device),
-                                     steps, guidance, param.dtype)
-            out.append(to_uint8(self._codec.decode(latents.float())))
-        return np.concatenate(out)
+        self._load(next(unet.parameters()).device)
+        return sample_images(unet, make_scheduler(self.cfg.schedule, prediction_type), self._cond, self._noise,
+                             self._codec, steps, guidance, batch_size=32)
 
     def features(self, images: np.ndarray) -> np.ndarray:
         return self._backend.whole_features(list(images))

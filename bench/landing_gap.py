@@ -1,0 +1,152 @@
+"""How much work each adversarial stage had, and whether its discriminator saw it.
+
+For every stage that distils n teacher moves into one student move, and for every timestep t of the
+student's grid: from x_t (a shard sample noised to t), the teacher's n-move jump lands at `real`, the
+student's one move at `fake`. The landing gap is |fake - real| / |real - x_t|: how far the student lands
+from its teacher, relative to the length of the move. It is measured for the student that enters the
+stage (the previous stage's export: what the stage starts from) and for the one that leaves it (the
+stage's export); a stage had work to do where the first is large, and did it where the second is smaller.
+
+Beside it, each phase's discriminator accuracy from the run's metrics (mean of (real judged real + fake
+judged fake) / 2 over the first and last fifth of the logged steps): 0.5 is a D that sees nothing.
+
+    python bench/landing_gap.py --run runs/shapes [--count 128] [--out bench/results/landing_gap.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/landing_gap.py` from a clone
+    sys.path.insert(0, str(ROOT))
+
+from trainer.config import load_config  # noqa: E402
+from trainer.data.loader import read_raw_samples  # noqa: E402
+from trainer.data.shards import decode_sample, list_shards, read_index  # noqa: E402
+from trainer.export import prediction_type_of  # noqa: E402
+from trainer.method.models import Conditioning, guided_denoiser, load_unet, unet_forward  # noqa: E402
+from trainer.method.schedule import (NoiseSchedule, move, next_timestep, teacher_jump,  # noqa: E402
+                                     trailing_timesteps)
+
+NOISE_SEED = 1234
+
+
+def shard_samples(shard_dir: Path, count: int) -> tuple[torch.Tensor, Conditioning]:
+    """The first `count` samples of the shards: latents and their text conditioning (float32)."""
+    index = read_index(shard_dir)
+    rows: list[dict] = []
+    for shard in list_shards(shard_dir):
+        samples, error = read_raw_samples(shard)
+        if error:
+            raise ValueError(f"cannot read {shard}: {error}")
+        rows += [decode_sample(raw, index["shapes"], shard) for raw in samples[:count - len(rows)]]
+        if len(rows) == count:
+            break
+    if len(rows) < count:
+        raise ValueError(f"--count {count}: the shards in {shard_dir} hold {len(rows)} samples")
+    stack = lambda key: torch.stack([r[key].float() for r in rows]) if key in rows[0] else None
+    return stack("latent"), Conditioning(stack("prompt_embeds"), stack("pooled"), stack("time_ids"))
+
+
+@torch.no_grad()
+def landing_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, latents: torch.Tensor,
+                 cond: Conditioning, student_steps: int, teacher_steps: int, fallback_pred: str) -> dict[int, float]:
+    """{t: mean over samples of |student move - teacher jump| / |teacher jump - x_t|} on the student's grid."""
+    student, teacher = load_unet(student_dir).eval(), load_unet(teacher_dir).eval()
+    student_pred = prediction_type_of(student_dir, fallback_pred)
+    teacher_pred = prediction_type_of(teacher_dir, fallback_pred)
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    noise = torch.randn(latents.shape, generator=gen)
+    gaps = {}
+    for t_value in trailing_timesteps(student_steps, schedule.num_train_timesteps):
+        t = torch.full((latents.shape[0],), t_value, dtype=torch.long)
+        t_next = next_timestep(t, student_steps, schedule.num_train_timesteps)
+        x_t = schedule.add_noise(latents, noise, t)
+        real = teacher_jump(schedule, guided_denoiser(teacher, cond, 1.0), x_t, t, teacher_steps // student_steps,
+                            teacher_steps, teacher_pred)
+        fake = move(schedule, unet_forward(student, x_t, t, cond), x_t, t, t_next, student_pred)
+        per_sample = (fake - real).flatten(1).norm(dim=1) / (real - x_t).flatten(1).norm(dim=1)
+        gaps[t_value] = float(per_sample.mean())
+    return gaps
+
+
+def disc_accuracy(job_dir: Path) -> list[dict]:
+    """Per phase of a stage: D's mean accuracy over the first and the last fifth of its logged steps."""
+    rows = []
+    for metrics in sorted(job_dir.glob("*/tb/metrics.jsonl")):
+        phase = metrics.parent.parent.name
+        logs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        acc = [(r[f"{phase}/d_acc_real"] + r[f"{phase}/d_acc_fake"]) / 2 for r in logs
+               if f"{phase}/d_acc_real" in r]
+        if not acc:
+            continue
+        fifth = max(1, len(acc) // 5)
+        rows.append({"phase": phase, "first": float(np.mean(acc[:fifth])), "last": float(np.mean(acc[-fifth:])),
+                     "logged": len(acc)})
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a finished run's out_dir (holds config.yaml)")
+    parser.add_argument("--count", type=int, default=128, help="shard samples per timestep")
+    parser.add_argument("--out", type=Path, help="write the table here (.md) and beside it the .json")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.run / "config.yaml", check_paths=False)
+    schedule = NoiseSchedule.from_config(cfg.schedule)
+    latents, cond = shard_samples(args.run / "shards", args.count)
+    exports = args.run / "exports"
+    result = {"run": str(args.run), "count": args.count, "stages": []}
+    previous = None
+    for stage in cfg.stages:
+        after = exports / stage.name
+        if stage.objective != "mse" and previous is not None and after.is_dir():
+            fallback = cfg.model.prediction_type
+            entry = {"stage": stage.name, "student_steps": stage.student_steps, "teacher_steps": stage.teacher_steps,
+                     "before": landing_gaps(previous, previous, schedule, latents, cond, stage.student_steps,
+                                            stage.teacher_steps, fallback),
+                     "after": landing_gaps(after, previous, schedule, latents, cond, stage.student_steps,
+                                           stage.teacher_steps, fallback),
+                     "disc": disc_accuracy(args.run / "jobs" / stage.name)}
+            result["stages"].append(entry)
+            print(f"{stage.name}: gap before {np.mean(list(entry['before'].values())):.3f} "
+                  f"after {np.mean(list(entry['after'].values())):.3f}", flush=True)
+        previous = after
+
+    table = render(result)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def render(result: dict) -> str:
+    lines = [f"# Landing gap and D's accuracy per adversarial stage ({result['count']} shard samples per timestep)",
+             "", "Gap: |student's move - teacher's n-move jump| / |the jump's length|, per timestep of the student's "
+             "grid; before = the student entering the stage, after = its export.", "",
+             "| stage | moves distilled | timestep | gap before | gap after |", "|---|---|---|---|---|"]
+    for s in result["stages"]:
+        moves = s["teacher_steps"] // s["student_steps"]
+        for t in s["before"]:
+            lines.append(f"| {s['stage']} | {moves} -> 1 | {t} | {s['before'][t]:.3f} | {s['after'][t]:.3f} |")
+        lines.append(f"| {s['stage']} | | **mean** | **{np.mean(list(s['before'].values())):.3f}** | "
+                     f"**{np.mean(list(s['after'].values())):.3f}** |")
+    lines += ["", "D's accuracy ((real judged real + fake judged fake) / 2; 0.5 = blind), first and last fifth of each "
+              "phase's logged steps:", "", "| phase | first | last | logged steps |", "|---|---|---|---|"]
+    for s in result["stages"]:
+        for d in s["disc"]:
+            lines.append(f"| {d['phase']} | {d['first']:.3f} | {d['last']:.3f} | {d['logged']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

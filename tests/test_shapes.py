@@ -91,3 +91,23 @@ def test_pixels_show_the_captioned_colour_in_the_captioned_place(resolution):
             rows = slice(0, int(half)) if vertical == "top" else slice(int(half), None)
             cols = slice(0, int(half)) if horizontal == "left" else slice(int(half), None)
             assert coverage[rows, cols].sum() == pytest.approx(coverage.sum()), item.caption
+
+
+def test_position_left_out_of_a_fraction_of_the_captions_changes_nothing_else():
+    full, half = ShapesDataset(400, seed=3), ShapesDataset(400, seed=3, position_in_caption=0.5)
+    short = 0
+    for i in range(400):
+        a, b = full[i], half[i]
+        assert np.array_equal(a.image, b.image) and (a.shape, a.colour, a.position) == (b.shape, b.colour, b.position)
+        if b.caption == f"a {b.colour} {b.shape}":
+            short += 1
+        else:
+            assert b.caption == a.caption
+    assert 160 <= short <= 240  # ~half, binomial(400, 0.5) within ~4 sd
+    assert all(ShapesDataset(50, seed=3, position_in_caption=0.0)[i].caption.count(" at ") == 0 for i in range(50))
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_position_in_caption_out_of_range_is_refused(fraction):
+    with pytest.raises(ValueError, match="position_in_caption"):
+        ShapesDataset(10, position_in_caption=fraction)

@@ -92,6 +92,9 @@ class ShapesDataConfig:
     seed: int = 0
     resolution: int = 32
     samples_per_shard: int = 1000
+    # The fraction of captions that name the shape's position; the rest ("a red ring") leave it to the
+    # model: five modes per caption, curved trajectories, work for the adversarial stages (trainer/data/shapes.py)
+    position_in_caption: float = 1.0
 
 
 DATA_SOURCES = ("shards", "shapes")
@@ -126,6 +129,8 @@ class DataConfig:
             fail("data.source", f"'{self.source}' is not one of {', '.join(DATA_SOURCES)}")
         if self.source == "shapes" and self.shapes.count < 1:
             fail("data.shapes.count", "must be positive")
+        if not 0.0 <= self.shapes.position_in_caption <= 1.0:
+            fail("data.shapes.position_in_caption", "must be in [0, 1]")
 
 
 @dataclass

@@ -83,9 +83,9 @@ def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
         from trainer.data.encoders import load_encoders
 
         shapes = cfg.data.shapes
-        encode_to_shards(load_encoders(base), iter_shapes(shapes.count, shapes.seed, shapes.resolution), shard_dir,
-                         resolution=shapes.resolution, samples_per_shard=shapes.samples_per_shard,
-                         dtype=cfg.data.dtype, total=shapes.count)
+        items = iter_shapes(shapes.count, shapes.seed, shapes.resolution, shapes.position_in_caption)
+        encode_to_shards(load_encoders(base), items, shard_dir, resolution=shapes.resolution,
+                         samples_per_shard=shapes.samples_per_shard, dtype=cfg.data.dtype, total=shapes.count)
 
     solo(f"encoding the shapes dataset into {shard_dir}", encode)
     return shard_dir

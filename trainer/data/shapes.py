@@ -3,6 +3,10 @@
 Every item is a coloured shape on a flat dark background with a caption that names its shape,
 colour and position ("a red ring at top left"). An item depends only on (seed, index), so any
 item can be regenerated on its own, by any worker, in any order.
+
+`position_in_caption` < 1 leaves the position out of that fraction of the captions ("a red ring"): the
+shape is still drawn at one of the five positions, so such a caption has five modes, and a few-step
+student that cannot follow its teacher's curved trajectory blends them (the paper's "second copy").
 """
 
 from __future__ import annotations
@@ -55,9 +59,9 @@ class ShapeSample:
     position: str
 
 
-def make_caption(shape: str, colour: str, position: str) -> str:
-    """The one caption template: "a {colour} {shape} at {position}"."""
-    return f"a {colour} {shape} at {position}"
+def make_caption(shape: str, colour: str, position: str | None) -> str:
+    """The caption template: "a {colour} {shape} at {position}", or "a {colour} {shape}" without a position."""
+    return f"a {colour} {shape}" if position is None else f"a {colour} {shape} at {position}"
 
 
 def parse_caption(caption: str) -> tuple[str, str, str]:
@@ -113,14 +117,17 @@ def render_shape(shape: str, colour: str, position: str, resolution: int,
 class ShapesDataset:
     """`count` captioned shapes; item i depends only on (seed, i)."""
 
-    def __init__(self, count: int, seed: int = 0, resolution: int = 32):
+    def __init__(self, count: int, seed: int = 0, resolution: int = 32, position_in_caption: float = 1.0):
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if resolution < 16:
             raise ValueError(f"resolution must be >= 16 px, got {resolution}")
+        if not 0.0 <= position_in_caption <= 1.0:
+            raise ValueError(f"position_in_caption must be in [0, 1], got {position_in_caption}")
         self.count = count
         self.seed = seed
         self.resolution = resolution
+        self.position_in_caption = position_in_caption
 
     def __len__(self) -> int:
         return self.count
@@ -139,4 +146,6 @@ class ShapesDataset:
         room = min(MAX_JITTER, 0.25 - size_fraction / 2 - EDGE_MARGIN)
         jitter = (rng.uniform(-room, room), rng.uniform(-room, room))
         image = render_shape(shape, colour, position, self.resolution, size_fraction, jitter)
-        return ShapeSample(image, make_caption(shape, colour, position), shape, colour, position)
+        # Drawn last and only when asked for: the default dataset stays item for item what it was.
+        named = self.position_in_caption == 1.0 or rng.uniform() < self.position_in_caption
+        return ShapeSample(image, make_caption(shape, colour, position if named else None), shape, colour, position)

@@ -10,7 +10,13 @@ stage's export); a stage had work to do where the first is large, and did it whe
 Beside it, each phase's discriminator accuracy from the run's metrics (mean of (real judged real + fake
 judged fake) / 2 over the first and last fifth of the logged steps): 0.5 is a D that sees nothing.
 
+With --curvature the same measure is taken of one model against itself: its one move against its own two
+half-moves, at 8, 4, 2 and 1 steps. That is how curved the model's trajectories are, and so how much work
+any distillation of it has; it is reported for all samples and separately by whether the caption names the
+shape's position (data.shapes.position_in_caption < 1 leaves it out of some).
+
     python bench/landing_gap.py --run runs/shapes [--count 128] [--out bench/results/landing_gap.md]
+    python bench/landing_gap.py --run runs/shapes --curvature assets/shapes_teacher [--out ...]
 """
 from __future__ import annotations
 
@@ -37,8 +43,9 @@ from trainer.method.schedule import (NoiseSchedule, move, next_timestep, teacher
 NOISE_SEED = 1234
 
 
-def shard_samples(shard_dir: Path, count: int) -> tuple[torch.Tensor, Conditioning]:
-    """The first `count` samples of the shards: latents and their text conditioning (float32)."""
+def shard_samples(shard_dir: Path, count: int, captions: list | None = None) -> tuple[torch.Tensor, Conditioning]:
+    """The first `count` samples of the shards: latents and their text conditioning (float32); their
+    captions are appended to `captions` when given."""
     index = read_index(shard_dir)
     rows: list[dict] = []
     for shard in list_shards(shard_dir):
@@ -50,14 +57,24 @@ def shard_samples(shard_dir: Path, count: int) -> tuple[torch.Tensor, Conditioni
             break
     if len(rows) < count:
         raise ValueError(f"--count {count}: the shards in {shard_dir} hold {len(rows)} samples")
+    if captions is not None:
+        captions += [r["caption"] for r in rows]
     stack = lambda key: torch.stack([r[key].float() for r in rows]) if key in rows[0] else None
     return stack("latent"), Conditioning(stack("prompt_embeds"), stack("pooled"), stack("time_ids"))
 
 
-@torch.no_grad()
 def landing_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, latents: torch.Tensor,
                  cond: Conditioning, student_steps: int, teacher_steps: int, fallback_pred: str) -> dict[int, float]:
     """{t: mean over samples of |student move - teacher jump| / |teacher jump - x_t|} on the student's grid."""
+    per_sample = sample_gaps(student_dir, teacher_dir, schedule, latents, cond, student_steps, teacher_steps,
+                             fallback_pred)
+    return {t: float(g.mean()) for t, g in per_sample.items()}
+
+
+@torch.no_grad()
+def sample_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, latents: torch.Tensor,
+                cond: Conditioning, student_steps: int, teacher_steps: int, fallback_pred: str) -> dict[int, torch.Tensor]:
+    """{t: the landing gap of every sample [N]} on the student's grid."""
     student, teacher = load_unet(student_dir).eval(), load_unet(teacher_dir).eval()
     student_pred = prediction_type_of(student_dir, fallback_pred)
     teacher_pred = prediction_type_of(teacher_dir, fallback_pred)
@@ -71,8 +88,7 @@ def landing_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, 
         real = teacher_jump(schedule, guided_denoiser(teacher, cond, 1.0), x_t, t, teacher_steps // student_steps,
                             teacher_steps, teacher_pred)
         fake = move(schedule, unet_forward(student, x_t, t, cond), x_t, t, t_next, student_pred)
-        per_sample = (fake - real).flatten(1).norm(dim=1) / (real - x_t).flatten(1).norm(dim=1)
-        gaps[t_value] = float(per_sample.mean())
+        gaps[t_value] = (fake - real).flatten(1).norm(dim=1) / (real - x_t).flatten(1).norm(dim=1)
     return gaps
 
 
@@ -96,12 +112,17 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished run's out_dir (holds config.yaml)")
     parser.add_argument("--count", type=int, default=128, help="shard samples per timestep")
+    parser.add_argument("--curvature", type=Path, metavar="MODEL",
+                        help="instead: MODEL's one move against its own two half-moves at 8, 4, 2 and 1 steps")
     parser.add_argument("--out", type=Path, help="write the table here (.md) and beside it the .json")
     args = parser.parse_args(argv)
 
     cfg = load_config(args.run / "config.yaml", check_paths=False)
     schedule = NoiseSchedule.from_config(cfg.schedule)
-    latents, cond = shard_samples(args.run / "shards", args.count)
+    captions: list[str] = []
+    latents, cond = shard_samples(args.run / "shards", args.count, captions)
+    if args.curvature:
+        return curvature_report(args, cfg, schedule, latents, cond, captions)
     exports = args.run / "exports"
     result = {"run": str(args.run), "count": args.count, "stages": []}
     previous = None
@@ -121,6 +142,36 @@ def main(argv=None) -> dict:
         previous = after
 
     table = render(result)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def curvature_report(args, cfg, schedule, latents, cond, captions) -> dict:
+    named = torch.tensor([" at " in c for c in captions])
+    result = {"model": str(args.curvature), "run": str(args.run), "count": args.count,
+              "named_position": int(named.sum()), "steps": {}}
+    for steps in (8, 4, 2, 1):
+        gaps = sample_gaps(args.curvature, args.curvature, schedule, latents, cond, steps, 2 * steps,
+                           cfg.model.prediction_type)
+        every = torch.stack(list(gaps.values()))  # [timesteps, N]
+        row = {"all": float(every.mean())}
+        for name, mask in (("position named", named), ("position left out", ~named)):
+            row[name] = float(every[:, mask].mean()) if mask.any() else None
+        result["steps"][steps] = row
+        print(f"{steps} steps: {row}", flush=True)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = [f"# Trajectory curvature of {args.curvature} ({args.count} samples of {args.run / 'shards'}, "
+             f"{result['named_position']} with the position in the caption)", "",
+             "One move against the model's own two half-moves, |difference| / |the two moves' length|, "
+             "mean over the grid's timesteps and the samples.", "",
+             "| steps | all | position named | position left out |", "|---|---|---|---|"]
+    for steps, row in result["steps"].items():
+        lines.append(f"| {steps} | {fmt(row['all'])} | {fmt(row['position named'])} | {fmt(row['position left out'])} |")
+    table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,3 +38,15 @@ def test_report_of_the_smoke_progression(smoke_run, tmp_path):
         "stage2_8.0_adv_cond_lora", "stage2_8.1_adv_uncond_lora", "stage2_8.2_adv_uncond"]
     assert "| stage2_8 | 4 -> 1 | 999 |" in out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["count"] == 4
+
+
+def test_curvature_of_a_model_against_its_own_half_moves(smoke_run, tmp_path):
+    out = tmp_path / "curvature.md"
+    result = landing_gap.main(["--run", str(smoke_run), "--count", "4", "--curvature",
+                               str(smoke_run / "exports" / "teacher"), "--out", str(out)])
+    assert list(result["steps"]) == [8, 4, 2, 1]
+    assert result["named_position"] == 4  # the smoke data names every position
+    for row in result["steps"].values():
+        assert math.isfinite(row["all"]) and row["all"] > 0
+        assert row["position named"] == row["all"] and row["position left out"] is None
+    assert "| 1 |" in out.read_text()

@@ -36,6 +36,7 @@ from trainer.config import load_config  # noqa: E402
 from trainer.data.loader import read_raw_samples  # noqa: E402
 from trainer.data.shards import decode_sample, list_shards, read_index  # noqa: E402
 from trainer.export import prediction_type_of  # noqa: E402
+from trainer.method.methods import implied_x0  # noqa: E402
 from trainer.method.models import Conditioning, guided_denoiser, load_unet, unet_forward  # noqa: E402
 from trainer.method.schedule import (NoiseSchedule, move, next_timestep, teacher_jump,  # noqa: E402
                                      trailing_timesteps)
@@ -68,13 +69,15 @@ def landing_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, 
     """{t: mean over samples of |student move - teacher jump| / |teacher jump - x_t|} on the student's grid."""
     per_sample = sample_gaps(student_dir, teacher_dir, schedule, latents, cond, student_steps, teacher_steps,
                              fallback_pred)
-    return {t: float(g.mean()) for t, g in per_sample.items()}
+    return {t: float(g["gap"].mean()) for t, g in per_sample.items()}
 
 
 @torch.no_grad()
 def sample_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, latents: torch.Tensor,
-                cond: Conditioning, student_steps: int, teacher_steps: int, fallback_pred: str) -> dict[int, torch.Tensor]:
-    """{t: the landing gap of every sample [N]} on the student's grid."""
+                cond: Conditioning, student_steps: int, teacher_steps: int, fallback_pred: str) -> dict[int, dict]:
+    """{t: {"gap": every sample's landing gap [N], "x0_rms": the RMS difference [N] between the x0 that the two
+    landings imply (in the latent's units; the toy's latent is its pixels in [-1, 1])}} on the student's grid.
+    The gap is relative to a move that is mostly noise at high t; x0_rms shows what the image would lose."""
     student, teacher = load_unet(student_dir).eval(), load_unet(teacher_dir).eval()
     student_pred = prediction_type_of(student_dir, fallback_pred)
     teacher_pred = prediction_type_of(teacher_dir, fallback_pred)
@@ -88,7 +91,9 @@ def sample_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, l
         real = teacher_jump(schedule, guided_denoiser(teacher, cond, 1.0), x_t, t, teacher_steps // student_steps,
                             teacher_steps, teacher_pred)
         fake = move(schedule, unet_forward(student, x_t, t, cond), x_t, t, t_next, student_pred)
-        gaps[t_value] = (fake - real).flatten(1).norm(dim=1) / (real - x_t).flatten(1).norm(dim=1)
+        gap = (fake - real).flatten(1).norm(dim=1) / (real - x_t).flatten(1).norm(dim=1)
+        x0_diff = implied_x0(schedule, x_t, fake, t, t_next) - implied_x0(schedule, x_t, real, t, t_next)
+        gaps[t_value] = {"gap": gap, "x0_rms": x0_diff.flatten(1).pow(2).mean(dim=1).sqrt()}
     return gaps
 
 
@@ -157,20 +162,26 @@ def curvature_report(args, cfg, schedule, latents, cond, captions) -> dict:
     for steps in (8, 4, 2, 1):
         gaps = sample_gaps(args.curvature, args.curvature, schedule, latents, cond, steps, 2 * steps,
                            cfg.model.prediction_type)
-        every = torch.stack(list(gaps.values()))  # [timesteps, N]
-        row = {"all": float(every.mean())}
-        for name, mask in (("position named", named), ("position left out", ~named)):
-            row[name] = float(every[:, mask].mean()) if mask.any() else None
+        row = {}
+        for measure in ("gap", "x0_rms"):
+            every = torch.stack([g[measure] for g in gaps.values()])  # [timesteps, N]
+            suffix = "" if measure == "gap" else " x0_rms"
+            row["all" + suffix] = float(every.mean())
+            for name, mask in (("position named", named), ("position left out", ~named)):
+                row[name + suffix] = float(every[:, mask].mean()) if mask.any() else None
         result["steps"][steps] = row
         print(f"{steps} steps: {row}", flush=True)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     lines = [f"# Trajectory curvature of {args.curvature} ({args.count} samples of {args.run / 'shards'}, "
              f"{result['named_position']} with the position in the caption)", "",
-             "One move against the model's own two half-moves, |difference| / |the two moves' length|, "
-             "mean over the grid's timesteps and the samples.", "",
-             "| steps | all | position named | position left out |", "|---|---|---|---|"]
+             "One move against the model's own two half-moves: |difference| / |the two moves' length| (gap), and "
+             "the RMS difference of the x0 the two landings imply, x 127.5 (x0 RMS: /255 for the toy's pixel "
+             "latent); means over the grid's timesteps and the samples.", "",
+             "| steps | gap: all | named | left out | x0 RMS: all | named | left out |", "|---|---|---|---|---|---|---|"]
     for steps, row in result["steps"].items():
-        lines.append(f"| {steps} | {fmt(row['all'])} | {fmt(row['position named'])} | {fmt(row['position left out'])} |")
+        x0 = lambda key: "-" if row[key] is None else f"{127.5 * row[key]:.1f}"
+        lines.append(f"| {steps} | {fmt(row['all'])} | {fmt(row['position named'])} | {fmt(row['position left out'])} "
+                     f"| {x0('all x0_rms')} | {x0('position named x0_rms')} | {x0('position left out x0_rms')} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

@@ -49,4 +49,5 @@ def test_curvature_of_a_model_against_its_own_half_moves(smoke_run, tmp_path):
     for row in result["steps"].values():
         assert math.isfinite(row["all"]) and row["all"] > 0
         assert row["position named"] == row["all"] and row["position left out"] is None
+        assert math.isfinite(row["all x0_rms"]) and row["all x0_rms"] > 0
     assert "| 1 |" in out.read_text()

@@ -33,8 +33,7 @@ if str(ROOT) not in sys.path:  # `python bench/landing_gap.py` from a clone
     sys.path.insert(0, str(ROOT))
 
 from trainer.config import load_config  # noqa: E402
-from trainer.data.loader import read_raw_samples  # noqa: E402
-from trainer.data.shards import decode_sample, list_shards, read_index  # noqa: E402
+from trainer.data.loader import collate, first_samples  # noqa: E402
 from trainer.export import prediction_type_of  # noqa: E402
 from trainer.method.methods import implied_x0  # noqa: E402
 from trainer.method.models import Conditioning, guided_denoiser, load_unet, unet_forward  # noqa: E402
@@ -47,21 +46,13 @@ NOISE_SEED = 1234
 def shard_samples(shard_dir: Path, count: int, captions: list | None = None) -> tuple[torch.Tensor, Conditioning]:
     """The first `count` samples of the shards: latents and their text conditioning (float32); their
     captions are appended to `captions` when given."""
-    index = read_index(shard_dir)
-    rows: list[dict] = []
-    for shard in list_shards(shard_dir):
-        samples, error = read_raw_samples(shard)
-        if error:
-            raise ValueError(f"cannot read {shard}: {error}")
-        rows += [decode_sample(raw, index["shapes"], shard) for raw in samples[:count - len(rows)]]
-        if len(rows) == count:
-            break
+    rows = first_samples(shard_dir, count)
     if len(rows) < count:
         raise ValueError(f"--count {count}: the shards in {shard_dir} hold {len(rows)} samples")
+    batch = collate(rows)
     if captions is not None:
-        captions += [r["caption"] for r in rows]
-    stack = lambda key: torch.stack([r[key].float() for r in rows]) if key in rows[0] else None
-    return stack("latent"), Conditioning(stack("prompt_embeds"), stack("pooled"), stack("time_ids"))
+        captions += batch["caption"]
+    return batch["latent"].float(), Conditioning.from_batch(batch).to(dtype=torch.float32)
 
 
 def landing_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, latents: torch.Tensor,
@@ -78,7 +69,8 @@ def sample_gaps(student_dir: Path, teacher_dir: Path, schedule: NoiseSchedule, l
     """{t: {"gap": every sample's landing gap [N], "x0_rms": the RMS difference [N] between the x0 that the two
     landings imply (in the latent's units; the toy's latent is its pixels in [-1, 1])}} on the student's grid.
     The gap is relative to a move that is mostly noise at high t; x0_rms shows what the image would lose."""
-    student, teacher = load_unet(student_dir).eval(), load_unet(teacher_dir).eval()
+    student = load_unet(student_dir).eval()
+    teacher = student if Path(teacher_dir) == Path(student_dir) else load_unet(teacher_dir).eval()
     student_pred = prediction_type_of(student_dir, fallback_pred)
     teacher_pred = prediction_type_of(teacher_dir, fallback_pred)
     gen = torch.Generator().manual_seed(NOISE_SEED)
@@ -146,13 +138,7 @@ def main(argv=None) -> dict:
                   f"after {np.mean(list(entry['after'].values())):.3f}", flush=True)
         previous = after
 
-    table = render(result)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return publish(render(result), result, args.out)
 
 
 def curvature_report(args, cfg, schedule, latents, cond, captions) -> dict:
@@ -182,12 +168,16 @@ def curvature_report(args, cfg, schedule, latents, cond, captions) -> dict:
         x0 = lambda key: "-" if row[key] is None else f"{127.5 * row[key]:.1f}"
         lines.append(f"| {steps} | {fmt(row['all'])} | {fmt(row['position named'])} | {fmt(row['position left out'])} "
                      f"| {x0('all x0_rms')} | {x0('position named x0_rms')} | {x0('position left out x0_rms')} |")
-    table = "\n".join(lines) + "\n"
+    return publish("\n".join(lines) + "\n", result, args.out)
+
+
+def publish(table: str, result: dict, out: Path | None) -> dict:
+    """Prints the table; with `out`, writes it there and the result beside it as .json."""
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -41,7 +41,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.runtime.preemption import ignore_in_worker as ignore_stop_signals
-from trainer.data.shards import BadSample, decode_sample, read_index
+from trainer.data.shards import BadSample, decode_sample, list_shards, read_index
 from trainer.data.tarscan import read_plain_shard
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,21 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch["caption"] = [sample["caption"] for sample in samples]
     batch["keys"] = [sample["key"] for sample in samples]
     return batch
+
+
+def first_samples(shard_dir: Union[str, Path], count: int) -> list[dict[str, Any]]:
+    """The first `count` samples of the shards in index order, decoded (fewer if the shards hold fewer): the
+    fixed sample sets of the probe and the benchmarks. A shard that cannot be read is an error naming it."""
+    index = read_index(shard_dir)
+    rows: list[dict[str, Any]] = []
+    for shard in list_shards(shard_dir):
+        if len(rows) == count:
+            break
+        samples, error = read_raw_samples(shard)
+        if error:
+            raise ValueError(f"cannot read {shard}: {error}")
+        rows += [decode_sample(raw, index["shapes"], shard) for raw in samples[:count - len(rows)]]
+    return rows
 
 
 class ShardStream(IterableDataset):

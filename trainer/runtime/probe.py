@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from trainer.config import Config, ConfigError, ProbeConfig
-from trainer.data.loader import read_raw_samples
-from trainer.data.shards import decode_sample, list_shards, read_index
+from trainer.data.loader import collate, first_samples
 from trainer.method.models import Conditioning, load_unet
 from trainer.method.sampling import make_grid, make_scheduler, sample_images
 
@@ -39,19 +38,13 @@ def flattened(history: list[float], patience: int, min_improvement: float) -> bo
 
 def probe_conditioning(shard_dir: Path, count: int) -> Conditioning:
     """The text conditioning of the first `count` samples of the shards, in index order (float32, CPU)."""
-    index = read_index(shard_dir)
-    rows: list[dict] = []
-    for shard in list_shards(shard_dir):
-        samples, error = read_raw_samples(shard)
-        if error:
-            raise ValueError(f"probe: cannot read {shard}: {error}")
-        rows += [decode_sample(raw, index["shapes"], shard) for raw in samples[:count - len(rows)]]
-        if len(rows) == count:
-            break
+    try:
+        rows = first_samples(shard_dir, count)
+    except ValueError as err:
+        raise ValueError(f"probe: {err}") from None
     if len(rows) < count:
         raise ConfigError(f"probe.count: {count} images asked, the shards in {shard_dir} hold {len(rows)}")
-    stack = lambda key: torch.stack([r[key].float() for r in rows]) if key in rows[0] else None
-    return Conditioning(stack("prompt_embeds"), stack("pooled"), stack("time_ids"))
+    return Conditioning.from_batch(collate(rows)).to(dtype=torch.float32)
 
 
 def _feature_backend(cfg: ProbeConfig, dev: torch.device):

@@ -12,7 +12,9 @@ diffusers objects (eval.generate), and scores them (eval.scoring) with the chose
              (n/a where images are smaller than that input),
   alignment  shapes: attribute accuracy of the shapes classifier; inception: CLIP score (--clip),
   and with the shapes reference the share of images with a second copy of the shape or a filled shape
-  drawn hollow (eval/pixel_scores.py failure_signatures).
+  drawn hollow (eval/pixel_scores.py failure_signatures); with --position-in-caption below 1 (data whose
+  captions leave the position out, so a prompt has five modes) also those shares over the position-free
+  prompts alone (`<failure>_rate_position_free`), where a blend of modes shows as a second copy.
 Writes to --out: results.json, results.md, grid.png (reference row + one row per model and step count,
 same prompts and noise), fid_vs_steps.png, and a TensorBoard event file under tb/.
 """
@@ -37,6 +39,7 @@ from eval.reference import REFERENCE_SEED, ReferenceSet  # noqa: E402
 from eval.report import markdown_table, update_model_card, write_results  # noqa: E402
 from eval.scoring import SetScores  # noqa: E402
 from eval.tensorboard_log import write_eval_tensorboard  # noqa: E402
+from trainer.data.shapes import parse_caption  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", required=True, help="'shapes' or a folder of images (+ name.txt captions)")
     p.add_argument("--prompts", type=Path, default=None, help="prompts file, one a line (default: the reference's captions)")
     p.add_argument("--reference-resolution", type=int, default=32, help="shapes reference image size")
+    p.add_argument("--position-in-caption", type=float, default=1.0,
+                   help="shapes reference: the share of captions naming the position (the data's "
+                        "data.shapes.position_in_caption)")
     p.add_argument("--backend", choices=("shapes", "inception"), default="shapes")
     p.add_argument("--classifier", type=Path, default=None, help="shapes classifier (default: assets/shapes_classifier.safetensors)")
     p.add_argument("--inception", type=Path, default=None, help="pt_inception-2015-12-05-6726825d.pth (inception backend)")
@@ -116,6 +122,7 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
     images' failure counts and background grain where the reference is the shapes set."""
     scores, grid, seconds = SetScores(backend, keep_features=keep), [], 0.0
     failures = {"second_copy": 0, "hollow_fill": 0}
+    failures_free, free_count = dict.fromkeys(failures, 0), 0  # over the prompts that name no position
     grain_sum = 0.0  # background grain (pixel std of the flat background), summed over batches
     for start in tqdm(range(0, args.count, args.batch_size), desc=desc, unit="batch"):
         idx = list(range(start, min(start + args.batch_size, args.count)))
@@ -125,13 +132,19 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
         seconds += time.perf_counter() - t0
         scores.add(images, batch_prompts)
         if args.reference == "shapes":  # the one-step failure signatures, by a pixel rule
+            free = np.array([parse_caption(p)[2] is None for p in batch_prompts])
+            free_count += int(free.sum())
             for key, found in failure_signatures(images, batch_prompts).items():
                 failures[key] += int(found.sum())
+                failures_free[key] += int(found[free].sum())
             grain_sum += score_images(images, batch_prompts)["background_grain"] * len(idx)
         grid.extend(images[:max(0, args.grid_count - len(grid))])
     extra = {"sec_per_image": seconds / args.count}
     if args.reference == "shapes":
         extra.update({f"{k}_rate": v / args.count for k, v in failures.items()})
+        if free_count:
+            extra.update({f"{k}_rate_position_free": v / free_count for k, v in failures_free.items()})
+            extra["position_free_count"] = free_count
         extra["background_grain"] = grain_sum / args.count
     return scores, grid, extra
 
@@ -161,7 +174,8 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
 
     backend = make_backend(args.backend, classifier=args.classifier, inception=args.inception, clip=args.clip,
                            device=args.device, inception_dims=args.inception_dims)
-    reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts)
+    reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts,
+                             position_in_caption=args.position_in_caption)
     keep = args.bootstrap > 0
     ref_scores, ref_grid, ref_grain = score_reference(reference, backend, args.batch_size, args.grid_count, keep)
     meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,

@@ -1,7 +1,8 @@
 """Transparent pixel-level scores for generated shapes images (no learned model involved):
 
 - colour accuracy: the mean colour of the saturated pixels is nearest to the caption's colour,
-- position accuracy: the saturated pixels' centroid lies in the caption's region,
+- position accuracy: the saturated pixels' centroid lies in the caption's region (over the captions that
+  name one),
 - background grain: the standard deviation of the unsaturated (background) pixels, in 0..255 units
   (the dataset's background is a constant, so 0 is perfect),
 - edge sharpness: mean gradient magnitude over the shape's boundary band (blur lowers it),
@@ -52,14 +53,16 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
         mean = image[mask].mean(0)
         colour_ok += names[int(np.argmin(((colours - mean) ** 2).sum(1)))] == colour
         ys, xs = np.nonzero(mask)
-        position_ok += _region((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h) == position
+        if position is not None:
+            position_ok += _region((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h) == position
         lum = image.mean(-1)
         gy, gx = np.gradient(lum)
         edge = mask ^ np.roll(mask, 1, 0) | mask ^ np.roll(mask, 1, 1)
         if edge.any():
             sharp.append(float(np.hypot(gx, gy)[edge].mean()))
     n = len(captions)
-    return {"colour_acc": colour_ok / n, "position_acc": position_ok / n,
+    named_total = sum(parse_caption(c)[2] is not None for c in captions)
+    return {"colour_acc": colour_ok / n, "position_acc": position_ok / named_total if named_total else float("nan"),
             "background_grain": float(np.mean(grain)) if grain else float("nan"),
             "edge_sharpness": float(np.mean(sharp)) if sharp else float("nan"), "count": n}
 

@@ -25,6 +25,7 @@ def _with_interval(row: dict, key: str) -> str:
 
 # the shapes reference only: pixel rules (eval/pixel_scores.py)
 FAILURE_COLUMNS = [("second_copy_rate", "second copy"), ("hollow_fill_rate", "hollow fill"),
+                   ("second_copy_rate_position_free", "second copy, position-free prompts"),
                    ("background_grain", "background std /255")]
 
 

@@ -73,13 +73,17 @@ class ShapesClassifier(nn.Module):
         return {name: head(f) for name, head in self.heads.items()}
 
 
+ANY_POSITION = -1  # label of a caption without a position: every predicted position matches it
+
+
 def labels_of(samples) -> torch.Tensor:
     """[N,3] class indices (shape, colour, position) for objects with .shape/.colour/.position or
-    (shape, colour, position) tuples."""
+    (shape, colour, position) tuples; a position of None (a caption that names none) is ANY_POSITION."""
     rows = []
     for s in samples:
         shape, colour, position = (s.shape, s.colour, s.position) if hasattr(s, "colour") else s
-        rows.append([HEADS["shape"].index(shape), HEADS["colour"].index(colour), HEADS["position"].index(position)])
+        rows.append([HEADS["shape"].index(shape), HEADS["colour"].index(colour),
+                     ANY_POSITION if position is None else HEADS["position"].index(position)])
     return torch.tensor(rows, dtype=torch.long)
 
 

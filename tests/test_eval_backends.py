@@ -84,6 +84,22 @@ def test_shapes_backend():
     assert backend.alignment(images, wrong)["colour"].mean() == 0.0  # it reads the caption, not only the image
 
 
+def test_shapes_alignment_of_captions_without_a_position():
+    from eval.reference import ReferenceSet
+
+    backend = make_backend("shapes")
+    reference = ReferenceSet("shapes", 64, position_in_caption=0.5)
+    images, captions = next(reference.batches(64))
+    free = np.array([" at " not in c for c in captions])
+    assert 10 < free.sum() < 54
+    assert backend.alignment(images, captions)["alignment"].mean() == 1.0  # real images: every caption met
+    # any drawn position meets a caption without one; a wrong named position does not
+    moved = [c if f else c.rsplit(" at ", 1)[0] + (" at center" if not c.endswith("center") else " at top left")
+             for c, f in zip(captions, free)]
+    position = backend.alignment(images, moved)["position"]
+    assert position[free].all() and not position[~free].any()
+
+
 def test_inception_backend_with_clip(tmp_path):
     # 192-d features (pytorch-fid's --dims 192): the 2048-d matrix square root alone takes ~20 s on this CPU
     backend = make_backend("inception", inception=random_inception_file(tmp_path / "inc.pth"),

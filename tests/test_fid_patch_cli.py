@@ -136,6 +136,20 @@ def test_fid_against_the_teachers_own_samples_and_background_grain(toy, tmp_path
     assert "own samples of the same prompts and noise (2 steps, guidance 3.0)" in md
 
 
+def test_position_free_prompts_get_their_own_failure_rates(toy, tmp_path):
+    out = tmp_path / "eval"
+    assert fid_patch.main(["--model", str(toy["teacher"]), "--steps", "1", "--reference", "shapes",
+                           "--position-in-caption", "0.5", "--count", "16", "--bootstrap", "0",
+                           "--out", str(out), "--no-tensorboard"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    row = results["rows"][0]
+    free = sum(" at " not in ShapesDataset(16, seed=10_000, position_in_caption=0.5)[i].caption for i in range(16))
+    assert 0 < free < 16 and row["position_free_count"] == free
+    assert 0 <= row["second_copy_rate_position_free"] <= 1 and 0 <= row["hollow_fill_rate_position_free"] <= 1
+    assert results["reference_alignment"] == 1.0  # real images meet captions with and without positions
+    assert "second copy, position-free prompts" in (out / "results.md").read_text()
+
+
 def test_inception_backend_end_to_end_on_an_sdxl_folder(tmp_path):
     model = make_tiny_sdxl_folder(tmp_path / "tiny-sdxl")
     ref = tmp_path / "ref"

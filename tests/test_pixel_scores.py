@@ -3,7 +3,7 @@ images, and it finds the two signatures where they are put in on purpose."""
 import numpy as np
 from scipy import ndimage
 
-from eval.pixel_scores import SATURATION, failure_signatures
+from eval.pixel_scores import SATURATION, failure_signatures, score_images
 from trainer.data.shapes import ShapesDataset, parse_caption
 
 N = 400
@@ -77,3 +77,13 @@ def test_filled_shapes_darkened_in_their_middle_are_hollow():
                            for im in images])
     assert found[0.4][filled & big_enough].mean() > 0.9 and found[0.4][~filled].sum() == 0
     assert found[0.8].sum() == 0
+
+
+def test_captions_without_a_position_score_colour_everywhere_and_position_where_named():
+    data = ShapesDataset(N, seed=11, position_in_caption=0.5)
+    images, captions = np.stack([data[i].image for i in range(N)]), [data[i].caption for i in range(N)]
+    assert failure_signatures(images, captions)["second_copy"].sum() == 0
+    scores = score_images(images, captions)
+    assert scores["colour_acc"] == 1.0 and scores["position_acc"] == 1.0  # over the named positions only
+    free = [f"a {item.colour} {item.shape}" for item in (data[i] for i in range(N))]
+    assert np.isnan(score_images(images, free)["position_acc"]) and score_images(images, free)["colour_acc"] == 1.0

@@ -26,7 +26,15 @@ def test_captions_parse_back_and_name_the_fields():
         assert parse_caption(item.caption) == (item.shape, item.colour, item.position)
 
 
-@pytest.mark.parametrize("text", ["", "a red circle", "a red circle at middle",
+def test_a_caption_without_a_position_parses_to_none():
+    assert parse_caption("a red ring") == ("ring", "red", None)
+    data = ShapesDataset(200, seed=1, position_in_caption=0.5)
+    free = [data[i] for i in range(200) if " at " not in data[i].caption]
+    assert 50 < len(free) < 150
+    assert all(parse_caption(item.caption) == (item.shape, item.colour, None) for item in free)
+
+
+@pytest.mark.parametrize("text", ["", "a red", "a red circle at", "a red circle at middle", "a red circle on",
                                   "a pink circle at center", "the red circle at center",
                                   "a red blob at top left", "a red circle in top left"])
 def test_parse_caption_rejects_other_text(text):

@@ -64,13 +64,15 @@ def make_caption(shape: str, colour: str, position: str | None) -> str:
     return f"a {colour} {shape}" if position is None else f"a {colour} {shape} at {position}"
 
 
-def parse_caption(caption: str) -> tuple[str, str, str]:
-    """Invert make_caption; raise ValueError on any other text."""
+def parse_caption(caption: str) -> tuple[str, str, str | None]:
+    """Invert make_caption: (shape, colour, position), position None for a caption without one; raise
+    ValueError on any other text."""
     words = caption.split(" ")
-    if len(words) < 5 or words[0] != "a" or words[3] != "at":
+    named = len(words) >= 5 and words[3] == "at"
+    if not (named or len(words) == 3) or words[0] != "a":
         raise ValueError(f"not a shapes caption: {caption!r}")
-    colour, shape, position = words[1], words[2], " ".join(words[4:])
-    if colour not in COLOURS or shape not in SHAPES or position not in POSITIONS:
+    colour, shape, position = words[1], words[2], " ".join(words[4:]) if named else None
+    if colour not in COLOURS or shape not in SHAPES or (named and position not in POSITIONS):
         raise ValueError(f"not a shapes caption: {caption!r}")
     return shape, colour, position
 

@@ -157,3 +157,24 @@ def test_ema_resumes_into_the_modules_own_tensors():
     assert all(ema.shadow[k] is before[k] and torch.equal(ema.shadow[k], saved[k]) for k in saved)
     with pytest.raises(RuntimeError, match="EMA does not match"):
         ema.load({"weight": saved["weight"]})
+
+
+def test_the_probe_and_grids_see_the_average_and_training_resumes_on_the_trained_weights():
+    """What the probe and the sample grids measure is what the job exports (the EMA where there is one); the
+    trained weights, in the module's own dtype and storage, come back bit for bit, also after an error."""
+    from trainer.runtime.loop import EMA, exported_weights
+
+    module = torch.nn.Linear(3, 2).to(torch.bfloat16).train()
+    storage = module.weight.data_ptr()
+    trained = {k: v.clone() for k, v in module.state_dict().items()}
+    ema = EMA(module, 0.9)
+    ema.load({k: torch.full_like(v, 0.5) for k, v in ema.shadow.items()})
+    with exported_weights(module, ema) as seen:
+        assert not seen.training and torch.equal(seen.weight, torch.full((2, 3), 0.5, dtype=torch.bfloat16))
+    assert module.training and module.weight.data_ptr() == storage
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in trained.items())
+    with pytest.raises(ValueError), exported_weights(module, ema):
+        raise ValueError("a probe that fails")
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in trained.items()) and module.training
+    with exported_weights(module, None) as seen:  # no average: the trained weights themselves
+        assert torch.equal(seen.weight, trained["weight"])

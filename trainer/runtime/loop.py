@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -70,6 +71,32 @@ class EMA:
             raise RuntimeError(f"the checkpoint's EMA does not match the module (e.g. missing {missing})")
         for k, v in tensors.items():
             self.shadow[k].copy_(v)
+
+    @contextmanager
+    def applied_to(self, module: torch.nn.Module):
+        """`module` holding the average (what the job exports) for the block, its trained weights put back
+        exactly after: what the probe and the sample grids show is what gets exported."""
+        kept = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(self.shadow)  # cast to the module's dtype by copy_
+        try:
+            yield module
+        finally:
+            module.load_state_dict(kept)
+
+
+@contextmanager
+def exported_weights(module: torch.nn.Module, ema: Optional[EMA]):
+    """The module as the job exports it: the EMA's weights where there is one, in eval mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        if ema is None:
+            yield module
+        else:
+            with ema.applied_to(module):
+                yield module
+    finally:
+        module.train(was_training)
 
 
 class NonFiniteError(RuntimeError):
@@ -195,7 +222,7 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     window_start, window_samples = time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=state["step"], desc=job.name, disable=not info.is_main, mininterval=5)
     if job.probe is not None and "probe" not in state:  # where the phase starts from: the curve's first point
-        _probe(job, tracker, student.module, state)
+        _probe(job, tracker, student.module, ema, state)
 
     while state["step"] < total_steps:
         job.method.set_progress(state["step"], total_steps)  # e.g. D warm-up, the t* weights' switch
@@ -250,9 +277,9 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
             window, window_start, window_samples = {}, time.perf_counter(), 0
         if job.make_grid is not None and info.is_main and _crossed(before, state["samples_seen"], cfg.log.sample_every_samples):
-            _log_grid(job, tracker, student.module, state["samples_seen"])
+            _log_grid(job, tracker, student.module, ema, state["samples_seen"])
         if job.probe is not None and _crossed(before, state["samples_seen"], job.probe.every_samples):
-            if _probe(job, tracker, student.module, state) and job.probe.stop_when_flat:
+            if _probe(job, tracker, student.module, ema, state) and job.probe.stop_when_flat:
                 state["stopped_when_flat"] = state["samples_seen"]
                 if info.is_main:
                     print(f"[{job.name}] the probe's FID against the teacher has flattened: stopping at "
@@ -271,10 +298,10 @@ def train(job: Job, cfg: Config, info: DistInfo) -> Path:
     if len(set(state["replica_digests"])) != 1:
         raise RuntimeError(f"[{job.name}] ranks ended with different weights: {state['replica_digests']}")
     if job.probe is not None and state["probe"][-1][0] != state["samples_seen"]:  # the curve's last point
-        _probe(job, tracker, student.module, state)
+        _probe(job, tracker, student.module, ema, state)
     final = save(done=True)
     if job.make_grid is not None and info.is_main:
-        _log_grid(job, tracker, student.module, state["samples_seen"])
+        _log_grid(job, tracker, student.module, ema, state["samples_seen"])
     tracker.close()
     return final
 
@@ -295,7 +322,7 @@ class SlowMicroStepWarning:
             self.warned = True
 
 
-def _probe(job: Job, tracker: Tracker, module: torch.nn.Module, state: dict) -> bool:
+def _probe(job: Job, tracker: Tracker, module: torch.nn.Module, ema: Optional[EMA], state: dict) -> bool:
     """Rank 0 measures the probe (the other ranks wait for it in the rank-0 wait group); every rank gets the
     curve so far into its state (checkpointed, so a resumed phase keeps it) and whether it has flattened."""
     from trainer.runtime.probe import flattened
@@ -303,12 +330,8 @@ def _probe(job: Job, tracker: Tracker, module: torch.nn.Module, state: dict) -> 
     samples = state["samples_seen"]
 
     def measure() -> list:
-        was_training = module.training
-        module.eval()
-        try:
+        with exported_weights(module, ema):
             fid, grid = job.probe.measure(module)
-        finally:
-            module.train(was_training)
         tracker.scalars({f"{job.name}/probe_fid_vs_teacher": fid}, samples)
         tracker.image(f"{job.name}/probe_samples", grid, samples)
         save_png(grid, job.out_dir / "grids" / f"probe-{samples:09d}.png")
@@ -320,10 +343,8 @@ def _probe(job: Job, tracker: Tracker, module: torch.nn.Module, state: dict) -> 
     return flattened([fid for _, fid in state["probe"]], cfg.patience, cfg.min_improvement)
 
 
-def _log_grid(job: Job, tracker: Tracker, module: torch.nn.Module, samples_seen: int) -> None:
-    was_training = module.training
-    module.eval()
-    grid = job.make_grid(module)
-    module.train(was_training)
+def _log_grid(job: Job, tracker: Tracker, module: torch.nn.Module, ema: Optional[EMA], samples_seen: int) -> None:
+    with exported_weights(module, ema):
+        grid = job.make_grid(module)
     tracker.image(f"{job.name}/samples", grid, samples_seen)
     save_png(grid, job.out_dir / "grids" / f"samples-{samples_seen:09d}.png")

@@ -341,7 +341,8 @@ def render(table: list[dict], args, seconds: float) -> str:
              f"4-step student); the 8- and 4-step rows: seed 0 only.", "",
              "Cells: mean over the seeds [95% interval: bootstrap for FIDs and alignment, Wilson for the failure "
              "rates; with several seeds the union of the seeds' intervals, which holds their spread]; FID-Whole also "
-             "lists each seed's value. \"vs teacher\": against the 32-step teacher's own samples (CFG 3, same prompts "
+             "lists each seed's value. \"vs teacher\": against the 32-step teacher's own samples (CFG "
+             f"{json.loads((TEACHER / 'export.json').read_text())['guidance']:g}, same prompts "
              "and noise). A comparison or target is decided only where the intervals do not overlap (a target: the "
              "row's against the 32-step teacher's times the target's factor).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -81,6 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=200,
                    help="resamples for the 95%% bootstrap intervals of FID and alignment (0: none; each resample "
                         "recomputes both FIDs, slow with 2048-d Inception features)")
+    p.add_argument("--save-features", action="store_true",
+                   help="also write features.npz: every image's whole and patch features and alignment, for the "
+                        "reference ('reference.<kind>'), the --teacher ('teacher.<kind>') and each row i "
+                        "('row<i>.<kind>'), in prompt order: paired comparisons across runs (needs --bootstrap > 0)")
     p.add_argument("--grid-count", type=int, default=8, help="images per row of grid.png")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--guidance given {len(args.guidance)} times for {n} models: give it once or once per model")
     if args.label and len(args.label) != n:
         p.error(f"--label given {len(args.label)} times for {n} models")
+    if args.save_features and args.bootstrap <= 0:
+        p.error("--save-features keeps the per-image features that --bootstrap keeps: give --bootstrap > 0")
     return args
 
 
@@ -188,10 +194,12 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
         meta["floor"] = {k: v for k, v in floor.items() if k.startswith(("fid_whole", "fid_patch"))}
 
     rows, grid_rows = [], [("reference", ref_grid)]
+    kept = {"reference": ref_scores}  # what --save-features writes
     prompts = reference.prompts
     teacher_scores = None
     if args.teacher is not None:  # the second reference: the teacher's samples of the same prompts and noise
         teacher_scores, meta["teacher_reference"] = teacher_reference(args, prompts, backend, keep)
+        kept["teacher"] = teacher_scores
     for m, (model_dir, lora) in enumerate(zip(args.model, _loras(args))):
         sampler = ExportSampler(model_dir, lora, args.device, DTYPES[args.dtype])
         label = args.label[m] if args.label else model_dir.name + ("+lora" if lora else "")
@@ -214,6 +222,7 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
                     row[f"{key}_vs_teacher"] = versus[key]
                     if f"{key}_ci" in versus:
                         row[f"{key}_vs_teacher_ci"] = versus[f"{key}_ci"]
+            kept[f"row{len(rows)}"] = scores
             rows.append(row)
             model_rows.append(row)
             grid_rows.append((f"{label} {steps} st", grid))
@@ -226,6 +235,10 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
 
     out = args.out
     json_path, md_path = write_results(out, meta, rows, backend.alignment_name)
+    if args.save_features:
+        arrays = {f"{name}.{kind}": scores.rows(kind) for name, scores in kept.items()
+                  for kind in ("whole", "patch", "alignment") if scores.rows(kind) is not None}
+        np.savez(out / "features.npz", **arrays)
     from PIL import Image
 
     grid = labelled_grid(grid_rows)

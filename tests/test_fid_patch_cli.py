@@ -121,7 +121,7 @@ def test_fid_against_the_teachers_own_samples_and_background_grain(toy, tmp_path
                            "--label", "student", "--guidance", "3", "--guidance", "1", "--steps", "2",
                            "--teacher", str(toy["teacher"]), "--teacher-steps", "2", "--teacher-guidance", "3",
                            "--reference", "shapes", "--count", "10", "--batch-size", "5", "--bootstrap", "20",
-                           "--out", str(out), "--no-tensorboard"]) == 0
+                           "--out", str(out), "--no-tensorboard", "--save-features"]) == 0
     results = json.loads((out / "results.json").read_text())
     teacher, student = results["rows"]
     assert results["teacher_reference"] == {"model": str(toy["teacher"]), "steps": 2, "guidance": 3.0}
@@ -133,6 +133,15 @@ def test_fid_against_the_teachers_own_samples_and_background_grain(toy, tmp_path
     assert student["background_grain"] > 2 * results["reference_background_grain"] >= 0
     md = (out / "results.md").read_text()
     assert "| FID-Whole vs teacher | FID-Patch vs teacher |" in md and "background std /255" in md
+    # --save-features: the per-image features the FIDs were computed from, in prompt order
+    from eval.fid import FeatureStats, fid_of_stats
+
+    saved = np.load(out / "features.npz")
+    assert saved["row1.whole"].shape == (10, 128) and saved["reference.patch"].shape == (10, 128)
+    fid = lambda a, b: fid_of_stats(FeatureStats.of(saved[a].astype(np.float64)), FeatureStats.of(saved[b].astype(np.float64)))
+    assert fid("row1.whole", "reference.whole") == pytest.approx(student["fid_whole"], rel=1e-3)
+    assert fid("row1.patch", "teacher.patch") == pytest.approx(student["fid_patch_vs_teacher"], rel=1e-3)
+    assert saved["row0.alignment"].mean() == pytest.approx(teacher["alignment"], abs=1e-6)
     assert "own samples of the same prompts and noise (2 steps, guidance 3.0)" in md
 
 
@@ -174,7 +183,7 @@ def test_inception_backend_end_to_end_on_an_sdxl_folder(tmp_path):
 
 def test_cli_refuses_mismatched_lora_and_label_counts(toy, tmp_path):
     for extra in (["--lora", "none", "--lora", "none"], ["--label", "a", "--label", "b"],
-                  ["--guidance", "1", "--guidance", "2"]):
+                  ["--guidance", "1", "--guidance", "2"], ["--save-features", "--bootstrap", "0"]):
         with pytest.raises(SystemExit):
             fid_patch.main(["--model", str(toy["teacher"]), "--model", str(toy["teacher"]), "--model", str(toy["teacher"]),
                             "--reference", "shapes", "--out", str(tmp_path), *extra])

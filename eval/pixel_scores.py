@@ -39,10 +39,11 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
     """images: uint8 [N, H, W, 3]."""
     colours = np.array(list(COLOURS.values()), dtype=float)
     names = list(COLOURS)
-    colour_ok = position_ok = 0
+    colour_ok = position_ok = named = 0
     grain, sharp = [], []
     for image, caption in zip(images.astype(float), captions):
         _, colour, position = parse_caption(caption)
+        named += position is not None
         h, w, _ = image.shape
         mask = image.max(-1) - image.min(-1) > SATURATION
         background = image[~mask]
@@ -61,8 +62,7 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
         if edge.any():
             sharp.append(float(np.hypot(gx, gy)[edge].mean()))
     n = len(captions)
-    named_total = sum(parse_caption(c)[2] is not None for c in captions)
-    return {"colour_acc": colour_ok / n, "position_acc": position_ok / named_total if named_total else float("nan"),
+    return {"colour_acc": colour_ok / n, "position_acc": position_ok / named if named else float("nan"),
             "background_grain": float(np.mean(grain)) if grain else float("nan"),
             "edge_sharpness": float(np.mean(sharp)) if sharp else float("nan"), "count": n}
 

@@ -31,9 +31,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/shapes_table.py` from a clone, and `import bench.shapes_table` in tests
     sys.path.insert(0, str(ROOT))
+from eval.scoring import paired_fid_resamples  # noqa: E402
 from trainer.export import is_complete  # noqa: E402
 
 CONFIG = "configs/shapes.yaml"
@@ -61,6 +64,12 @@ OVERRIDES = {
     "adv_cond": [f"stages.{i}.{k}={v}" for i in ADV_STAGES[:-1] for k, v in (("objective", "adv_cond"), ("variant", "full"))],
 }
 NAMES = {"lightning": "full method", "mse": "MSE-only", "adv_cond": "conditional-only", "teacher": "teacher"}
+
+# The comparisons the evaluation issue names: (steps, the other method, metric), the full method against it.
+COMPARISONS = [(2, "mse", "fid_whole"), (2, "mse", "fid_patch"), (1, "mse", "fid_whole"), (1, "mse", "fid_patch"),
+               (1, "adv_cond", "fid_whole")]
+# their step counts keep every image's features (eval/fid_patch.py --save-features) for the paired decisions
+PAIRED_STEPS = {steps for steps, _, _ in COMPARISONS}
 
 # per-row numbers carried from eval/fid_patch.py's results.json; those with an interval have `<key>_ci`
 METRICS = ("fid_whole", "fid_whole_vs_teacher", "fid_patch", "fid_patch_vs_teacher", "alignment",
@@ -130,7 +139,7 @@ def evaluate(models: list[tuple], out: Path, count: int) -> list[dict]:
         sub_out = out / f"steps{steps}"
         sub_cmd = [sys.executable, "eval/fid_patch.py", "--reference", "shapes", "--backend", "shapes",
                    "--count", str(count), "--out", str(sub_out), "--no-tensorboard", "--steps", str(steps),
-                   *TEACHER_REFERENCE]
+                   *TEACHER_REFERENCE, *(["--save-features"] if steps in PAIRED_STEPS else [])]
         for label, path, _, guidance, *lora in sub:
             sub_cmd += ["--model", str(path), "--label", label, "--guidance", str(guidance),
                         "--lora", str(lora[0]) if lora else "none"]
@@ -242,6 +251,63 @@ def decide(a: list | None, b: list | None, lower_is_better: bool = True) -> str:
     return "overlap"
 
 
+def decide_paired(point_a: list[float], point_b: list[float], resampled_a: np.ndarray, resampled_b: np.ndarray,
+                  z: float = 1.96) -> dict:
+    """A comparison of two methods' FIDs (lower is better), each a list of seeds' values, on paired resamples
+    (`resampled_*`: [resamples, seeds], every column's FID on the same draws of the shared prompts and noise).
+
+    The seed means' difference gets a normal 95% interval from the resampled differences, and so does every
+    (seed of a, seed of b) pair's difference. Decided only where every pair's interval excludes 0 on the same
+    side: every trained model of the winner beats every one of the loser by more than the images' sampling
+    noise. The images' noise alone would not decide it (seeds are trained models, not resamples); with 3
+    seeds each, the chance that one method's 3 models all rank above the other's when the two methods are the
+    same is 1 in 20. Returns {outcome ('a' | 'b' | 'undecided'), difference, difference_ci, pairs (each
+    pair's interval), pairs_for_a, pairs_for_b, resamples}."""
+    diff = statistics.fmean(point_a) - statistics.fmean(point_b)
+    half = z * float(np.std(resampled_a.mean(axis=1) - resampled_b.mean(axis=1), ddof=1))
+    pairs = []
+    for s, a in enumerate(point_a):
+        for t, b in enumerate(point_b):
+            h = z * float(np.std(resampled_a[:, s] - resampled_b[:, t], ddof=1))
+            pairs.append([a - b - h, a - b + h])
+    for_a, for_b = sum(hi < 0 for _, hi in pairs), sum(lo > 0 for lo, _ in pairs)
+    outcome = "a" if for_a == len(pairs) else "b" if for_b == len(pairs) else "undecided"
+    return {"outcome": outcome, "difference": diff, "difference_ci": [diff - half, diff + half], "pairs": pairs,
+            "pairs_for_a": for_a, "pairs_for_b": for_b, "resamples": len(resampled_a)}
+
+
+def paired_comparisons(eval_dir: Path, labels: dict[str, tuple], resamples: int = 200, seed: int = 0) -> dict:
+    """{"<steps>/<other>/<metric>": decide_paired(...)} for each of COMPARISONS whose step count's evaluation
+    saved its features (eval_dir/steps<N>/features.npz); the full method is `a`."""
+    out = {}
+    for steps, other, key in COMPARISONS:
+        folder = eval_dir / f"steps{steps}"
+        if not (folder / "features.npz").is_file():
+            continue
+        rows = json.loads((folder / "results.json").read_text())["rows"]
+        features = np.load(folder / "features.npz")
+        kind = key.removeprefix("fid_")  # whole | patch
+        rows_of = lambda method: [i for i, r in enumerate(rows) if labels[r["label"]][:2] == (method, "full")]
+        a, b = rows_of("lightning"), rows_of(other)
+        if not a or not b or f"reference.{kind}" not in features:
+            continue
+        sets = [features[f"row{i}.{kind}"] for i in a + b]
+        resampled = paired_fid_resamples(sets, features[f"reference.{kind}"], resamples, np.random.default_rng(seed))
+        out[f"{steps}/{other}/{key}"] = decide_paired([rows[i][key] for i in a], [rows[i][key] for i in b],
+                                                      resampled[:, :len(a)], resampled[:, len(a):])
+    return out
+
+
+def paired_text(name_a: str, name_b: str, p: dict) -> str:
+    n = len(p["pairs"])
+    mean = f"mean difference {_num(p['difference'])}{_interval(p['difference_ci'])}"
+    if p["outcome"] == "undecided":
+        return (f"undecided (paired: {p['pairs_for_a']} of {n} seed pairs favour {name_a} beyond the images' noise, "
+                f"{p['pairs_for_b']} {name_b}; {mean})")
+    winner, loser = (name_a, name_b) if p["outcome"] == "a" else (name_b, name_a)
+    return f"{winner} beats {loser} (decided, paired: all {n} seed pairs; {mean})"
+
+
 def comparison_text(name_a: str, name_b: str, outcome: str) -> str:
     return {"a": f"{name_a} beats {name_b} (decided)", "b": f"{name_b} beats {name_a} (decided)",
             "overlap": "undecided (intervals overlap)", "no interval": "undecided (no interval)"}[outcome]
@@ -280,8 +346,9 @@ def _seed_note(s: dict) -> str:
     return f", seeds {_num(s['range'][0])}-{_num(s['range'][1])}" if len(s["values"]) > 1 else ""
 
 
-def targets(table: list[dict]) -> list[str]:
-    """The evaluation issue's targets, each met / missed / undecided with its numbers."""
+def targets(table: list[dict], paired: dict | None = None) -> list[str]:
+    """The evaluation issue's targets, each met / missed / undecided with its numbers; the comparisons of
+    methods on their paired differences where `paired` has them (paired_comparisons), else on the intervals."""
     get = lambda m, v, s: next((a for a in table if (a["method"], a["variant"], a["steps"]) == (m, v, s)), None)
     ref = get("teacher", "full", 32)
     if ref is None:
@@ -301,15 +368,18 @@ def targets(table: list[dict]) -> list[str]:
             lines.append(f"- {row['steps']}-step alignment >= 0.97x the teacher's: {cell(s)} = {s['mean'] / t['mean']:.3f}x "
                          f"(teacher {cell(t)}{_seed_note(s)}): "
                          f"{verdict(decide(s['interval'], _scaled(t, 0.97), lower_is_better=False))}")
-    pairs = [(2, "mse", "fid_whole"), (2, "mse", "fid_patch"), (1, "mse", "fid_whole"), (1, "mse", "fid_patch"),
-             (1, "adv_cond", "fid_whole")]
-    for steps, other, key in pairs:
+    for steps, other, key in COMPARISONS:
         a, b = get("lightning", "full", steps), get(other, "full", steps)
         if a and b and a[key] and b[key]:
             outcome = decide(a[key]["interval"], b[key]["interval"])
+            text = comparison_text("full method", NAMES[other], outcome)
+            p = (paired or {}).get(f"{steps}/{other}/{key}")
+            if p is not None:
+                union = "overlap" if outcome == "overlap" else "do not overlap" if outcome in ("a", "b") else "none"
+                outcome, text = p["outcome"], paired_text("full method", NAMES[other], p) + f"; union intervals: {union}"
             name = {"fid_whole": "FID-Whole", "fid_patch": "FID-Patch"}[key]
             lines.append(f"- {steps} step{'s' if steps > 1 else ''}, {name}: full method {cell(a[key], True)} vs "
-                         f"{NAMES[other]} {cell(b[key], True)}: {comparison_text('full method', NAMES[other], outcome)}: "
+                         f"{NAMES[other]} {cell(b[key], True)}: {text}: "
                          f"target {'met' if outcome == 'a' else 'missed' if outcome == 'b' else 'undecided'}")
     row = get("lightning", "full", 1)
     for key, name in (("second_copy_rate", "second copies"), ("hollow_fill_rate", "hollow fills")):
@@ -327,8 +397,8 @@ COLUMNS = [("fid_whole", "FID-Whole (per seed)"), ("fid_whole_vs_teacher", "FID-
 RATIOS = ("fid_whole", "fid_patch", "alignment")  # also shown as a multiple of the 32-step teacher's
 
 
-def render(table: list[dict], args, seconds: float) -> str:
-    """table: aggregate()'s rows."""
+def render(table: list[dict], args, seconds: float, paired: dict | None = None) -> str:
+    """table: aggregate()'s rows; paired: paired_comparisons()."""
     ref = next((a for a in table if (a["method"], a["steps"]) == ("teacher", 32)), None)
     seeds = ",".join(str(s) for s in args.seeds)
     header = ["method", "variant", "steps", "seeds"]
@@ -343,8 +413,11 @@ def render(table: list[dict], args, seconds: float) -> str:
              "rates; with several seeds the union of the seeds' intervals, which holds their spread]; FID-Whole also "
              "lists each seed's value. \"vs teacher\": against the 32-step teacher's own samples (CFG "
              f"{json.loads((TEACHER / 'export.json').read_text())['guidance']:g}, same prompts "
-             "and noise). A comparison or target is decided only where the intervals do not overlap (a target: the "
-             "row's against the 32-step teacher's times the target's factor).", "",
+             "and noise). A target is decided only where the intervals do not overlap (the row's against the "
+             "32-step teacher's times the target's factor). Two methods are compared on paired differences (every "
+             "row scores the same prompts and noise against the same real images; one resample of them for all "
+             "rows): decided only where every seed of one beats every seed of the other by more than the 95% "
+             "interval of that pair's difference.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for a in table:
         cells = [a["method"], a["variant"], str(a["steps"]), str(len(a["seeds"]))]
@@ -354,7 +427,7 @@ def render(table: list[dict], args, seconds: float) -> str:
                 r = ref and ref[key]
                 cells.append("n/a" if not r or not a[key] or not r["mean"] else f"{a[key]['mean'] / r['mean']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", "Targets (the evaluation issue):", *targets(table), ""])
+    return "\n".join(lines + ["", "Targets (the evaluation issue):", *targets(table, paired), ""])
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -390,9 +463,10 @@ def main(argv=None) -> int:
     models, labels = models_to_score(run_dirs)
     rows = per_seed_rows(evaluate(models, args.results / "shapes_table_eval", args.count), labels)
     table = aggregate(rows)
-    text = render(table, args, time.time() - start)
+    paired = paired_comparisons(args.results / "shapes_table_eval", labels)
+    text = render(table, args, time.time() - start, paired)
     (args.results / "shapes_table.json").write_text(json.dumps(
-        {"rows": rows, "aggregates": table, "targets": targets(table)}, indent=1))
+        {"rows": rows, "aggregates": table, "paired": paired, "targets": targets(table, paired)}, indent=1))
     (args.results / "shapes_table.md").write_text(text)
     print(text)
     return 0

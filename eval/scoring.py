@@ -110,3 +110,28 @@ def bootstrap_fid(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.G
         return None  # too few images for an interval
     half = 1.96 * float(np.std(values, ddof=1))
     return [fid - half, fid + half]
+
+
+def paired_fid_resamples(sets: Sequence[np.ndarray], reference: np.ndarray, resamples: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """[resamples, len(sets)]: FID of every set against `reference` on the same draws of image indices.
+
+    Every set and the reference hold one row per prompt, in the same prompt order (eval/fid_patch.py
+    --save-features): one draw resamples the prompts of all of them at once, so a difference between two
+    sets' FIDs varies only by what the sets do differently, not by which prompts a resample holds. A draw
+    degenerate for any set is dropped for all."""
+    reference = np.asarray(reference, dtype=np.float64)
+    sets = [np.asarray(s, dtype=np.float64) for s in sets]
+    count = len(reference)
+    if any(len(s) != count for s in sets):
+        raise ValueError(f"paired resampling needs one row per prompt in every set: {[len(s) for s in sets]} "
+                         f"rows against the reference's {count}")
+    out = []
+    for _ in range(resamples):
+        i = rng.integers(0, count, count)
+        ref = FeatureStats.of(reference[i])
+        try:
+            out.append([fid_of_stats(FeatureStats.of(s[i]), ref) for s in sets])
+        except ValueError:  # a degenerate resample (far fewer rows than feature dimensions)
+            pass
+    return np.asarray(out, dtype=np.float64).reshape(len(out), len(sets))

@@ -113,6 +113,8 @@ def test_main_trains_the_seeds_from_seed_0s_4_step_student_and_scores_against_th
 
     evals = [c for c in commands if c[1] == "eval/fid_patch.py"]
     assert [int(c[c.index("--steps") + 1]) for c in evals] == [32, 1, 2, 4, 8, 128]
+    # the step counts of the method comparisons keep every image's features for the paired decisions
+    assert ["--save-features" in c for c in evals] == [False, True, True, False, False, False]
     for c in evals:
         assert c[c.index("--teacher") + 1].endswith("assets/shapes_teacher")
         assert "--teacher-steps" not in c and "--teacher-guidance" not in c  # the export's own steps and guidance
@@ -266,3 +268,73 @@ def test_evaluation_resumes_and_rescores_only_what_changed(monkeypatch, tmp_path
     assert steps_scored() == [1]
     assert shapes_table.main(argv + ["--count", "500"]) == 0  # another row list: everything again
     assert steps_scored() == [1, 32, 1, 2, 4, 8, 128]
+
+
+def test_paired_decision_needs_every_seed_pair_beyond_the_images_noise():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1.0, size=(400, 1))  # what every row shares on one draw of the prompts: cancels in a difference
+    resampled = lambda points: np.asarray(points)[None, :] + noise + rng.normal(0, 0.2, size=(400, len(points)))
+    a, b = [10.0, 11.0, 10.5], [13.0, 12.5, 14.0]
+    p = shapes_table.decide_paired(a, b, resampled(a), resampled(b))
+    assert p["outcome"] == "a" and p["pairs_for_a"] == 9 and p["pairs_for_b"] == 0 and p["resamples"] == 400
+    assert p["difference"] == pytest.approx(10.5 - 13.1667, abs=1e-3)
+    lo, hi = p["difference_ci"]
+    # the shared noise cancels: the interval is the pairs' own noise, far narrower than either row's spread (+-2)
+    assert lo < p["difference"] < hi < 0 and hi - lo < 1.0
+    assert shapes_table.decide_paired(b, a, resampled(b), resampled(a))["outcome"] == "b"
+    # one seed of a no better than one seed of b: undecided, however far apart the means
+    a2 = [10.0, 11.0, 13.0]
+    p = shapes_table.decide_paired(a2, b, resampled(a2), resampled(b))
+    assert p["outcome"] == "undecided" and 0 < p["pairs_for_a"] < 9
+    text = shapes_table.paired_text("full method", "MSE-only", p)
+    assert text.startswith(f"undecided (paired: {p['pairs_for_a']} of 9 seed pairs favour full method")
+
+
+def _write_paired_eval(folder, rows_by_label, reference):
+    """A steps<N> folder as eval/fid_patch.py --save-features leaves it: results.json rows and features.npz."""
+    import numpy as np
+
+    from eval.fid import FeatureStats, fid_of_stats
+
+    folder.mkdir(parents=True)
+    arrays, rows = {"reference.whole": reference, "reference.patch": reference}, []
+    for i, (label, feats) in enumerate(rows_by_label.items()):
+        arrays[f"row{i}.whole"] = arrays[f"row{i}.patch"] = feats
+        fid = fid_of_stats(FeatureStats.of(feats.astype(np.float64)), FeatureStats.of(reference.astype(np.float64)))
+        rows.append({"label": label, "fid_whole": fid, "fid_patch": fid})
+    np.savez(folder / "features.npz", **arrays)
+    (folder / "results.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_paired_comparisons_read_the_saved_features_and_rank_the_methods(tmp_path):
+    import numpy as np
+
+    from eval.scoring import paired_fid_resamples
+
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(300, 4)).astype(np.float32)
+    near = lambda: (reference + rng.normal(0, 0.3, size=reference.shape)).astype(np.float32)
+    far = lambda: (reference + 0.8 + rng.normal(0, 0.3, size=reference.shape)).astype(np.float32)
+    labels = {f"{m}/full/seed{s}": (m, "full", s) for m in ("lightning", "mse", "adv_cond") for s in (0, 1)}
+    _write_paired_eval(tmp_path / "steps1", {"lightning/full/seed0": near(), "mse/full/seed0": far(),
+                                             "lightning/full/seed1": near(), "mse/full/seed1": far(),
+                                             "adv_cond/full/seed0": near(), "adv_cond/full/seed1": near()},
+                       reference)
+    paired = shapes_table.paired_comparisons(tmp_path, labels, resamples=50)
+    assert set(paired) == {"1/mse/fid_whole", "1/mse/fid_patch", "1/adv_cond/fid_whole"}  # no steps2 folder
+    assert paired["1/mse/fid_whole"]["outcome"] == "a" and len(paired["1/mse/fid_whole"]["pairs"]) == 4
+    assert paired["1/adv_cond/fid_whole"]["outcome"] == "undecided"  # the same distribution
+    rows = json.loads((tmp_path / "steps1" / "results.json").read_text())["rows"]
+    point = lambda m: np.mean([r["fid_whole"] for r in rows if r["label"].startswith(m)])
+    assert paired["1/mse/fid_whole"]["difference"] == pytest.approx(point("lightning") - point("mse"))
+    # the targets name the paired outcome and the union rule beside it
+    table = shapes_table.aggregate([_seed_row(m, 1, s, r["fid_whole"], [0.0, 10.0])
+                                    for r in rows for m, _, s in [labels[r["label"]]]]
+                                   + _agg_row("teacher", 32, 1.0, (0.5, 1.5), seeds=(None,)))
+    lines = "\n".join(shapes_table.targets(table, paired))
+    assert "full method beats MSE-only (decided, paired: all 4 seed pairs; mean difference" in lines
+    assert "union intervals: overlap: target met" in lines
+    with pytest.raises(ValueError, match="one row per prompt"):
+        paired_fid_resamples([reference[:10]], reference, 5, rng)

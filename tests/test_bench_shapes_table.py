@@ -338,3 +338,23 @@ def test_paired_comparisons_read_the_saved_features_and_rank_the_methods(tmp_pat
     assert "union intervals: overlap: target met" in lines
     with pytest.raises(ValueError, match="one row per prompt"):
         paired_fid_resamples([reference[:10]], reference, 5, rng)
+
+
+def test_bench_paired_compares_every_setting_with_the_baseline(tmp_path, capsys):
+    import numpy as np
+
+    from bench import paired
+
+    rng = np.random.default_rng(2)
+    reference = rng.normal(size=(300, 4)).astype(np.float32)
+    jitter = lambda shift: (reference + shift + rng.normal(0, 0.3, size=reference.shape)).astype(np.float32)
+    _write_paired_eval(tmp_path / "eval", {"table/seed0": jitter(0.8), "table/seed1": jitter(0.8), "better/seed0": jitter(0.0),
+                                  "better/seed1": jitter(0.0), "same/seed0": jitter(0.8), "same/seed1": jitter(0.8)},
+                       reference)
+    assert paired.main([str(tmp_path / "eval"), "--baseline", "table", "--resamples", "50"]) == 0
+    saved = json.loads((tmp_path / "eval" / "paired.json").read_text())["settings"]
+    assert set(saved) == {"better", "same"} and saved["better"]["fid_whole"]["outcome"] == "a"
+    assert saved["same"]["fid_whole"]["outcome"] == "undecided"
+    assert "better better (decided)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no rows labelled nothing/seed"):
+        paired.compare(tmp_path / "eval", "nothing")

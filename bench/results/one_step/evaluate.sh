@@ -3,7 +3,8 @@
 # at 1 step on 1,000 images in one run (shared prompts and noise), then compares each with the table's rows.
 # usage: bash bench/results/one_step/evaluate.sh SETTING...
 set -e
-cd /work/main
+cd "$(dirname "$0")/../../.."
+RUNS=${ONE_STEP_RUNS:-/tmp/one_step}  # where the settings are trained
 PY=.venv/bin/python
 out=bench/results/one_step/eval
 models=()
@@ -13,7 +14,7 @@ for seed in 0 1 2; do
   models+=(--model $src/jobs/stage5_1/stage5_1.1_mse/result --label mse_phase/seed$seed)
 done
 for name in "$@"; do
-  for seed in 0 1 2; do models+=(--model /tmp/one_step/$name/seed$seed/exports/stage5_1 --label $name/seed$seed); done
+  for seed in 0 1 2; do models+=(--model $RUNS/$name/seed$seed/exports/stage5_1 --label $name/seed$seed); done
 done
 $PY eval/fid_patch.py --reference shapes --backend shapes --count 1000 --steps 1 --guidance 1 --no-tensorboard \
   --save-features --out $out "${models[@]}"

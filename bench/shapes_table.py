@@ -293,6 +293,9 @@ def paired_comparisons(eval_dir: Path, labels: dict[str, tuple], resamples: int 
             continue
         sets = [features[f"row{i}.{kind}"] for i in a + b]
         resampled = paired_fid_resamples(sets, features[f"reference.{kind}"], resamples, np.random.default_rng(seed))
+        if len(resampled) < 0.9 * resamples:  # as bootstrap_fid: too few images for the features' dimensions
+            print(f"{folder}: {len(resampled)} of {resamples} paired draws usable: {steps}/{other}/{key} not decided")
+            continue
         out[f"{steps}/{other}/{key}"] = decide_paired([rows[i][key] for i in a], [rows[i][key] for i in b],
                                                       resampled[:, :len(a)], resampled[:, len(a):])
     return out

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = compare(args.folder, args.baseline, resamples=args.resamples)
     rows = json.loads((args.folder / "results.json").read_text())["rows"]
-    base = {m: [r[m] for r in rows if r["label"].rsplit("/seed", 1)[0] == args.baseline] for m in ("fid_whole", "fid_patch")}
+    base = {m: [rows[i][m] for i in settings_of(rows)[args.baseline]] for m in ("fid_whole", "fid_patch")}
     print(f"baseline {args.baseline}: " + ", ".join(f"{m} {np.mean(v):.3g} ({', '.join(f'{x:.3g}' for x in v)})"
                                                    for m, v in base.items()))
     for name, by_metric in result.items():

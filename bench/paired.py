@@ -59,6 +59,10 @@ def compare(folder: Path, baseline: str, metrics=("fid_whole", "fid_patch"), res
     return out
 
 
+def welch(d: dict) -> str:
+    return "" if d.get("welch_ci") is None else " (Welch over seeds [{:+.3g}, {:+.3g}])".format(*d["welch_ci"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder", type=Path, help="an eval/fid_patch.py --save-features output folder")
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
                 d["outcome"], f"undecided ({d['pairs_for_a']} of {len(d['pairs'])} pairs for {name}, "
                               f"{d['pairs_for_b']} for {args.baseline})")
             print(f"{name:>24} {metric:>9}: {np.mean(d['values']):.3g} ({', '.join(f'{x:.3g}' for x in d['values'])})"
-                  f"  difference {d['difference']:+.3g} [{lo:+.3g}, {hi:+.3g}]  {verdict}")
+                  f"  difference {d['difference']:+.3g} [{lo:+.3g}, {hi:+.3g}]{welch(d)}  {verdict}")
     (args.folder / "paired.json").write_text(json.dumps({"baseline": args.baseline, "settings": result}, indent=1))
     return 0
 

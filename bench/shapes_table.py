@@ -262,7 +262,7 @@ def decide_paired(point_a: list[float], point_b: list[float], resampled_a: np.nd
     noise. The images' noise alone would not decide it (seeds are trained models, not resamples); with 3
     seeds each, the chance that one method's 3 models all rank above the other's when the two methods are the
     same is 1 in 20. Returns {outcome ('a' | 'b' | 'undecided'), difference, difference_ci, pairs (each
-    pair's interval), pairs_for_a, pairs_for_b, resamples}."""
+    pair's interval), pairs_for_a, pairs_for_b, resamples, welch_ci (welch_interval)}."""
     diff = statistics.fmean(point_a) - statistics.fmean(point_b)
     half = z * float(np.std(resampled_a.mean(axis=1) - resampled_b.mean(axis=1), ddof=1))
     pairs = []
@@ -273,7 +273,25 @@ def decide_paired(point_a: list[float], point_b: list[float], resampled_a: np.nd
     for_a, for_b = sum(hi < 0 for _, hi in pairs), sum(lo > 0 for lo, _ in pairs)
     outcome = "a" if for_a == len(pairs) else "b" if for_b == len(pairs) else "undecided"
     return {"outcome": outcome, "difference": diff, "difference_ci": [diff - half, diff + half], "pairs": pairs,
-            "pairs_for_a": for_a, "pairs_for_b": for_b, "resamples": len(resampled_a)}
+            "pairs_for_a": for_a, "pairs_for_b": for_b, "resamples": len(resampled_a),
+            "welch_ci": welch_interval(point_a, point_b)}
+
+
+def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> list[float] | None:
+    """Welch's t-interval of mean(a) - mean(b) over the seeds' values (each a trained model's FID, its image
+    noise included): a second reading beside the all-pairs rule, which uses the values' sizes where that rule
+    uses only their order, and assumes the seeds' spread is roughly normal. None with fewer than 2 seeds a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy.stats import t as student_t
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:
+        return [diff, diff]
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(student_t.ppf(0.5 + level / 2, dof)) * math.sqrt(va + vb)
+    return [diff - half, diff + half]
 
 
 def paired_comparisons(eval_dir: Path, labels: dict[str, tuple], resamples: int = 200, seed: int = 0) -> dict:
@@ -304,6 +322,8 @@ def paired_comparisons(eval_dir: Path, labels: dict[str, tuple], resamples: int 
 def paired_text(name_a: str, name_b: str, p: dict) -> str:
     n = len(p["pairs"])
     mean = f"mean difference {_num(p['difference'])}{_interval(p['difference_ci'])}"
+    if p.get("welch_ci") is not None:
+        mean += f", Welch's t-interval over the seeds{_interval(p['welch_ci'])}"
     if p["outcome"] == "undecided":
         return (f"undecided (paired: {p['pairs_for_a']} of {n} seed pairs favour {name_a} beyond the images' noise, "
                 f"{p['pairs_for_b']} {name_b}; {mean})")
@@ -420,7 +440,8 @@ def render(table: list[dict], args, seconds: float, paired: dict | None = None) 
              "32-step teacher's times the target's factor). Two methods are compared on paired differences (every "
              "row scores the same prompts and noise against the same real images; one resample of them for all "
              "rows): decided only where every seed of one beats every seed of the other by more than the 95% "
-             "interval of that pair's difference.", "",
+             "interval of that pair's difference. Beside it, not deciding: Welch's t-interval of the seeds' mean "
+             "difference, which uses the values' sizes (the rule uses only their order).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for a in table:
         cells = [a["method"], a["variant"], str(a["steps"]), str(len(a["seeds"]))]

@@ -290,6 +290,20 @@ def test_paired_decision_needs_every_seed_pair_beyond_the_images_noise():
     assert p["outcome"] == "undecided" and 0 < p["pairs_for_a"] < 9
     text = shapes_table.paired_text("full method", "MSE-only", p)
     assert text.startswith(f"undecided (paired: {p['pairs_for_a']} of 9 seed pairs favour full method")
+    assert "Welch's t-interval over the seeds" in text
+
+
+def test_welch_interval_of_the_seeds_mean_difference():
+    from scipy import stats
+
+    a, b = [8.0, 10.5, 9.6, 8.3], [15.0, 13.9, 14.3, 11.6]
+    lo, hi = shapes_table.welch_interval(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (lo, hi) == pytest.approx((ref.low, ref.high)) and hi < 0
+    # one far seed widens it past 0: undecided however far the means
+    lo, hi = shapes_table.welch_interval([8.0, 10.5, 9.6, 8.3], [9.7, 17.0, 10.6, 9.6])
+    assert lo < 0 < hi
+    assert shapes_table.welch_interval([8.0], b) is None
 
 
 def _write_paired_eval(folder, rows_by_label, reference):

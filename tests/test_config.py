@@ -176,6 +176,8 @@ def test_cli_bad_config_is_one_line_and_starts_nothing(tmp_path):
      ["0_adv_cond_lora:24", "1_adv_uncond_lora:24", "2_adv_uncond:16"]),
     (dict(student_steps=1, teacher_steps=2, objective="mse+adv_cond", x0_samples=8, samples=24),
      ["0_x0:8", "1_mse:24", "2_adv_cond:24"]),
+    (dict(student_steps=1, teacher_steps=2, objective="mse+adv_cond", x0_samples=8, samples=24, mse_samples=40),
+     ["0_x0:8", "1_mse:40", "2_adv_cond:24"]),
 ])
 def test_stage_phases_follow_the_objective_and_variant(stage, phases):
     from trainer.config import StageConfig
@@ -219,7 +221,7 @@ def test_explicit_phases_equal_the_short_form_they_spell_out(tmp_path):
     data = yaml.safe_load((ROOT / "configs" / "sdxl.yaml").read_text())
     stage = data["stages"][1]  # lora+full: LoRA cond, LoRA uncond, full uncond
     plan = short.stages[1].plan()
-    for key in ("objective", "variant", "full_samples", "x0_samples"):
+    for key in ("objective", "variant", "full_samples", "x0_samples", "mse_samples"):
         stage.pop(key, None)
     stage["phases"] = [{"kind": p.kind, "train": p.train, "samples": p.samples, "optim": dataclasses.asdict(p.optim),
                         "disc": dataclasses.asdict(p.disc)} for p in plan]

@@ -299,6 +299,7 @@ class StageConfig:
     # (landing scored better on the toy: bench/README.md#measurements-behind-defaults).
     mse_space: str = "landing"
     samples: int = 1000  # length of each objective phase, in samples seen
+    mse_samples: int = 0  # objective mse+adv_...: length of the MSE phase (0 = samples)
     full_samples: int = 0  # lora+full: length of the final full-UNet phase (0 = samples)
     x0_samples: int = 0  # the one-step stage: conversion to x0 prediction first (0 = none)
     # The conversion learns a new output parametrization by plain regression: its own optimizer.
@@ -340,7 +341,8 @@ class StageConfig:
             x0_samples > 0 (one step)  -> x0 first: the network learns to predict x0 directly"""
         phases = [PhaseConfig("x0", "full", self.x0_samples)] if self.x0_samples else []
         train = "lora" if self.variant in ("lora", "lora+full") else "full"
-        phases += [PhaseConfig(kind, train, self.samples) for kind in self.objective.split("+")]
+        phases += [PhaseConfig(kind, train, self.mse_samples if kind == "mse" and self.mse_samples else self.samples)
+                   for kind in self.objective.split("+")]
         if self.variant == "lora+full":
             phases.append(PhaseConfig("adv_uncond", "full", self.full_samples or self.samples))
         return phases
@@ -386,7 +388,7 @@ class StageConfig:
         if self.objective == "mse" and self.variant == "lora+full":
             fail(f"{key}.variant", "lora+full is for adversarial objectives (its last phase is adv_uncond)")
         check_global_batch(self, key, fail)
-        for name in ("full_samples", "x0_samples", "mse_weight"):
+        for name in ("full_samples", "x0_samples", "mse_samples", "mse_weight"):
             if getattr(self, name) < 0:
                 fail(f"{key}.{name}", "must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -397,7 +399,7 @@ class StageConfig:
             if getattr(self, name) is not None:
                 getattr(self, name).check(f"{key}.{name}", fail)
         if self.phases:
-            short_form = {"objective": "mse", "variant": "full", "x0_samples": 0, "full_samples": 0}
+            short_form = {"objective": "mse", "variant": "full", "x0_samples": 0, "full_samples": 0, "mse_samples": 0}
             given = [name for name, default in short_form.items() if getattr(self, name) != default]
             if given:
                 fail(f"{key}.phases", f"give the phases or the short form ({', '.join(given)}), not both")

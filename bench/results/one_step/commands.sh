@@ -4,11 +4,14 @@
 # that seed, so every row pairs with the table's full-method 1-step row of the same seed.
 # The settings vary the table's one-step stage as it was then (mse_weight 1; the recipe's is now 100): that
 # baseline is set first, a setting's own --set after it overrides it.
-# usage: bash bench/results/one_step/commands.sh NAME [--set KEY=VALUE ...]
+# FROM=x0 retrains the MSE phase too (from the seed's x0 conversion), for settings of the MSE phase.
+# usage: [FROM=x0] bash bench/results/one_step/commands.sh NAME [--set KEY=VALUE ...]
 set -e
 cd "$(dirname "$0")/../../.."
 RUNS=${ONE_STEP_RUNS:-/tmp/one_step}  # where the settings are trained
 PY=.venv/bin/python
+FROM=${FROM:-mse}  # the last phase copied from the table's run: mse | x0
+phases=$([ "$FROM" = x0 ] && echo stage5_1.0_x0 || echo "stage5_1.0_x0 stage5_1.1_mse")
 name=$1; shift
 for seed in 0 1 2; do
   src=runs/table/lightning$([ $seed = 0 ] || echo _seed$seed)
@@ -17,7 +20,7 @@ for seed in 0 1 2; do
     rm -rf $out; mkdir -p $out/exports $out/jobs/stage5_1
     cp -a $src/grid_prompts.safetensors $out/
     cp -a $src/exports/stage4_2 $out/exports/
-    cp -a $src/jobs/stage5_1/stage5_1.0_x0 $src/jobs/stage5_1/stage5_1.1_mse $out/jobs/stage5_1/
+    for phase in $phases; do cp -a $src/jobs/stage5_1/$phase $out/jobs/stage5_1/; done
     $PY -m trainer.run --config $src/config.yaml --set run.out_dir=$out \
       --set data.shards=$PWD/runs/table/lightning/shards --jobs stage5_1 --set stages.4.mse_weight=1 "$@" > $out/train.log 2>&1
   fi

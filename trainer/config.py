@@ -299,7 +299,7 @@ class StageConfig:
     # (landing scored better on the toy: bench/README.md#measurements-behind-defaults).
     mse_space: str = "landing"
     samples: int = 1000  # length of each objective phase, in samples seen
-    mse_samples: int = 0  # objective mse+adv_...: length of the MSE phase (0 = samples)
+    mse_samples: int = 0  # length of the stage's MSE phase (objective mse or mse+adv_...; 0 = samples)
     full_samples: int = 0  # lora+full: length of the final full-UNet phase (0 = samples)
     x0_samples: int = 0  # the one-step stage: conversion to x0 prediction first (0 = none)
     # The conversion learns a new output parametrization by plain regression: its own optimizer.

@@ -94,6 +94,7 @@ def test_sdxl_recipe_is_the_papers():
     (lambda d: d["stages"][0].update(global_batch=64, micro_batch=32, grad_accum=2), "stages[0].grad_accum", "either global_batch"),
     (lambda d: d["stages"][0].update(ema_decay=1.0), "stages[0].ema_decay", "must be in [0, 1)"),
     (lambda d: d["stages"][0].update(mse_optim={"lr": 0}), "stages[0].mse_optim.lr", "must be positive"),
+    (lambda d: d["stages"][0].update(mse_samples=-1), "stages[0].mse_samples", "must be >= 0"),
     (lambda d: d["stages"][1]["lora"].update(relative_to="student"), "stages[1].lora.relative_to", "base or teacher"),
     (lambda d: d.update(probe={"stop_when_flat": True}), "probe.stop_when_flat", "needs probe.every_samples"),
     (lambda d: d.update(probe={"every_samples": 64, "count": 4}), "probe.count", "at least 16"),

@@ -5,14 +5,14 @@
     python bench/shapes_table.py --methods lightning,mse --seeds 0 --count 300   # a quicker, noisier look
 
 Each method's whole chain is trained once (seed 0) in --runs/<method> (default runs/table/<method>; the
-128->32 stage is shared by all methods); for every other --seeds S (default 0,1,2) --runs/<method>_seed<S>
+128->32 stage is shared by all methods); for every other --seeds S (default 0,1,2,3) --runs/<method>_seed<S>
 gets copies of that run's exports up to the 4-step stage and the trainer retrains only the 2- and 1-step
 stages with run.seed=S. A run already complete is reused (the trainer skips finished exports), and
 `--reuse-lightning runs/shapes` takes the main job's run as the full method's seed 0. Every row is scored on
 --count images (default 1,000) with 95% bootstrap intervals (eval/fid_patch.py --bootstrap, its default 200),
-against the data and against the 32-step teacher's own samples. Several hours on 2 cores: 3 chains (~95 min
-measured at 300 images, bench/README.md), 2 extra seeds x 2 stages x 3 methods, and evaluation at 1,000
-images with the teacher's samples as a second reference (estimated, not measured: ~3 h in all).
+against the data and against the 32-step teacher's own samples. Hours on 2 cores: 3 chains, 3 extra seeds x 2
+stages x 3 methods, and evaluation at 1,000 images with the teacher's samples as a second reference (from
+nothing with 3 seeds: 123 min measured; the fourth seed added ~25 min of training; bench/README.md).
 
 Writes bench/results/shapes_table.md (one row per (method, variant, steps): seeds, mean [interval] and
 per-seed values, the targets of the evaluation issue as met / missed / undecided, the comparisons as decided
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "table")
     p.add_argument("--reuse-lightning", type=Path, default=None, help="a finished main-job run to use as the full method")
     p.add_argument("--count", type=int, default=1000, help="images per row")
-    p.add_argument("--seeds", default="0,1,2",
+    p.add_argument("--seeds", default="0,1,2,3",
                    help="training seeds of the 2- and 1-step stages (0: the whole chain's run; must be given)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)

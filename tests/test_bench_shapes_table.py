@@ -92,9 +92,9 @@ def test_main_trains_the_seeds_from_seed_0s_4_step_student_and_scores_against_th
     runs = tmp_path / "runs"
     trainer = [c for c in commands if c[1:3] == ["-m", "trainer.run"]]
     sets = [[c[i + 1] for i, a in enumerate(c) if a == "--set"] for c in trainer]
-    assert len(trainer) == 3 * 3  # 3 methods' chains, then 2 extra seeds each
+    assert len(trainer) == 3 * 4  # 3 methods' chains, then 3 extra seeds each (the default seeds 0-3)
     for method in shapes_table.OVERRIDES:
-        for seed in (1, 2):
+        for seed in (1, 2, 3):
             out = runs / f"{method}_seed{seed}"
             s = next(s for s in sets if f"run.out_dir={out}" in s)
             assert f"run.seed={seed}" in s
@@ -122,17 +122,17 @@ def test_main_trains_the_seeds_from_seed_0s_4_step_student_and_scores_against_th
     labels = lambda steps: [c[i + 1] for c in evals if c[c.index("--steps") + 1] == str(steps)
                             for i, a in enumerate(c) if a == "--label"]
     assert labels(4) == ["lightning/full/seed0", "lightning/lora/seed0", "mse/full/seed0", "adv_cond/full/seed0"]
-    assert sorted(labels(1)) == sorted(f"{m}/full/seed{s}" for m in shapes_table.OVERRIDES for s in (0, 1, 2))
+    assert sorted(labels(1)) == sorted(f"{m}/full/seed{s}" for m in shapes_table.OVERRIDES for s in (0, 1, 2, 3))
     assert "lightning/lora/seed2" in labels(2)
 
     saved = json.loads((results / "shapes_table.json").read_text())
     one = next(a for a in saved["aggregates"] if (a["method"], a["variant"], a["steps"]) == ("mse", "full", 1))
-    assert one["seeds"] == [0, 1, 2] and one["fid_whole"]["values"] == [100.0] * 3
+    assert one["seeds"] == [0, 1, 2, 3] and one["fid_whole"]["values"] == [100.0] * 4
     assert one["fid_whole_vs_teacher"]["interval"] == [18.0, 22.0] and one["fid_patch_vs_teacher"] is None
     assert {r["seed"] for r in saved["rows"] if r["steps"] == 8 and r["method"] != "teacher"} == {0}
     text = (results / "shapes_table.md").read_text()
-    assert "seeds 0,1,2" in text and "8- and 4-step rows: seed 0 only" in text
-    assert "| mse | full | 1 | 3 | 100 [90, 110] (100, 100, 100) | 1.00 | 20 [18, 22] |" in text
+    assert "seeds 0,1,2,3" in text and "8- and 4-step rows: seed 0 only" in text
+    assert "| mse | full | 1 | 4 | 100 [90, 110] (100, 100, 100, 100) | 1.00 | 20 [18, 22] |" in text
 
 
 def test_seed_runs_need_seed_0s_4_step_student(tmp_path):

@@ -4,6 +4,8 @@
 # that seed, so every row pairs with the table's full-method 1-step row of the same seed.
 # The settings vary the table's one-step stage as it was then (mse_weight 1; the recipe's is now 100): that
 # baseline is set first, a setting's own --set after it overrides it.
+# The table's runs change with the recipe: the settings of "The one-step stage's MSE phase" (bench/README) ran
+# on the MSE phase of lr 2e-5 for 2,400 samples, those since on the recipe's (lr 1e-4 for 4,800).
 # FROM=x0 retrains the MSE phase too (from the seed's x0 conversion), for settings of the MSE phase.
 # usage: [FROM=x0] bash bench/results/one_step/commands.sh NAME [--set KEY=VALUE ...]
 set -e

@@ -261,8 +261,8 @@ def decide_paired(point_a: list[float], point_b: list[float], resampled_a: np.nd
     side: every trained model of the winner beats every one of the loser by more than the images' sampling
     noise. The images' noise alone would not decide it (seeds are trained models, not resamples); with 3
     seeds each, the chance that one method's 3 models all rank above the other's when the two methods are the
-    same is 1 in 20 (4 seeds: 1 in 70). Returns {outcome ('a' | 'b' | 'undecided'), difference, difference_ci, pairs (each
-    pair's interval), pairs_for_a, pairs_for_b, resamples, welch_ci (welch_interval)}."""
+    same is 1 in 20 (4 seeds: 1 in 70). Returns {outcome ('a' | 'b' | 'undecided'), difference, difference_ci,
+    pairs (each pair's interval), pairs_for_a, pairs_for_b, resamples, welch_ci (welch_interval)}."""
     diff = statistics.fmean(point_a) - statistics.fmean(point_b)
     half = z * float(np.std(resampled_a.mean(axis=1) - resampled_b.mean(axis=1), ddof=1))
     pairs = []
@@ -283,15 +283,13 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> list[
     uses only their order, and assumes the seeds' spread is roughly normal. None with fewer than 2 seeds a side."""
     if len(a) < 2 or len(b) < 2:
         return None
-    from scipy.stats import t as student_t
-
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if va + vb == 0:
+    if statistics.variance(a) + statistics.variance(b) == 0:  # scipy's interval would be NaN
+        diff = statistics.fmean(a) - statistics.fmean(b)
         return [diff, diff]
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = float(student_t.ppf(0.5 + level / 2, dof)) * math.sqrt(va + vb)
-    return [diff - half, diff + half]
+    from scipy.stats import ttest_ind
+
+    ci = ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return [float(ci.low), float(ci.high)]
 
 
 def paired_comparisons(eval_dir: Path, labels: dict[str, tuple], resamples: int = 200, seed: int = 0) -> dict:

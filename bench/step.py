@@ -131,7 +131,7 @@ class Step:
 
     def __init__(self, preset: Preset, mode: str, objective: str, micro_batch: int, offload: bool,
                  student_steps: int, cfg_scale: float, compile_student: bool = False):
-        from trainer.runtime.engines import build_ds_config, device, init_distributed, make_engine
+        from trainer.runtime.engines import build_ds_config, compute_dtype, device, init_distributed, make_engine
         from trainer.method.lora import add_lora
         from trainer.method.models import freeze
 
@@ -144,13 +144,13 @@ class Step:
         self.cfg_scale = cfg_scale if objective == "mse" else 1.0
         prediction = "epsilon"
 
+        optim = OptimConfig(lr=1e-6, betas=[0.0, 0.99])
+        ds = build_ds_config(ds_config_path(offload), micro_batch, 1, info.world_size, optim, "bench")
         base = build_unet(preset, device=self.dev)
-        self.teacher = freeze(copy.deepcopy(base)).to(self.dev)  # bf16, no grads, eval
+        self.teacher = freeze(copy.deepcopy(base), compute_dtype(ds)).to(self.dev)  # the engines' dtype, no grads
         student = add_lora(copy.deepcopy(base), rank=preset.lora_rank) if mode == "lora" else copy.deepcopy(base)
         student.enable_gradient_checkpointing()
         self.attention = sorted({type(p).__name__ for p in student.attn_processors.values()})
-        optim = OptimConfig(lr=1e-6, betas=[0.0, 0.99])
-        ds = build_ds_config(ds_config_path(offload), micro_batch, 1, info.world_size, optim, "bench")
         self.student = make_engine(student, ds)
         if compile_student:
             self.student.compile()

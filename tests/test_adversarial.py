@@ -6,7 +6,7 @@ import torch
 
 from trainer.config import OptimConfig, ScheduleConfig
 from trainer.method.discriminator import discriminator_from_unet
-from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
+from trainer.runtime.engines import build_ds_config, compute_dtype, init_distributed, make_engine
 from trainer.method.models import build_toy_unet, freeze
 from trainer.method.methods import Adversarial, implied_x0
 from trainer.runtime.randomness import SampleRandom
@@ -34,7 +34,7 @@ def make_objective(dist, conditional=False, t_star=(), weights=()):
     ds = build_ds_config(str(ROOT / "ds_configs/zero2_cpu.json"), 4, 1, dist.world_size, ADAM, "test")
     student = make_engine(copy.deepcopy(teacher_net), ds)
     disc = make_engine(discriminator_from_unet(teacher_net, conditional=conditional), ds)
-    teacher = freeze(teacher_net)
+    teacher = freeze(teacher_net, compute_dtype(ds))
     return Adversarial(student, disc, teacher, SCHED, "v_prediction", "v_prediction", 4, 8,
                                 conditional=conditional, t_star=list(t_star), t_star_weights=list(weights))
 

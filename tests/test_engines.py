@@ -83,3 +83,31 @@ def test_starting_compiles_nothing(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not extensions.exists() or not any(extensions.rglob("*")), sorted(extensions.rglob("*"))
+
+
+@pytest.mark.parametrize("name, dtype", [("zero2_cpu.json", torch.bfloat16), ("zero2_cpu_fp32.json", torch.float32),
+                                         ("zero2_gpu.json", torch.bfloat16), ("zero2_gpu_offload.json", torch.bfloat16)])
+def test_frozen_networks_run_in_the_engines_dtype(name, dtype):
+    """The teacher follows the DeepSpeed JSON's precision: an fp32 recipe on a CPU without bf16 units would
+    otherwise run its teacher ~30x slower than the student, and distil a teacher rounded to bf16."""
+    from pathlib import Path
+    from trainer.method.phases import PhaseStart
+
+    start = PhaseStart(cfg=None, info=None, name="t", key="t", phase=None, student_dir=Path("."), student_pred="",
+                       micro_batch=1, accumulation=1, deepspeed=str(ROOT / "ds_configs" / name),
+                       gradient_checkpointing=False)
+    source, other = build_toy_unet(seed=0), build_toy_unet(seed=1)
+    copy_of_source = start.frozen(source, student_source=source)
+    assert copy_of_source is not source and next(source.parameters()).dtype == torch.float32
+    for frozen in (copy_of_source, start.frozen(other, student_source=source)):
+        assert {p.dtype for p in frozen.parameters()} == {dtype}
+        assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+
+
+def test_compute_dtype_reads_the_precision_sections():
+    from trainer.runtime.engines import compute_dtype
+
+    assert compute_dtype({}) == torch.float32
+    assert compute_dtype({"bf16": {"enabled": False}}) == torch.float32
+    assert compute_dtype({"bfloat16": {"enabled": True}}) == torch.bfloat16
+    assert compute_dtype({"fp16": {"enabled": True}}) == torch.float16

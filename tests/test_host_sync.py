@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.config import OptimConfig, ScheduleConfig
 from trainer.method.discriminator import discriminator_from_unet
-from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
+from trainer.runtime.engines import build_ds_config, compute_dtype, init_distributed, make_engine
 from trainer.method.models import build_toy_unet, freeze
 from trainer.method.methods import Adversarial, MSEDistill
 from trainer.runtime.randomness import SampleRandom
@@ -61,7 +61,7 @@ def engines(dist, with_disc: bool):
     ds = build_ds_config(str(ROOT / "ds_configs/zero2_cpu.json"), 4, 1, dist.world_size, ADAM, "test")
     student = make_engine(copy.deepcopy(net), ds)
     disc = make_engine(discriminator_from_unet(net, conditional=True), ds) if with_disc else None
-    return student, disc, freeze(net)
+    return student, disc, freeze(net, compute_dtype(ds))
 
 
 def objectives(dist):

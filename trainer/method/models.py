@@ -135,8 +135,8 @@ def _load_unet_parts(folder: Path, only: tuple[str, ...]) -> UNet2DConditionMode
     return unet
 
 
-def frozen_copy(unet: torch.nn.Module, device: torch.device, dtype=torch.bfloat16) -> torch.nn.Module:
-    """A frozen low-precision copy of `unet` on `device`: the same weights a fresh read of its folder
+def frozen_copy(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of `unet` in `dtype` on `device`: the same weights a fresh read of its folder
     would give (the teacher when it starts where the student does), without the read and without a
     second full-precision copy in memory."""
     with torch.device("meta"):
@@ -174,7 +174,8 @@ def guided_denoiser(unet: torch.nn.Module, cond: Conditioning, guidance: float, 
     return denoise
 
 
-def freeze(module: torch.nn.Module, dtype=torch.bfloat16) -> torch.nn.Module:
-    """A frozen teacher: no grads, eval mode, low precision (it only runs under no_grad)."""
+def freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen teacher: no grads, eval mode, in `dtype` (the engines' compute dtype; it only runs under
+    no_grad)."""
     module.requires_grad_(False)
     return module.eval().to(dtype)

@@ -18,13 +18,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from trainer.config import Config, OptimConfig, PhaseConfig, StageConfig
+from trainer.config import Config, OptimConfig, PhaseConfig, StageConfig, ds_config_from_file
 from trainer.export import export_unet
 from trainer.method.methods import METHODS, Method
 from trainer.method.models import freeze, frozen_copy, load_unet
 from trainer.method.schedule import NoiseSchedule
 from trainer.runtime.checkpoint import CheckpointManager, fp32_weights
-from trainer.runtime.engines import DistInfo, build_ds_config, device, make_engine, release_engines
+from trainer.runtime.engines import DistInfo, build_ds_config, compute_dtype, device, make_engine, release_engines
 from trainer.runtime.loop import Job, train
 from trainer.runtime.preemption import solo
 
@@ -77,8 +77,10 @@ class PhaseStart:
         self._read.clear()
 
     def frozen(self, unet: torch.nn.Module, student_source: torch.nn.Module) -> torch.nn.Module:
-        """`unet` frozen on this process's device; a copy when it is also the module the student trains."""
-        return frozen_copy(unet, device()) if unet is student_source else freeze(unet).to(device())
+        """`unet` frozen on this process's device in the engines' compute dtype; a copy when it is also the
+        module the student trains."""
+        dtype = compute_dtype(ds_config_from_file(self.deepspeed))
+        return frozen_copy(unet, device(), dtype) if unet is student_source else freeze(unet, dtype).to(device())
 
     def trainable(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The student: `unet` itself, or with this stage's LoRA (fresh, or the previous LoRA phase's)."""

@@ -105,6 +105,16 @@ def make_engine(model: torch.nn.Module, ds_config: dict):
     return engine
 
 
+def compute_dtype(ds: dict) -> torch.dtype:
+    """The dtype a DeepSpeed config's engines compute in, which the frozen networks beside them (teacher,
+    x0 phase's copy) run in too: bf16 where the engines do (a GPU), fp32 under an fp32 config, where a CPU
+    without bf16 units would otherwise run the teacher ~30x slower than in fp32."""
+    for key, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
+        if (ds.get(key) or {}).get("enabled") is True:
+            return dtype
+    return torch.float32
+
+
 def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
     """Linear warm-up then constant or cosine decay; a pure function of the step, so resume is exact."""
     if optim.warmup_steps and step < optim.warmup_steps:

@@ -102,6 +102,12 @@ def test_frozen_networks_run_in_the_engines_dtype(name, dtype):
     for frozen in (copy_of_source, start.frozen(other, student_source=source)):
         assert {p.dtype for p in frozen.parameters()} == {dtype}
         assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    # the copy shares no storage with the module the student trains: its updates leave the copy alone
+    before = [p.detach().clone() for p in copy_of_source.parameters()]
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, copy_of_source.parameters()))
 
 
 def test_compute_dtype_reads_the_precision_sections():

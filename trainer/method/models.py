@@ -141,8 +141,10 @@ def frozen_copy(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype)
     second full-precision copy in memory."""
     with torch.device("meta"):
         twin = UNet2DConditionModel.from_config(unet.config)
-    twin.load_state_dict({k: v.detach().to(device=device, dtype=dtype) for k, v in unet.state_dict().items()},
-                         assign=True)
+    # copy=True: where dtype and device already match, .to() would return the same tensors, and the
+    # student's updates (or the x0 phase's head rewrite) would move the frozen copy with it
+    twin.load_state_dict({k: v.detach().to(device=device, dtype=dtype, copy=True)
+                          for k, v in unet.state_dict().items()}, assign=True)
     return freeze(twin, dtype)
 
 

@@ -15,4 +15,4 @@ if [[ $(id -u) == 0 && -f /etc/debian_version ]]; then
 else
   echo "not root on Debian: no local SLURM, tests/test_slurm.py will be skipped"
 fi
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"

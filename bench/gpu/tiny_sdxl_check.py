@@ -1,6 +1,6 @@
 """Part (a) of the GPU check: the paper's recipe (configs/sdxl.yaml, all five stages, every phase) on a tiny
 random SDXL through `python -m trainer.run`, one rank (NCCL and ds_configs/zero2_gpu.json on a GPU; gloo and
-ds_configs/zero2_cpu.json on a CPU), with what a long run meets on a cluster:
+ds_configs/zero2_cpu_fp32.json on a CPU, many of which emulate bf16 slowly), with what a long run meets on a cluster:
   1. a tiny SDXL folder (trainer.testing.make_tiny_sdxl_folder) and a "finetune" of it held the way users hold
      theirs: one original-layout .safetensors file (another seed's weights), which the run distils from
      (model.base = the file, model.base_config = the folder); 32 rendered shapes (name.png + name.txt) encoded
@@ -133,7 +133,7 @@ stages = [s.name for s in recipe.stages]
 student_steps = {s.name: s.student_steps for s in recipe.stages}
 overrides = [
     f"model.base={FINETUNE}", f"model.base_config={MODEL}", f"data.shards={SHARDS}", f"run.out_dir={RUN}",
-    f"deepspeed=ds_configs/{'zero2_gpu' if CUDA else 'zero2_cpu'}.json",
+    f"deepspeed=ds_configs/{'zero2_gpu' if CUDA else 'zero2_cpu_fp32'}.json",
     "data.num_workers=1", "log.sample_every_samples=0", f"log.checkpoint_every_samples={GLOBAL}", "log.every_steps=2",
     "log.keep_last=2", "stages.4.ema_decay=0.9",
 ]

@@ -84,6 +84,7 @@ if str(ROOT) not in sys.path:  # `python bench/memory.py` from a clone, and `imp
 from bench.common import PRESETS, Preset  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
 from trainer.method.models import Conditioning, unet_forward  # noqa: E402
+from trainer.runtime.engines import compute_dtype  # noqa: E402
 
 GIB = 2 ** 30
 BF16, FP32 = 2, 4
@@ -449,8 +450,7 @@ class ZeroSettings:
         zero = ds.get("zero_optimization", {})
         if zero.get("stage") != 2:
             raise SystemExit(f"{path}: this model is for ZeRO stage 2, the file sets {zero.get('stage')}")
-        bf16 = ds.get("bf16", ds.get("bfloat16", {})).get("enabled", False)
-        if not bf16 or ds.get("fp16", {}).get("enabled", False):
+        if compute_dtype(ds) != torch.bfloat16 or (ds.get("fp16") or {}).get("enabled") is True:
             raise SystemExit(f"{path}: this model is for bf16 engines (bf16.enabled true)")
         offload = (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
         if not zero.get("contiguous_gradients", True) and not offload:

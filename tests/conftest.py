@@ -1,6 +1,7 @@
 """Shared helpers: run the real CLI in a subprocess (DeepSpeed wants its own process group)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,20 @@ def run_cli(args: list[str], timeout: int = 600, ranks: int = 1, check: bool = T
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def latest_checkpoint(job_dir: Path) -> Path:
+    """The checkpoint a phase's `ckpt/LATEST` names (the trainer's own reader: it refuses an incomplete one)."""
+    from trainer.runtime.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(Path(job_dir) / "ckpt").latest()
+    assert latest is not None, f"{job_dir}: no checkpoint"
+    return latest
+
+
+def latest_state(job_dir: Path) -> dict:
+    """The trainer state (samples seen, done, probe curve, ...) of a phase's latest checkpoint."""
+    return json.loads((latest_checkpoint(job_dir) / "trainer_state.json").read_text())
 
 
 @pytest.fixture(scope="session")

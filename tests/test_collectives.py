@@ -2,7 +2,6 @@
 group's device, and rank 0's solo work awaited outside the step's collective timeout."""
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -56,7 +56,6 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_a_message(tmp_path):
 
 
 def _fault_run(fault: str, args: list[str], ranks: int = 1, check=False):
-    import os
     import subprocess
     import sys
 

@@ -1,11 +1,10 @@
 """The stage-length probe (config `probe`): the flattening rule, and a real stage-1 run that logs the curve,
 keeps it in its checkpoint state, and stops where the curve has flattened."""
-import json
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import latest_state, run_cli
 from test_training import _stage1_from
 from trainer.runtime.probe import flattened
 
@@ -37,7 +36,7 @@ def test_stage_logs_the_probe_and_stops_when_flat(smoke_run, tmp_path, ranks):
     assert "[stage1_32.0_mse] probe at 0 samples: FID" in proc.stdout
     assert "has flattened: stopping at 32 of 96 samples" in proc.stdout, proc.stdout[-3000:]
     job = out / "jobs" / "stage1_32" / "stage1_32.0_mse"
-    state = json.loads((job / "ckpt" / (job / "ckpt" / "LATEST").read_text() / "trainer_state.json").read_text())
+    state = latest_state(job)
     assert state["done"] and state["stopped_when_flat"] == 32 and [s for s, _ in state["probe"]] == [0, 32]
     assert len(state["replica_digests"]) == ranks and len(set(state["replica_digests"])) == 1
     assert (out / "exports" / "stage1_32" / "export.json").is_file()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, latest_state
 
 RECIPE = "tests/slurm_smoke.yaml"
 SBATCH_2_RANKS = ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
@@ -97,8 +97,7 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 
 def final_state(out: Path) -> dict:
-    ckpt = out / PHASE / "ckpt"
-    return json.loads((ckpt / (ckpt / "LATEST").read_text().strip() / "trainer_state.json").read_text())
+    return latest_state(out / PHASE)
 
 
 def start_from_teacher(reference: Path, out: Path) -> Path:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, latest_state, run_cli
 
 
 def test_the_recipes_teacher_command_at_small_scale(tmp_path):
@@ -24,7 +24,6 @@ def test_the_recipes_teacher_command_at_small_scale(tmp_path):
     assert trained.keys() == reference.keys()
     assert all(trained[k].shape == reference[k].shape and trained[k].dtype == reference[k].dtype for k in trained)
     assert all(np.isfinite(t.float().numpy()).all() for t in trained.values())
-    state = json.loads((out / "jobs" / "teacher" / "ckpt" / (out / "jobs" / "teacher" / "ckpt" / "LATEST").read_text()
-                        / "trainer_state.json").read_text())
+    state = latest_state(out / "jobs" / "teacher")
     assert state["done"] and state["samples_seen"] == 320
     assert (out / "grids" / "progression.png").is_file() and "teacher" in proc.stdout

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import latest_checkpoint, latest_state, run_cli
 
 EXPORTS = ("teacher", "stage1_32", "stage2_8", "stage2_8_lora", "stage5_1")
 JOBS = {  # job -> its folder under jobs/
@@ -25,8 +25,7 @@ def export_weights(out: Path, job: str) -> dict:
 
 
 def final_state(out: Path, job: str) -> dict:
-    ckpt = out / "jobs" / JOBS[job] / "ckpt"
-    return json.loads((ckpt / (ckpt / "LATEST").read_text() / "trainer_state.json").read_text())
+    return latest_state(out / "jobs" / JOBS[job])
 
 
 def test_progression_writes_exports_grids_and_tensorboard(smoke_run):
@@ -82,8 +81,7 @@ def test_the_progression_runs_in_bf16(tmp_path):
     run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}",
              "--set", "deepspeed=ds_configs/zero2_cpu.json"])
     for job, folder in JOBS.items():
-        ckpt = out / "jobs" / folder / "ckpt"
-        state = ckpt / (ckpt / "LATEST").read_text()
+        state = latest_checkpoint(out / "jobs" / folder)
         engines = [p for p in state.iterdir() if (p / "state").is_dir()]
         assert engines, job
         for engine in engines:  # DeepSpeed names the optimizer state of a bf16 engine bf16_zero_pp_rank_*
@@ -130,8 +128,7 @@ def test_stage_with_ema_exports_the_average(smoke_run):
     """stages[N].ema_decay: the phase exports the student's weight average, not its last iterate."""
     from trainer.runtime.checkpoint import CheckpointManager, fp32_weights
 
-    ckpt = smoke_run / "jobs" / JOBS["stage5_1.1_adv_uncond"] / "ckpt"
-    final = ckpt / (ckpt / "LATEST").read_text()
+    final = latest_checkpoint(smoke_run / "jobs" / JOBS["stage5_1.1_adv_uncond"])
     average, last = CheckpointManager.load_tensors(final, "ema.safetensors"), fp32_weights(final)
     exported = export_weights(smoke_run, "stage5_1")
     assert exported.keys() == average.keys()
@@ -195,8 +192,7 @@ def _trained_student(out: Path, job: str, base_unet: Path, rank: int):
     from trainer.method.models import load_unet
     from trainer.runtime.checkpoint import fp32_weights
 
-    ckpt = out / "jobs" / job / "ckpt"
-    trained = fp32_weights(ckpt / (ckpt / "LATEST").read_text(), "student")
+    trained = fp32_weights(latest_checkpoint(out / "jobs" / job), "student")
     student = add_lora(load_unet(base_unet.parent), rank=rank)
     lora = {k: v for k, v in trained.items() if ".lora_" in k}
     assert lora and not student.load_state_dict(lora, strict=False).unexpected_keys

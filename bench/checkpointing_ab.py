@@ -5,9 +5,9 @@ speed drifts), and whether the two end bit-identical.
 
 Once: stage1_32 for `--samples` samples from the committed teacher (its export is stage2_8's teacher). Then,
 `--repeats` times each, alternating: stage2_8 (LoRA adv_cond, LoRA adv_uncond, full adv_uncond; `--samples`
-each) from a copy of that, with `model.gradient_checkpointing` and `stages.1.disc.gradient_checkpointing` both
-on or both off. Prints each run's wall time and per-phase median samples/s (TensorBoard), the ratio of the
-mean wall times, and whether every run's stage2_8 export has the same weights.
+each) from a copy of that, with `model.gradient_checkpointing` (D follows it) on or off. Prints each run's
+wall time and per-phase median samples/s (bench/phase_speeds.py), the ratio of the mean wall times, and
+whether every run's stage2_8 export has the same weights.
 """
 import argparse
 import shutil
@@ -21,6 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/checkpointing_ab.py` from a clone
+    sys.path.insert(0, str(ROOT))
+
+from bench.phase_speeds import phase_speeds  # noqa: E402
 
 
 def trainer_run(out: Path, log: Path, *overrides: str) -> float:
@@ -33,19 +37,6 @@ def trainer_run(out: Path, log: Path, *overrides: str) -> float:
     if rc != 0:
         raise SystemExit(f"trainer.run exited {rc}: see {log}")
     return time.perf_counter() - start
-
-
-def phase_speeds(out: Path) -> dict[str, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    speeds = {}
-    for tb in sorted((out / "jobs" / "stage2_8").glob("*/tb")):
-        acc = EventAccumulator(str(tb))
-        acc.Reload()
-        tag = next(t for t in acc.Tags()["scalars"] if t.endswith("samples_per_s"))
-        values = [e.value for e in acc.Scalars(tag)][1:]  # the first interval holds the start-up
-        speeds[tb.parent.name.split(".", 1)[1]] = statistics.median(values)
-    return speeds
 
 
 def main() -> None:
@@ -69,10 +60,10 @@ def main() -> None:
             flag = str(on).lower()
             wall = trainer_run(out, args.work / f"{out.name}.log", "--jobs", "stage2_8",
                                f"stages.1.samples={args.samples}", f"stages.1.full_samples={args.samples}",
-                               f"model.gradient_checkpointing={flag}", f"stages.1.disc.gradient_checkpointing={flag}")
+                               f"model.gradient_checkpointing={flag}")  # D follows the student's setting
             walls[on].append(wall)
             exports.append(out / "exports" / "stage2_8" / "unet" / "diffusion_pytorch_model.safetensors")
-            speeds = "  ".join(f"{name} {value:.1f}" for name, value in phase_speeds(out).items())
+            speeds = "  ".join(f"{name} {value:.1f}" for name, value in phase_speeds(out, "stage2_8").items())
             print(f"checkpointing {'on ' if on else 'off'} run {repeat}: {wall:6.1f} s   samples/s: {speeds}", flush=True)
 
     on, off = statistics.mean(walls[True]), statistics.mean(walls[False])

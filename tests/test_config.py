@@ -211,6 +211,19 @@ def test_disc_optimizer_follows_what_the_student_trains():
     assert [p.disc.optim for p in stage.plan()] == [full, full, full]
 
 
+def test_disc_gradient_checkpointing_follows_the_student_unless_set():
+    """Unset, D recomputes its activations when the student does: the toy turns both off with one key, the
+    smoke and SDXL recipes keep both on; an explicit value wins."""
+    for recipe, expected in (("shapes", False), ("smoke", True), ("sdxl", True)):
+        cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", check_paths=False)
+        disc_phases = [p for stage in cfg.stages for p in stage.plan() if p.disc is not None]
+        assert disc_phases and cfg.model.gradient_checkpointing == expected, recipe
+        assert {p.disc.checkpointing(cfg.model.gradient_checkpointing) for p in disc_phases} == {expected}, recipe
+    cfg = load_config(ROOT / "configs" / "shapes.yaml", ["stages.1.disc.gradient_checkpointing=true"], check_paths=False)
+    assert cfg.stages[1].disc.checkpointing(False) and not cfg.stages[2].disc.checkpointing(False)
+    assert cfg.stages[2].disc.gradient_checkpointing is None
+
+
 def test_explicit_phases_equal_the_short_form_they_spell_out(tmp_path):
     """A stage's `phases:` list is the data its short form expands into: writing the expansion out gives the
     same plan (names, lengths, optimizers, D settings), and --print-plan shows it without touching a path."""

@@ -215,7 +215,11 @@ class DiscConfig:
     t_star_weights: list[float] = field(default_factory=list)
     t_star_late_weights: list[float] = field(default_factory=list)
     warmup_samples: int = 0  # D-only training at the start of each adversarial phase
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Optional[bool] = None  # None: as the student's (`model.gradient_checkpointing`)
+
+    def checkpointing(self, student_checkpointing: bool) -> bool:
+        """Whether D recomputes its activations: as set, else as the student does."""
+        return student_checkpointing if self.gradient_checkpointing is None else self.gradient_checkpointing
 
     def check(self, key: str, num_train_timesteps: int, fail: Fail) -> None:
         if self.t_star and any(not 0 <= t < num_train_timesteps for t in self.t_star):
@@ -602,6 +606,17 @@ def _index(part: str, node: list, dotted: str, where: str) -> int:
     return int(part)
 
 
+def _unaliased(node: Any) -> Any:
+    """A copy in which no mapping or list is shared. YAML aliases share them: stages merged from one anchor
+    (`<<: *adversarial`) hold the same `disc` and `optim` mappings, and a `--set` on one stage's would
+    otherwise reach every stage that shares it."""
+    if isinstance(node, dict):
+        return {key: _unaliased(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unaliased(value) for value in node]
+    return node
+
+
 def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None, check_paths: bool = True) -> Config:
     """Read a YAML recipe, apply `--set` overrides, build typed objects and validate them."""
     path = Path(path)
@@ -614,6 +629,7 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None, 
         raise ConfigError(f"{where}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    data = _unaliased(data)
     for assignment in overrides or []:
         _apply_override(data, assignment, where)
     cfg = _build(Config, data, "", where)

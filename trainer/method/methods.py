@@ -264,7 +264,7 @@ class Adversarial(Method):
                                        seed=start.cfg.run.seed)
         teacher = start.frozen(teacher, plain)
         student = start.trainable(plain)
-        if disc_cfg.gradient_checkpointing:
+        if disc_cfg.checkpointing(start.gradient_checkpointing):
             disc.enable_gradient_checkpointing()
         student_engine = start.engine(student, phase.optim)
         del student

@@ -21,10 +21,11 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg canvas directly: no pyplot, no GUI
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+MAX_FIXED_TICKS = 10  # more measured x values than this: evenly spaced ticks
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
 DPI = 100  # figure sizes below are pixels / DPI, so a `size` in pixels comes out exactly that size
 
@@ -106,14 +107,16 @@ def _draw(ax, series: dict[str, list[tuple]], title: str, xlabel: str, ylabel: s
             yerr = np.array([[max(0.0, p[1] - p[2]) for p in bars], [max(0.0, p[3] - p[1]) for p in bars]])
             ax.errorbar([p[0] for p in bars], [p[1] for p in bars], yerr=yerr, fmt="none", ecolor=colour,
                         elinewidth=1.2, capsize=3, zorder=2)
-    if _use_log2(xs, log2_x):
+    log_x = _use_log2(xs, log2_x)
+    if log_x:
         ax.set_xscale("log", base=2)
         pad = 2 ** 0.25
         ax.set_xlim(xs[0] / pad, xs[-1] * pad)
     elif len(xs) == 1:
         ax.set_xlim(xs[0] - 1, xs[0] + 1)
-    # ticks at the step counts actually measured, labelled as plain numbers
-    ax.xaxis.set_major_locator(FixedLocator(xs))
+    # ticks at the step counts actually measured, labelled as plain numbers (a long curve, such as a probe's
+    # every few hundred samples, gets evenly spaced ticks instead: its labels would overlap)
+    ax.xaxis.set_major_locator(FixedLocator(xs) if log_x or len(xs) <= MAX_FIXED_TICKS else MaxNLocator(MAX_FIXED_TICKS))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt(v)))
     ax.xaxis.set_minor_locator(NullLocator())
     # y from 0 when the values are non-negative and 0 is not far below them (FID), so gaps between curves

@@ -94,6 +94,17 @@ def test_log2_x_with_ticks_at_the_measured_steps():
     assert ax.get_xscale() == "linear" and ax.get_ylim()[0] > 0.5  # a narrow band far from 0 stays zoomed
 
 
+def test_a_long_linear_curve_gets_evenly_spaced_ticks():
+    """A probe curve (a point every 400 samples, 24 of them) would overlap its labels with a tick per point."""
+    xs = [400.0 * i for i in range(24)]
+    fig = Figure()
+    ax = fig.add_subplot()
+    plot._draw(ax, {"a": [(x, 10.0 - i * 0.1) for i, x in enumerate(xs)]}, "t", "samples", "fid", log2_x=False)
+    FigureCanvasAgg(fig).draw()
+    ticks = [t for t in ax.get_xticks() if xs[0] <= t <= xs[-1]]
+    assert 3 <= len(ticks) <= plot.MAX_FIXED_TICKS + 1 and ticks != xs
+
+
 def test_missing_metric_values_give_a_no_data_panel(tmp_path):
     rows = [{"label": "a", "steps": 4, "fid_whole": 12.0, "fid_patch": None, "alignment": None},
             {"label": "a", "steps": 2, "fid_whole": float("nan"), "fid_patch": None}]

@@ -17,20 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/phase_speeds.py` from a clone, and `import bench.phase_speeds` in tests
     sys.path.insert(0, str(ROOT))
 
+from bench.tb_scalars import phase_scalars  # noqa: E402
+
 
 def phase_speeds(run_dir: Path, stage: str = "*") -> dict[str, float]:
     """{"<stage>.<phase>": median samples/s} for every phase of `stage` (a glob; default all) in `run_dir`."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    speeds = {}
-    for tb in sorted(Path(run_dir).glob(f"jobs/{stage}/*/tb")):
-        acc = EventAccumulator(str(tb))
-        acc.Reload()
-        tag = next((t for t in acc.Tags()["scalars"] if t.endswith("samples_per_s")), None)
-        values = [e.value for e in acc.Scalars(tag)][1:] if tag else []
-        if values:
-            speeds[tb.parent.name] = statistics.median(values)
-    return speeds
+    logged = phase_scalars(run_dir, "samples_per_s", stage)
+    # the first value holds the start-up
+    return {name: statistics.median(v for _, v in points[1:]) for name, points in logged.items() if points[1:]}
 
 
 def main() -> None:

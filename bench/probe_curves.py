@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/probe_curves.py` from a clone, and `import bench.probe_curves` in tests
     sys.path.insert(0, str(ROOT))
 
+from bench.tb_scalars import phase_scalars  # noqa: E402
 from trainer.runtime.probe import flattened  # noqa: E402
 
 TAG = "probe_fid_vs_teacher"
@@ -25,17 +26,8 @@ TAG = "probe_fid_vs_teacher"
 
 def probe_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{"<stage>.<phase>": [(samples seen, FID vs teacher), ...]} for every phase that logged the probe."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    curves = {}
-    for tb in sorted(Path(run_dir).glob("jobs/*/*/tb")):
-        acc = EventAccumulator(str(tb))
-        acc.Reload()
-        tag = next((t for t in acc.Tags()["scalars"] if t.endswith(TAG)), None)
-        if tag:
-            points = {e.step: e.value for e in acc.Scalars(tag)}  # a resumed phase may log a point twice
-            curves[tb.parent.name] = sorted(points.items())
-    return curves
+    # by sample count: a resumed phase may log a point twice
+    return {name: sorted(dict(points).items()) for name, points in phase_scalars(run_dir, TAG).items()}
 
 
 def stop_point(curve: list[tuple[int, float]], patience: int, min_improvement: float) -> int | None:

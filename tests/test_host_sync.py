@@ -17,7 +17,7 @@ from trainer.config import OptimConfig, ScheduleConfig
 from trainer.method.discriminator import discriminator_from_unet
 from trainer.runtime.engines import build_ds_config, compute_dtype, init_distributed, make_engine
 from trainer.method.models import build_toy_unet, freeze
-from trainer.method.methods import Adversarial, MSEDistill
+from trainer.method.methods import Adversarial, Denoise, MSEDistill
 from trainer.runtime.randomness import SampleRandom
 from trainer.method.schedule import NoiseSchedule
 
@@ -71,6 +71,8 @@ def objectives(dist):
         t_star=[10, 250, 500], t_star_weights=[1, 1, 1], mse_weight=1.0)
     student, _, teacher = engines(dist, False)
     yield "mse with CFG", MSEDistill(student, teacher, SCHED, "v_prediction", "v_prediction", 4, 16, 3.0)
+    student, _, _ = engines(dist, False)
+    yield "teacher training, min-SNR weighted", Denoise(student, SCHED, "v_prediction", 0.1, min_snr_gamma=5.0)
 
 
 def test_micro_steps_read_nothing_back_from_the_device(dist):

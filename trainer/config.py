@@ -180,6 +180,12 @@ class TeacherConfig:
     grad_accum: int = 1
     global_batch: int = 0  # as in a stage: when set, grad_accum follows from the world size
     caption_dropout: float = 0.1  # so classifier-free guidance works
+    # Per-sample loss weight over timesteps. "none": the prediction type's plain MSE (for v-prediction an
+    # x0 error weighted by SNR+1, so the low-noise end dominates). "min_snr": the x0 error weighted by
+    # min(SNR, min_snr_gamma) whatever the prediction type (Hang et al., "Efficient Diffusion Training via
+    # Min-SNR Weighting"), which moves weight from the lowest-noise steps to the middle of the schedule.
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=150, decay="cosine"))
@@ -192,6 +198,10 @@ class TeacherConfig:
     def check(self, fail: Fail) -> None:
         if not 0 <= self.caption_dropout < 1:
             fail("teacher.caption_dropout", "must be in [0, 1)")
+        if self.loss_weighting not in ("none", "min_snr"):
+            fail("teacher.loss_weighting", f"'{self.loss_weighting}' is not none or min_snr")
+        if not self.min_snr_gamma > 0:
+            fail("teacher.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
         for key, value in (("samples", self.samples), ("micro_batch", self.micro_batch), ("grad_accum", self.grad_accum)):
             if value < 0 or (value == 0 and key != "samples"):
                 fail(f"teacher.{key}", f"must be positive, got {value}")

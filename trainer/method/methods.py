@@ -82,17 +82,20 @@ class Denoise(Method):
     sections = ("noise", "student forward", "student step")
 
     def __init__(self, engine, schedule: NoiseSchedule, prediction_type: str, caption_dropout: float,
-                 optims: Optional[dict[str, OptimConfig]] = None):
+                 optims: Optional[dict[str, OptimConfig]] = None, min_snr_gamma: Optional[float] = None):
         super().__init__({"student": engine}, optims)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.caption_dropout = caption_dropout
+        self.min_snr_gamma = min_snr_gamma  # None: the plain MSE
 
     @classmethod
     def build(cls, start: "PhaseStart") -> "Denoise":
         student = start.trainable(start.read_unet(start.student_dir))
-        return cls(start.engine(student, start.phase.optim), start.schedule, start.student_pred,
-                   start.cfg.teacher.caption_dropout, optims={"student": start.phase.optim})
+        tc = start.cfg.teacher
+        return cls(start.engine(student, start.phase.optim), start.schedule, start.student_pred, tc.caption_dropout,
+                   optims={"student": start.phase.optim},
+                   min_snr_gamma=tc.min_snr_gamma if tc.loss_weighting == "min_snr" else None)
 
     def micro_step(self, batch: dict, rand: SampleRandom) -> dict[str, torch.Tensor]:
         with self.timer.section("noise"):
@@ -105,7 +108,12 @@ class Denoise(Method):
             cond = Conditioning.from_batch(batch).drop(keep)
         with self.timer.section("student forward"):
             out = unet_forward(self.student, x_t, t, cond)
-            loss = F.mse_loss(out, self.schedule.target(x0, eps, t, self.prediction_type))
+            target = self.schedule.target(x0, eps, t, self.prediction_type)
+            if self.min_snr_gamma is None:
+                loss = F.mse_loss(out, target)
+            else:
+                weight = self.schedule.min_snr_weight(t, self.min_snr_gamma, self.prediction_type)
+                loss = (weight * (out.float() - target.float()).square()).mean()
         with self.timer.section("student step"):
             self.student.backward(loss)
             self.student.step()

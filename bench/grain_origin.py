@@ -75,9 +75,7 @@ def measure(model: Path, schedule: NoiseSchedule, steps: int, count: int, guidan
     for t in grid:
         x_t = schedule.add_noise(x0, eps, torch.full((count,), t, dtype=torch.long))
         from_real[t] = grain(x0_eps(x_t, t)[0], encoders.codec, captions)
-    # diffusers' Euler (trailing) starts from noise x sigma_max, which reaches the network as sigma_T x noise
-    sigma_T = schedule.alpha_sigma(torch.tensor([grid[0]]))[1]
-    predictions, final = sample_with_predictions(x0_eps, schedule, sigma_T * eps, grid)
+    predictions, final = sample_with_predictions(x0_eps, schedule, eps, grid)
     trajectory = {t: grain(x0_hat, encoders.codec, captions) for t, x0_hat in predictions.items()}
     shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
     return {"model": str(shown), "steps": steps, "count": count, "guidance": guidance,
@@ -85,15 +83,16 @@ def measure(model: Path, schedule: NoiseSchedule, steps: int, count: int, guidan
             "trajectory": trajectory, "final": grain(final, encoders.codec, captions)}
 
 
-def sample_with_predictions(x0_eps, schedule: NoiseSchedule, x_T: torch.Tensor, grid: list[int]):
-    """Deterministic sampling on `grid` from x_T (the DDIM move, which is the exported Euler scheduler's step on
-    trailing timesteps): ({t: the x0 prediction at t}, the final sample)."""
+def sample_with_predictions(x0_eps, schedule: NoiseSchedule, noise: torch.Tensor, grid: list[int]):
+    """Deterministic sampling on `grid` from unit `noise` (the DDIM move, which is the exported Euler scheduler's
+    step on trailing timesteps): ({t: the x0 prediction at t}, the final sample)."""
     predictions = {}
-    x_t = x_T.clone()
+    # diffusers' Euler (trailing) starts from noise x sigma_max, which reaches the network as sigma_T x noise
+    x_t = schedule.alpha_sigma(torch.tensor([grid[0]]))[1] * noise
     for t, t_next in zip(grid, grid[1:] + [-1]):
         x0_hat, eps_hat = x0_eps(x_t, t)
         predictions[t] = x0_hat
-        x_t = schedule.renoise(x0_hat, eps_hat, torch.full((len(x_T),), t_next, dtype=torch.long))
+        x_t = schedule.renoise(x0_hat, eps_hat, torch.full((len(noise),), t_next, dtype=torch.long))
     return predictions, x_t
 
 

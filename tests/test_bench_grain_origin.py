@@ -33,8 +33,7 @@ def test_its_trajectory_ends_where_the_exported_sampler_does(smoke_run):
         return schedule.to_x0_eps(denoise(x_t, ts), x_t, ts, pred)
 
     with torch.no_grad():
-        sigma_T = schedule.alpha_sigma(torch.tensor([999]))[1]
-        predictions, final = grain_origin.sample_with_predictions(x0_eps, schedule, sigma_T * noise, trailing_timesteps(4))
+        predictions, final = grain_origin.sample_with_predictions(x0_eps, schedule, noise, trailing_timesteps(4))
         expected = sample_latents(unet, make_scheduler(cfg.schedule, pred), cond, noise, 4, 1.5)
     assert list(predictions) == [999, 749, 499, 249]
     torch.testing.assert_close(final, expected, rtol=1e-4, atol=1e-4)

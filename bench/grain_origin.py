@@ -61,9 +61,7 @@ def measure(model: Path, schedule: NoiseSchedule, steps: int, count: int, guidan
     captions = [s.caption for s in samples]
     images = np.stack([np.asarray(s.image) for s in samples])
     x0 = encoders.codec.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
-    text = encoders.text.encode(captions)
-    time_ids = None if text.pooled is None else encoders.time_ids((res, res), (0, 0), (res, res)).expand(count, -1)
-    denoise = guided_denoiser(unet, Conditioning(text.prompt_embeds, text.pooled, time_ids), guidance)
+    denoise = guided_denoiser(unet, Conditioning.for_captions(encoders, captions), guidance)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(NOISE_SEED))
 
     def x0_eps(x_t: torch.Tensor, t: int):

@@ -139,7 +139,8 @@ def evaluate(models: list[tuple], out: Path, count: int) -> list[dict]:
         sub_out = out / f"steps{steps}"
         sub_cmd = [sys.executable, "eval/fid_patch.py", "--reference", "shapes", "--backend", "shapes",
                    "--count", str(count), "--out", str(sub_out), "--no-tensorboard", "--steps", str(steps),
-                   *TEACHER_REFERENCE, *(["--save-features"] if steps in PAIRED_STEPS else [])]
+                   *TEACHER_REFERENCE, "--teacher-cache", str(out / "teacher_samples"),  # sampled once, not per step count
+                   *(["--save-features"] if steps in PAIRED_STEPS else [])]
         for label, path, _, guidance, *lora in sub:
             sub_cmd += ["--model", str(path), "--label", label, "--guidance", str(guidance),
                         "--lora", str(lora[0]) if lora else "none"]

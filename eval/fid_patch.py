@@ -36,6 +36,7 @@ from eval.features import make_backend  # noqa: E402
 from eval.pixel_scores import failure_signatures, score_images  # noqa: E402
 from eval.plot import labelled_grid, metrics_vs_steps  # noqa: E402
 from eval.reference import REFERENCE_SEED, ReferenceSet  # noqa: E402
+from eval.sample_cache import RecordingSampler, ReplaySampler, load_samples, sample_key, save_samples  # noqa: E402
 from eval.report import markdown_table, update_model_card, write_results  # noqa: E402
 from eval.scoring import SetScores  # noqa: E402
 from eval.tensorboard_log import write_eval_tensorboard  # noqa: E402
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(how faithfully a student reproduces its teacher, beside how close it is to the data)")
     p.add_argument("--teacher-steps", type=int, default=None, help="the --teacher's steps (default: its export's)")
     p.add_argument("--teacher-guidance", type=float, default=None, help="the --teacher's CFG (default: its export's)")
+    p.add_argument("--teacher-cache", type=Path, default=None,
+                   help="a folder keeping the --teacher's sampled images between runs (keyed by the model's files, "
+                        "steps, guidance, seed, dtype, device and prompts): later runs re-score them, not re-sample")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default: each export's own)")
     p.add_argument("--guidance", type=float, action="append", default=[],
                    help="CFG scale, once for every --model or once per --model (default: the export's; 1 = none)")
@@ -164,7 +168,13 @@ def teacher_reference(args: argparse.Namespace, prompts: list[str], backend, kee
     if steps is None:
         raise SystemExit(f"--teacher {args.teacher} has no export.json saying its steps: pass --teacher-steps")
     guidance = args.teacher_guidance if args.teacher_guidance is not None else sampler.default_guidance
-    scores, _, _ = sample_scores(sampler, prompts, steps, guidance, args, backend, keep, desc=f"teacher {steps} steps")
+    key = sample_key(args.teacher, steps, guidance, args.seed, args.dtype, args.device, prompts[:args.count])
+    cached = load_samples(args.teacher_cache, key) if args.teacher_cache else None
+    source = ReplaySampler(cached) if cached is not None else RecordingSampler(sampler)
+    desc = f"teacher {steps} steps" + (" (cached)" if cached is not None else "")
+    scores, _, _ = sample_scores(source, prompts, steps, guidance, args, backend, keep, desc=desc)
+    if args.teacher_cache and cached is None:
+        save_samples(args.teacher_cache, key, source.stacked())
     return scores, {"model": str(args.teacher), "steps": steps, "guidance": guidance}
 
 

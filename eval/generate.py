@@ -119,12 +119,7 @@ class ExportSampler:
         from trainer.method.sampling import sample_latents, to_uint8
 
         enc = self.encoders
-        text = enc.text.encode(list(captions))
-        res = enc.resolution
-        time_ids = None
-        if text.pooled is not None:
-            time_ids = enc.time_ids((res, res), (0, 0), (res, res)).expand(len(captions), -1).to(self.device)
-        cond = Conditioning(text.prompt_embeds, text.pooled, time_ids)
+        cond = Conditioning.for_captions(enc, captions).to(self.device)
         c = self.unet.config
         noise = torch.stack([torch.randn(c.in_channels, c.sample_size, c.sample_size,
                                          generator=torch.Generator().manual_seed(image_seed(seed, i))) for i in indices])

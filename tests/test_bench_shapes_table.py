@@ -119,6 +119,8 @@ def test_main_trains_the_seeds_from_seed_0s_4_step_student_and_scores_against_th
         assert c[c.index("--teacher") + 1].endswith("assets/shapes_teacher")
         assert "--teacher-steps" not in c and "--teacher-guidance" not in c  # the export's own steps and guidance
         assert c[c.index("--count") + 1] == "1000"
+    # one cache for every step count: the teacher is sampled once, not once per fid_patch call
+    assert len({c[c.index("--teacher-cache") + 1] for c in evals}) == 1
     labels = lambda steps: [c[i + 1] for c in evals if c[c.index("--steps") + 1] == str(steps)
                             for i, a in enumerate(c) if a == "--label"]
     assert labels(4) == ["lightning/full/seed0", "lightning/lora/seed0", "mse/full/seed0", "adv_cond/full/seed0"]

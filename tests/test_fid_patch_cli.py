@@ -145,6 +145,34 @@ def test_fid_against_the_teachers_own_samples_and_background_grain(toy, tmp_path
     assert "own samples of the same prompts and noise (2 steps, guidance 3.0)" in md
 
 
+def test_teacher_cache_samples_the_teacher_once_and_misses_on_a_changed_setting(toy, tmp_path, monkeypatch):
+    calls = []
+    real_sample = ExportSampler.sample
+    monkeypatch.setattr(ExportSampler, "sample", lambda self, *a, **k: calls.append(self.model_dir) or real_sample(self, *a, **k))
+
+    def run(out: str, teacher_guidance: str) -> dict:
+        assert fid_patch.main(["--model", str(toy["lora_export"]), "--steps", "1", "--teacher", str(toy["teacher"]),
+                               "--teacher-steps", "2", "--teacher-guidance", teacher_guidance, "--teacher-cache",
+                               str(tmp_path / "cache"), "--reference", "shapes", "--count", "8", "--batch-size", "4",
+                               "--bootstrap", "0", "--out", str(tmp_path / out), "--no-tensorboard"]) == 0
+        return json.loads((tmp_path / out / "results.json").read_text())["rows"][0]
+
+    first = run("a", "3")
+    assert calls.count(toy["teacher"]) == 2 and len(list((tmp_path / "cache").glob("samples_*.npz"))) == 1
+    calls.clear()
+    second = run("b", "3")  # the same teacher setting: replayed, and the scores are the same
+    assert toy["teacher"] not in calls and calls.count(toy["lora_export"]) == 2
+    assert second["fid_whole_vs_teacher"] == first["fid_whole_vs_teacher"]
+    assert second["fid_patch_vs_teacher"] == first["fid_patch_vs_teacher"]
+    calls.clear()
+    run("c", "1")  # another guidance is another entry
+    assert calls.count(toy["teacher"]) == 2 and len(list((tmp_path / "cache").glob("samples_*.npz"))) == 2
+    (toy["teacher"] / "export.json").touch()  # a changed (retrained) teacher misses the cache
+    calls.clear()
+    run("d", "3")
+    assert calls.count(toy["teacher"]) == 2
+
+
 def test_position_free_prompts_get_their_own_failure_rates(toy, tmp_path):
     out = tmp_path / "eval"
     assert fid_patch.main(["--model", str(toy["teacher"]), "--steps", "1", "--reference", "shapes",

@@ -33,8 +33,9 @@ def test_conversions_round_trip(pred):
     assert torch.allclose(x0_hat, x0, atol=1e-4) and torch.allclose(eps_hat, eps, atol=1e-4)
 
 
+@pytest.mark.parametrize("plus_one", [False, True])
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
-def test_min_snr_weight_turns_each_plain_loss_into_the_same_x0_weighting(pred):
+def test_min_snr_weight_turns_each_plain_loss_into_the_same_x0_weighting(pred, plus_one):
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(5, 3, 8, 8, generator=g), torch.randn(5, 3, 8, 8, generator=g)
     t = torch.tensor([5, 100, 300, 700, 998])
@@ -44,9 +45,9 @@ def test_min_snr_weight_turns_each_plain_loss_into_the_same_x0_weighting(pred):
     x0_hat, _ = SCHED.to_x0_eps(out, x_t, t, pred)
     alpha, sigma = SCHED.alpha_sigma(t)
     snr = (alpha / sigma).square().flatten()
-    weighted = (SCHED.min_snr_weight(t, 5.0, pred) * (out - target).square()).mean((1, 2, 3))
+    weighted = (SCHED.min_snr_weight(t, 5.0, pred, plus_one) * (out - target).square()).mean((1, 2, 3))
     x0_error = (x0_hat - x0).square().mean((1, 2, 3))
-    torch.testing.assert_close(weighted, snr.clamp(max=5.0) * x0_error, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(weighted, (snr + plus_one).clamp(max=5.0) * x0_error, rtol=1e-3, atol=1e-7)
     assert snr[0] > 5 and snr[-1] < 5  # the cap acts at the low-noise end only
 
 

@@ -183,7 +183,9 @@ class TeacherConfig:
     # Per-sample loss weight over timesteps. "none": the prediction type's plain MSE (for v-prediction an
     # x0 error weighted by SNR+1, so the low-noise end dominates). "min_snr": the x0 error weighted by
     # min(SNR, min_snr_gamma) whatever the prediction type (Hang et al., "Efficient Diffusion Training via
-    # Min-SNR Weighting"), which moves weight from the lowest-noise steps to the middle of the schedule.
+    # Min-SNR Weighting"), which moves weight from the lowest-noise steps to the middle of the schedule, and
+    # leaves the high-noise end (SNR -> 0) almost none. "min_snr_plus_one": min(SNR + 1, min_snr_gamma), v's
+    # own weight capped at the low-noise end only (the high-noise end keeps weight 1).
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
@@ -198,8 +200,8 @@ class TeacherConfig:
     def check(self, fail: Fail) -> None:
         if not 0 <= self.caption_dropout < 1:
             fail("teacher.caption_dropout", "must be in [0, 1)")
-        if self.loss_weighting not in ("none", "min_snr"):
-            fail("teacher.loss_weighting", f"'{self.loss_weighting}' is not none or min_snr")
+        if self.loss_weighting not in ("none", "min_snr", "min_snr_plus_one"):
+            fail("teacher.loss_weighting", f"'{self.loss_weighting}' is not none, min_snr or min_snr_plus_one")
         if not self.min_snr_gamma > 0:
             fail("teacher.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
         for key, value in (("samples", self.samples), ("micro_batch", self.micro_batch), ("grad_accum", self.grad_accum)):

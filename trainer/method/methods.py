@@ -82,12 +82,14 @@ class Denoise(Method):
     sections = ("noise", "student forward", "student step")
 
     def __init__(self, engine, schedule: NoiseSchedule, prediction_type: str, caption_dropout: float,
-                 optims: Optional[dict[str, OptimConfig]] = None, min_snr_gamma: Optional[float] = None):
+                 optims: Optional[dict[str, OptimConfig]] = None, loss_weighting: str = "none",
+                 min_snr_gamma: float = 5.0):
         super().__init__({"student": engine}, optims)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.caption_dropout = caption_dropout
-        self.min_snr_gamma = min_snr_gamma  # None: the plain MSE
+        self.loss_weighting = loss_weighting  # "none": the plain MSE; "min_snr" | "min_snr_plus_one"
+        self.min_snr_gamma = min_snr_gamma
 
     @classmethod
     def build(cls, start: "PhaseStart") -> "Denoise":
@@ -95,7 +97,7 @@ class Denoise(Method):
         tc = start.cfg.teacher
         return cls(start.engine(student, start.phase.optim), start.schedule, start.student_pred, tc.caption_dropout,
                    optims={"student": start.phase.optim},
-                   min_snr_gamma=tc.min_snr_gamma if tc.loss_weighting == "min_snr" else None)
+                   loss_weighting=tc.loss_weighting, min_snr_gamma=tc.min_snr_gamma)
 
     def micro_step(self, batch: dict, rand: SampleRandom) -> dict[str, torch.Tensor]:
         with self.timer.section("noise"):
@@ -109,10 +111,11 @@ class Denoise(Method):
         with self.timer.section("student forward"):
             out = unet_forward(self.student, x_t, t, cond)
             target = self.schedule.target(x0, eps, t, self.prediction_type)
-            if self.min_snr_gamma is None:
+            if self.loss_weighting == "none":
                 loss = F.mse_loss(out, target)
             else:
-                weight = self.schedule.min_snr_weight(t, self.min_snr_gamma, self.prediction_type)
+                weight = self.schedule.min_snr_weight(t, self.min_snr_gamma, self.prediction_type,
+                                                      plus_one=self.loss_weighting == "min_snr_plus_one")
                 loss = (weight * (out.float() - target.float()).square()).mean()
         with self.timer.section("student step"):
             self.student.backward(loss)

@@ -43,6 +43,18 @@ class Conditioning:
     def from_batch(cls, batch: dict) -> "Conditioning":
         return cls(batch["prompt_embeds"], batch.get("pooled"), batch.get("time_ids"))
 
+    @classmethod
+    def for_captions(cls, encoders, captions) -> "Conditioning":
+        """`captions` encoded by a model's `Encoders` for a whole, uncropped image at the model's resolution
+        (what sampling conditions on), on the encoders' device."""
+        text = encoders.text.encode(list(captions))
+        res = encoders.resolution
+        time_ids = None
+        if text.pooled is not None:
+            time_ids = encoders.time_ids((res, res), (0, 0), (res, res)).expand(len(captions), -1)
+            time_ids = time_ids.to(text.pooled.device)
+        return cls(text.prompt_embeds, text.pooled, time_ids)
+
     def to(self, device=None, dtype=None) -> "Conditioning":
         move = lambda x: None if x is None else x.to(device=device, dtype=dtype)
         return Conditioning(move(self.prompt_embeds), move(self.pooled), move(self.time_ids))

@@ -85,16 +85,17 @@ class NoiseSchedule:
         alpha, sigma = self.alpha_sigma(t.to(x0.device))
         return alpha * eps - sigma * x0
 
-    def min_snr_weight(self, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    def min_snr_weight(self, t: torch.Tensor, gamma: float, prediction_type: str, plus_one: bool = False) -> torch.Tensor:
         """[B,1,1,1] weights on t's device that turn the plain MSE on a `prediction_type` output into the x0
-        error weighted by min(SNR, gamma): the plain loss already weighs the x0 error by SNR (epsilon),
-        SNR + 1 (v_prediction) or 1 (sample)."""
+        error weighted by min(SNR, gamma), or with `plus_one` by min(SNR + 1, gamma) (v-prediction's own weight,
+        capped: the high-noise end keeps weight 1 where min(SNR, gamma) goes to 0). The plain loss already
+        weighs the x0 error by SNR (epsilon), SNR + 1 (v_prediction) or 1 (sample)."""
         alpha, sigma = self.alpha_sigma(t)
         snr = alpha.square() / sigma.square()
         implied = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}
         if prediction_type not in implied:
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
-        return snr.clamp(max=gamma) / implied[prediction_type]
+        return (snr + 1 if plus_one else snr).clamp(max=gamma) / implied[prediction_type]
 
     def renoise(self, x0: torch.Tensor, eps: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.alpha_sigma(t_next.to(x0.device))

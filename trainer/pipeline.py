@@ -117,13 +117,11 @@ def write_grid_conditioning(cfg: Config, base: Path) -> Path:
         encoders = load_encoders(base)
         prompts = cfg.log.grid_prompts or DEFAULT_GRID_PROMPTS
         with torch.no_grad():
-            text = encoders.text.encode(list(prompts))
-        res = encoders.resolution
-        tensors = {"prompt_embeds": text.prompt_embeds.float().contiguous()}
-        time_ids = encoders.time_ids((res, res), (0, 0), (res, res))
-        if text.pooled is not None:
-            tensors["pooled"] = text.pooled.float().contiguous()
-            tensors["time_ids"] = time_ids.expand(len(prompts), -1).contiguous()
+            cond = Conditioning.for_captions(encoders, prompts)
+        tensors = {"prompt_embeds": cond.prompt_embeds.float().contiguous()}
+        if cond.pooled is not None:
+            tensors["pooled"] = cond.pooled.float().contiguous()
+            tensors["time_ids"] = cond.time_ids.contiguous()
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         save_file(tensors, str(tmp))

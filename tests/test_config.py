@@ -75,6 +75,7 @@ def test_sdxl_recipe_is_the_papers():
 @pytest.mark.parametrize("mutate, key, words", [
     (lambda d: d["teacher"].update(lrr=1), "teacher.lrr", "unknown key"),
     (lambda d: d["teacher"].update(loss_weighting="p2"), "teacher.loss_weighting", "not none, min_snr or min_snr_plus_one"),
+    (lambda d: d["teacher"].update(input_perturbation=-0.1), "teacher.input_perturbation", "must be >= 0"),
     (lambda d: d["stages"][0].update(student_steps="many"), "stages[0].student_steps", "expected int"),
     (lambda d: d["stages"][0].update(student_steps=5), "stages[0].student_steps", "does not divide"),
     (lambda d: d["stages"].insert(1, {"name": "s2", "student_steps": 4, "teacher_steps": 16}), "stages[1].teacher_steps", "previous stage"),

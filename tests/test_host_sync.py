@@ -72,7 +72,8 @@ def objectives(dist):
     student, _, teacher = engines(dist, False)
     yield "mse with CFG", MSEDistill(student, teacher, SCHED, "v_prediction", "v_prediction", 4, 16, 3.0)
     student, _, _ = engines(dist, False)
-    yield "teacher training, min-SNR weighted", Denoise(student, SCHED, "v_prediction", 0.1, loss_weighting="min_snr")
+    yield "teacher training, min-SNR weighted, input perturbation", Denoise(
+        student, SCHED, "v_prediction", 0.1, loss_weighting="min_snr", input_perturbation=0.1)
 
 
 def test_micro_steps_read_nothing_back_from_the_device(dist):

@@ -188,6 +188,10 @@ class TeacherConfig:
     # own weight capped at the low-noise end only (the high-noise end keeps weight 1).
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
+    # Input perturbation (Ning et al., "Input Perturbation Reduces Exposure Bias in Diffusion Models"): the
+    # network sees x_t built from noise + gamma * fresh noise while its target keeps the unperturbed noise, so
+    # it learns to meet the slightly-off x_t of its own sampling trajectory. 0 = off (the paper: 0.1).
+    input_perturbation: float = 0.0
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=150, decay="cosine"))
@@ -204,6 +208,8 @@ class TeacherConfig:
             fail("teacher.loss_weighting", f"'{self.loss_weighting}' is not none, min_snr or min_snr_plus_one")
         if not self.min_snr_gamma > 0:
             fail("teacher.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
+        if self.input_perturbation < 0:
+            fail("teacher.input_perturbation", f"must be >= 0 (0 = off), got {self.input_perturbation}")
         for key, value in (("samples", self.samples), ("micro_batch", self.micro_batch), ("grad_accum", self.grad_accum)):
             if value < 0 or (value == 0 and key != "samples"):
                 fail(f"teacher.{key}", f"must be positive, got {value}")

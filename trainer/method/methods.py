@@ -83,13 +83,14 @@ class Denoise(Method):
 
     def __init__(self, engine, schedule: NoiseSchedule, prediction_type: str, caption_dropout: float,
                  optims: Optional[dict[str, OptimConfig]] = None, loss_weighting: str = "none",
-                 min_snr_gamma: float = 5.0):
+                 min_snr_gamma: float = 5.0, input_perturbation: float = 0.0):
         super().__init__({"student": engine}, optims)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.caption_dropout = caption_dropout
         self.loss_weighting = loss_weighting  # "none": the plain MSE; "min_snr" | "min_snr_plus_one"
         self.min_snr_gamma = min_snr_gamma
+        self.input_perturbation = input_perturbation
 
     @classmethod
     def build(cls, start: "PhaseStart") -> "Denoise":
@@ -97,7 +98,8 @@ class Denoise(Method):
         tc = start.cfg.teacher
         return cls(start.engine(student, start.phase.optim), start.schedule, start.student_pred, tc.caption_dropout,
                    optims={"student": start.phase.optim},
-                   loss_weighting=tc.loss_weighting, min_snr_gamma=tc.min_snr_gamma)
+                   loss_weighting=tc.loss_weighting, min_snr_gamma=tc.min_snr_gamma,
+                   input_perturbation=tc.input_perturbation)
 
     def micro_step(self, batch: dict, rand: SampleRandom) -> dict[str, torch.Tensor]:
         with self.timer.section("noise"):
@@ -106,7 +108,10 @@ class Denoise(Method):
             t = host_to_device(rand.randint(self.schedule.num_train_timesteps), x0.device)
             keep = host_to_device(rand.rand() >= self.caption_dropout, x0.device)
             alpha, sigma = self.schedule.alpha_sigma(t)
-            x_t = alpha * x0 + sigma * eps  # ordinary forward process: the teacher learns the real schedule
+            seen_noise = eps
+            if self.input_perturbation:  # the input's noise only: the target below keeps eps
+                seen_noise = eps + self.input_perturbation * _randn_like(x0, rand)
+            x_t = alpha * x0 + sigma * seen_noise  # ordinary forward process: the teacher learns the real schedule
             cond = Conditioning.from_batch(batch).drop(keep)
         with self.timer.section("student forward"):
             out = unet_forward(self.student, x_t, t, cond)

@@ -111,7 +111,7 @@ class Denoise(Method):
             seen_noise = eps
             if self.input_perturbation:  # the input's noise only: the target below keeps eps
                 seen_noise = eps + self.input_perturbation * _randn_like(x0, rand)
-            x_t = alpha * x0 + sigma * seen_noise  # ordinary forward process: the teacher learns the real schedule
+            x_t = alpha * x0 + sigma * seen_noise  # the real forward process (perturbed only when asked)
             cond = Conditioning.from_batch(batch).drop(keep)
         with self.timer.section("student forward"):
             out = unet_forward(self.student, x_t, t, cond)

@@ -8,8 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy_batch(size: int = 4, nan: bool = False) -> dict:
+    """A fixed micro-batch shaped like the toy's shards (12x16x16 latents, SDXL-style conditioning); `nan` puts
+    one NaN in the first latent (a corrupt sample)."""
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(size, 12, 16, 16, generator=g)
+    if nan:
+        latent[0, 0, 0, 0] = float("nan")
+    return {"latent": latent, "prompt_embeds": torch.randn(size, 16, 32, generator=g),
+            "pooled": torch.randn(size, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * size)}
 
 
 def cli_env(**extra) -> dict:

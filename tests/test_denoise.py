@@ -10,16 +10,10 @@ from trainer.method.schedule import NoiseSchedule
 from trainer.runtime.engines import build_ds_config, init_distributed, make_engine
 from trainer.runtime.randomness import SampleRandom
 
-from conftest import ROOT
+from conftest import ROOT, toy_batch
 
 SCHED = NoiseSchedule.from_config(ScheduleConfig())
 B = 4
-
-
-def batch():
-    g = torch.Generator().manual_seed(0)
-    return {"latent": torch.randn(B, 12, 16, 16, generator=g), "prompt_embeds": torch.randn(B, 16, 32, generator=g),
-            "pooled": torch.randn(B, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * B)}
 
 
 def one_step(input_perturbation: float, seed: int = 7):
@@ -34,7 +28,7 @@ def one_step(input_perturbation: float, seed: int = 7):
 
     engine.module.register_forward_hook(record, with_kwargs=True)
     objective = Denoise(engine, SCHED, "v_prediction", 0.0, input_perturbation=input_perturbation)
-    loss = objective.micro_step(batch(), SampleRandom(seed, range(B)))["loss"]
+    loss = objective.micro_step(toy_batch(B), SampleRandom(seed, range(B)))["loss"]
     return loss, seen["x_t"], seen["out"]
 
 
@@ -44,7 +38,7 @@ def test_input_perturbation_moves_the_input_and_keeps_the_target(gamma):
     # the same draws, in the step's order: the noise, t, caption keep, then the perturbation
     rand = SampleRandom(7, range(B))
     eps, t, _ = rand.randn((12, 16, 16)), rand.randint(SCHED.num_train_timesteps), rand.rand()
-    x0 = batch()["latent"]
+    x0 = toy_batch(B)["latent"]
     alpha, sigma = SCHED.alpha_sigma(t)
     expected_input = alpha * x0 + sigma * eps
     if gamma:

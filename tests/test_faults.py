@@ -9,16 +9,7 @@ from trainer.method.methods import Denoise
 from trainer.runtime.randomness import SampleRandom
 from trainer.method.schedule import NoiseSchedule
 
-from conftest import ROOT, run_cli
-
-
-def batch(b=4, nan=False):
-    g = torch.Generator().manual_seed(0)
-    latent = torch.randn(b, 12, 16, 16, generator=g)
-    if nan:
-        latent[0, 0, 0, 0] = float("nan")
-    return {"latent": latent, "prompt_embeds": torch.randn(b, 16, 32, generator=g),
-            "pooled": torch.randn(b, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * b)}
+from conftest import ROOT, run_cli, toy_batch
 
 
 @pytest.mark.parametrize("ds_file", ["zero2_cpu.json", "zero2_cpu_fp32.json"])
@@ -27,19 +18,19 @@ def test_nan_step_is_skipped_without_touching_weights_or_moments(ds_file):
     ds = build_ds_config(str(ROOT / "ds_configs" / ds_file), 4, 1, 1, OptimConfig(lr=1e-3), "test")
     engine = make_engine(build_toy_unet(), ds)
     objective = Denoise(engine, NoiseSchedule.from_config(ScheduleConfig()), "v_prediction", 0.0)
-    objective.micro_step(batch(), SampleRandom(1, range(4)))  # one good step: moments exist
+    objective.micro_step(toy_batch(), SampleRandom(1, range(4)))  # one good step: moments exist
     weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
     moments = [v.clone() for st in engine.optimizer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     skipped = engine.skipped_steps
 
-    logs = objective.micro_step(batch(nan=True), SampleRandom(2, range(4)))
+    logs = objective.micro_step(toy_batch(nan=True), SampleRandom(2, range(4)))
     assert not torch.isfinite(logs["loss"])
     assert engine.skipped_steps == skipped + 1
     assert all(torch.equal(weights[k], v) for k, v in engine.module.state_dict().items())
     after = [v for st in engine.optimizer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     assert all(torch.equal(a, b) for a, b in zip(moments, after, strict=True))
 
-    objective.micro_step(batch(), SampleRandom(3, range(4)))  # training goes on
+    objective.micro_step(toy_batch(), SampleRandom(3, range(4)))  # training goes on
     assert engine.skipped_steps == skipped + 1
     assert any(not torch.equal(weights[k], v) for k, v in engine.module.state_dict().items())
 

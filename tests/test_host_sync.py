@@ -21,7 +21,7 @@ from trainer.method.methods import Adversarial, Denoise, MSEDistill
 from trainer.runtime.randomness import SampleRandom
 from trainer.method.schedule import NoiseSchedule
 
-from conftest import ROOT
+from conftest import ROOT, toy_batch
 
 SCHED = NoiseSchedule.from_config(ScheduleConfig())
 ADAM = OptimConfig(lr=1e-4, betas=[0.0, 0.99])
@@ -50,12 +50,6 @@ def dist():
     return init_distributed()
 
 
-def batch(b=4):
-    g = torch.Generator().manual_seed(0)
-    return {"latent": torch.randn(b, 12, 16, 16, generator=g), "prompt_embeds": torch.randn(b, 16, 32, generator=g),
-            "pooled": torch.randn(b, 32, generator=g), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * b)}
-
-
 def engines(dist, with_disc: bool):
     net = build_toy_unet(seed=0)
     ds = build_ds_config(str(ROOT / "ds_configs/zero2_cpu.json"), 4, 1, dist.world_size, ADAM, "test")
@@ -78,11 +72,11 @@ def objectives(dist):
 
 def test_micro_steps_read_nothing_back_from_the_device(dist):
     for name, objective in objectives(dist):
-        objective.micro_step(batch(), SampleRandom(0, range(4)))  # DeepSpeed's first-step set-up
+        objective.micro_step(toy_batch(), SampleRandom(0, range(4)))  # DeepSpeed's first-step set-up
         reads = HostReads()
         with reads:
             for i in range(2):
-                logs = objective.micro_step(batch(), SampleRandom(i + 1, range(4)))
+                logs = objective.micro_step(toy_batch(), SampleRandom(i + 1, range(4)))
         assert not reads.ours, f"{name}: the trainer reads device values on the host at {reads.ours}"
         assert all(torch.is_tensor(v) for v in logs.values()), "logs stay tensors until the loop's log step"
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Stage 5: the recipe's stages[4] (2 -> 1 step, x0 conversion then adversarial in configs/shapes.yaml), one task per GPU.
+# Stage 5: the recipe's stages[4] (2 -> 1 step: x0 conversion then adversarial in configs/sdxl.yaml; MSE then adversarial in configs/shapes.yaml, whose students predict x0 already), one task per GPU.
 # Its teacher is stage 4's export under the same run.out_dir.
 #   CONFIG=configs/my.yaml sbatch -p <partition> -A <account> --nodes=4 slurm/stage5.sh [--set key=value ...]
 # Variables and preemption behaviour: slurm/common.sh.

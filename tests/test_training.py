@@ -116,6 +116,35 @@ def test_export_loads_and_samples_with_diffusers_alone(smoke_run):
     assert x.shape == (2, 12, 16, 16) and torch.isfinite(x).all()
 
 
+def test_an_x0_teacher_passes_x0_prediction_down_the_progression(tmp_path):
+    """The shapes recipe's parameterization: a teacher that predicts x0 (`model.prediction_type: sample`),
+    stage 1 matched on the implied x0 (`mse_space: x0`), no x0 conversion in the one-step stage. Every
+    export declares x0 prediction, and the one-step export samples with diffusers' own scheduler."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    out = tmp_path / "run"
+    run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}",
+             "--set", "model.prediction_type=sample", "--set", "stages.0.mse_space=x0", "--set", "stages.2.x0_samples=0"])
+    assert [p.name for p in (out / "jobs" / "stage5_1").iterdir() if p.is_dir()] == ["stage5_1.0_adv_uncond"]
+    for name in EXPORTS:
+        manifest = json.loads((out / "exports" / name / "export.json").read_text())
+        sched = EulerDiscreteScheduler.from_pretrained(out / "exports" / name / "scheduler")
+        assert manifest["prediction_type"] == sched.config.prediction_type == "sample", name
+    teacher, student = export_weights(out, "stage2_8"), export_weights(out, "stage5_1")
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # trained, from x0 with no conversion
+
+    unet = UNet2DConditionModel.from_pretrained(out / "exports" / "stage5_1" / "unet")
+    sched = EulerDiscreteScheduler.from_pretrained(out / "exports" / "stage5_1" / "scheduler")
+    sched.set_timesteps(1)
+    x = torch.randn(2, 12, 16, 16) * sched.init_noise_sigma
+    cond, added = torch.randn(2, 16, 32), {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2).float()}
+    with torch.no_grad():
+        t = sched.timesteps[0]
+        x0 = unet(sched.scale_model_input(x, t), t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+        image = sched.step(x0, t, x).prev_sample
+    assert torch.isfinite(image).all() and torch.allclose(image, x0, atol=1e-4)  # one x0 step lands on x0
+
+
 def test_stage_student_starts_from_teacher_and_moves(smoke_run):
     teacher, student = export_weights(smoke_run, "teacher"), export_weights(smoke_run, "stage1_32")
     assert teacher.keys() == student.keys()

@@ -43,7 +43,7 @@ def test_exports_declare_steps_and_prediction_types(smoke_run):
     from diffusers import EulerDiscreteScheduler
 
     expected = {"stage1_32": (32, "v_prediction"), "stage2_8": (8, "v_prediction"), "stage2_8_lora": (8, "v_prediction"),
-                "stage5_1": (1, "sample")}  # the toy's teacher predicts v; SDXL's would be epsilon
+                "stage5_1": (1, "sample")}  # the smoke recipe's teacher predicts v (shapes.yaml's: x0; SDXL: epsilon)
     for name, (steps, pred) in expected.items():
         manifest = json.loads((smoke_run / "exports" / name / "export.json").read_text())
         sched = EulerDiscreteScheduler.from_pretrained(smoke_run / "exports" / name / "scheduler")

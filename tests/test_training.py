@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from conftest import latest_checkpoint, latest_state, run_cli
+from conftest import latest_checkpoint, latest_state, run_cli, toy_batch
 
 EXPORTS = ("teacher", "stage1_32", "stage2_8", "stage2_8_lora", "stage5_1")
 JOBS = {  # job -> its folder under jobs/
@@ -26,6 +26,25 @@ def export_weights(out: Path, job: str) -> dict:
 
 def final_state(out: Path, job: str) -> dict:
     return latest_state(out / "jobs" / JOBS[job])
+
+
+def sample_with_diffusers(export: Path, steps: int):
+    """diffusers alone: the export's UNet and scheduler, `steps` steps from noise on toy conditioning.
+    Returns (scheduler, image, the UNet's last output)."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(export / "unet")
+    sched = EulerDiscreteScheduler.from_pretrained(export / "scheduler")
+    sched.set_timesteps(steps)
+    batch = toy_batch(2)
+    x = batch["latent"] * sched.init_noise_sigma
+    added = {"text_embeds": batch["pooled"], "time_ids": batch["time_ids"]}
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(sched.scale_model_input(x, t), t, encoder_hidden_states=batch["prompt_embeds"],
+                       added_cond_kwargs=added).sample
+            x = sched.step(out, t, x).prev_sample
+    return sched, x, out
 
 
 def test_progression_writes_exports_grids_and_tensorboard(smoke_run):
@@ -98,21 +117,9 @@ def test_the_progression_runs_in_bf16(tmp_path):
 
 
 def test_export_loads_and_samples_with_diffusers_alone(smoke_run):
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-
-    export = smoke_run / "exports" / "stage2_8"
-    unet = UNet2DConditionModel.from_pretrained(export / "unet")
-    sched = EulerDiscreteScheduler.from_pretrained(export / "scheduler")
+    sched, x, _ = sample_with_diffusers(smoke_run / "exports" / "stage2_8", steps=8)
     assert sched.config.timestep_spacing == "trailing" and sched.config.prediction_type == "v_prediction"
-    sched.set_timesteps(8)
     assert [int(t) for t in sched.timesteps] == [999, 874, 749, 624, 499, 374, 249, 124]
-    x = torch.randn(2, 12, 16, 16) * sched.init_noise_sigma
-    cond = torch.randn(2, 16, 32)
-    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2).float()}
-    with torch.no_grad():
-        for t in sched.timesteps:
-            out = unet(sched.scale_model_input(x, t), t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-            x = sched.step(out, t, x).prev_sample
     assert x.shape == (2, 12, 16, 16) and torch.isfinite(x).all()
 
 
@@ -120,7 +127,7 @@ def test_an_x0_teacher_passes_x0_prediction_down_the_progression(tmp_path):
     """The shapes recipe's parameterization: a teacher that predicts x0 (`model.prediction_type: sample`),
     stage 1 matched on the implied x0 (`mse_space: x0`), no x0 conversion in the one-step stage. Every
     export declares x0 prediction, and the one-step export samples with diffusers' own scheduler."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler
 
     out = tmp_path / "run"
     run_cli(["trainer.run", "--config", "configs/smoke.yaml", "--set", f"run.out_dir={out}",
@@ -133,15 +140,7 @@ def test_an_x0_teacher_passes_x0_prediction_down_the_progression(tmp_path):
     teacher, student = export_weights(out, "stage2_8"), export_weights(out, "stage5_1")
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # trained, from x0 with no conversion
 
-    unet = UNet2DConditionModel.from_pretrained(out / "exports" / "stage5_1" / "unet")
-    sched = EulerDiscreteScheduler.from_pretrained(out / "exports" / "stage5_1" / "scheduler")
-    sched.set_timesteps(1)
-    x = torch.randn(2, 12, 16, 16) * sched.init_noise_sigma
-    cond, added = torch.randn(2, 16, 32), {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2).float()}
-    with torch.no_grad():
-        t = sched.timesteps[0]
-        x0 = unet(sched.scale_model_input(x, t), t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
-        image = sched.step(x0, t, x).prev_sample
+    _, image, x0 = sample_with_diffusers(out / "exports" / "stage5_1", steps=1)
     assert torch.isfinite(image).all() and torch.allclose(image, x0, atol=1e-4)  # one x0 step lands on x0
 
 

@@ -203,3 +203,20 @@ def test_the_mse_term_is_in_landing_space_whatever_d_is_shown(dist):
         assert torch.equal(logs["mse"], expected)
         values.append(float(logs["mse"]))
     assert values[0] == pytest.approx(values[1]) == pytest.approx(values[2])
+
+
+def test_the_mse_term_in_x0_space_compares_the_implied_x0(dist):
+    """`mse_space: x0` for the adversarial stages: the term compares the x0 the two landings imply from x_t,
+    again whatever D is shown, and differs from the landing-space value (4 steps: 1 / (a' - s' a / s) is
+    1 to 6)."""
+    values = {}
+    for space, t_star in (("x0", ()), ("x0", (250,)), ("landing", (250,))):
+        obj = make_objective(dist, t_star=t_star, weights=(1,) * len(t_star))
+        obj.mse_weight, obj.mse_space = 1.0, space
+        p = obj.landings(batch(), SampleRandom(7, range(4)))
+        x0 = [implied_x0(SCHED, p["x_t"], p[k].detach(), p["t"], p["t_next"]) for k in ("fake_landing", "real_landing")]
+        values[space, t_star] = float(obj.g_step(p)["mse"])
+        if space == "x0":
+            assert values[space, t_star] == pytest.approx(float(torch.nn.functional.mse_loss(*x0)), rel=1e-6)
+    assert values["x0", ()] == pytest.approx(values["x0", (250,)])
+    assert values["x0", (250,)] > 1.5 * values["landing", (250,)]

@@ -316,9 +316,9 @@ class StageConfig:
     # full UNet further with the unconditional objective (lora+full).
     variant: str = "full"
     cfg_scale: float = 1.0  # classifier-free guidance in the teacher's jump (the paper: 6 in 128->32 only)
-    # mse objective: compare the student's and the teacher's landings as they are ("landing") or as the
-    # x0 each implies from x_t ("x0", which weights the high-noise steps up); the paper does not say
-    # (landing scored better on the toy: bench/README.md#measurements-behind-defaults).
+    # The MSE (objective mse, and the adversarial stages' mse_weight term): compare the student's and the
+    # teacher's landings as they are ("landing") or as the x0 each implies from x_t ("x0", which weights the
+    # high-noise steps up); the paper does not say (bench/README.md#measurements-behind-defaults).
     mse_space: str = "landing"
     samples: int = 1000  # length of each objective phase, in samples seen
     mse_samples: int = 0  # length of the stage's MSE phase (objective mse or mse+adv_...; 0 = samples)

@@ -135,8 +135,7 @@ class MSEDistill(Method):
     def __init__(self, engine, teacher: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
                  teacher_prediction_type: str, student_steps: int, teacher_steps: int, cfg_scale: float,
                  loss_space: str = "landing", optims: Optional[dict[str, OptimConfig]] = None):
-        if loss_space not in ("landing", "x0"):
-            raise ValueError(f"loss_space must be landing or x0, got {loss_space!r}")
+        check_loss_space(loss_space)
         super().__init__({"student": engine}, optims)
         self.loss_space = loss_space
         self.teacher = teacher
@@ -167,12 +166,7 @@ class MSEDistill(Method):
         with self.timer.section("student forward"):
             out = unet_forward(self.student, x_t, t, cond)
             landed = move(self.schedule, out, x_t, t, t_next, self.prediction_type)
-            if self.loss_space == "x0":
-                # The same match, measured on the x0 each landing implies from x_t: per step, the landing
-                # error scaled by 1 / (a' - s' a / s), which weights the high-noise steps (where guidance
-                # decides shape, colour and layout) up against the middle ones.
-                landed, target = (implied_x0(self.schedule, x_t, x, t, t_next) for x in (landed, target))
-            loss = F.mse_loss(landed, target)
+            loss = landing_mse(self.schedule, self.loss_space, x_t, landed, target, t, t_next)
         with self.timer.section("student step"):
             self.student.backward(loss)
             self.student.step()
@@ -248,7 +242,8 @@ class Adversarial(Method):
                  prediction_type: str, teacher_prediction_type: str, student_steps: int, teacher_steps: int,
                  conditional: bool, t_star: list[int], t_star_weights: list[float], mse_weight: float = 0.0,
                  d_only: bool = False, warmup_steps: int = 0, late_weights: Optional[list[float]] = None,
-                 optims: Optional[dict[str, OptimConfig]] = None):
+                 mse_space: str = "landing", optims: Optional[dict[str, OptimConfig]] = None):
+        check_loss_space(mse_space)
         super().__init__({"student": student_engine, "disc": disc_engine}, optims)
         self.disc = disc_engine
         self.teacher = teacher
@@ -261,6 +256,7 @@ class Adversarial(Method):
         self.t_star_values = list(t_star)
         self.t_star_weights = torch.tensor(t_star_weights or [1.0] * len(t_star), dtype=torch.float)
         self.mse_weight = mse_weight
+        self.mse_space = mse_space
         # D warm-up: only D trains (the student's engine is not stepped), a head start against a fast student.
         self.d_only = d_only
         self.warmup_steps = warmup_steps
@@ -291,7 +287,7 @@ class Adversarial(Method):
             raise
         return cls(student_engine, disc_engine, teacher, start.schedule, start.student_pred, start.teacher_pred,
                    stage.student_steps, stage.teacher_steps, conditional=conditional, t_star=disc_cfg.t_star,
-                   t_star_weights=disc_cfg.t_star_weights, mse_weight=stage.mse_weight,
+                   t_star_weights=disc_cfg.t_star_weights, mse_weight=stage.mse_weight, mse_space=stage.mse_space,
                    warmup_steps=disc_cfg.warmup_samples // start.global_batch,
                    late_weights=disc_cfg.t_star_late_weights,
                    optims={"student": phase.optim, "disc": disc_cfg.optim})
@@ -329,7 +325,7 @@ class Adversarial(Method):
                 out = unet_forward(self.student, x_t, t, cond)
             fake = move(self.schedule, out, x_t, t, t_next, self.prediction_type)
             # the landings themselves stay for the MSE term, whatever D is then shown (re-noised to t*)
-            p = {"x_t": x_t, "t": t, "cond": cond, "real": real, "fake": fake, "d_t": t_next,
+            p = {"x_t": x_t, "t": t, "t_next": t_next, "cond": cond, "real": real, "fake": fake, "d_t": t_next,
                  "real_landing": real, "fake_landing": fake}
             if len(self.t_star):
                 p = self.renoise_to_t_star(p, t_next, rand)
@@ -350,9 +346,10 @@ class Adversarial(Method):
         self._set_disc_trainable(False)
         try:
             loss_g = g_loss(self._judge(p["fake"], p["d_t"], p["cond"], p["x_t"], p["t"], frozen=True))
-            # in landing space (x at t_next, as stage 1's MSE), not in what D judges: with a multi-timestep
-            # D that is re-noised to t*, and the term's weight would change with disc.t_star
-            loss_mse = F.mse_loss(p["fake_landing"], p["real_landing"])
+            # on the landings (x at t_next, or the x0 they imply: `mse_space`, as stage 1's MSE), not on what
+            # D judges: with a multi-timestep D that is re-noised to t*, and the weight would change with t*
+            loss_mse = landing_mse(self.schedule, self.mse_space, p["x_t"], p["fake_landing"], p["real_landing"],
+                                   p["t"], p["t_next"])
             self.student.backward(loss_g + self.mse_weight * loss_mse if self.mse_weight else loss_g)
             self.student.step()
         finally:
@@ -431,6 +428,21 @@ def implied_x0(schedule: NoiseSchedule, x_t: torch.Tensor, x_next: torch.Tensor,
     a, s = schedule.alpha_sigma(t.to(x_t.device))
     a2, s2 = schedule.alpha_sigma(t_next.to(x_t.device))
     return (x_next - (s2 / s) * x_t) / (a2 - s2 * a / s)
+
+
+def check_loss_space(space: str) -> None:
+    if space not in ("landing", "x0"):
+        raise ValueError(f"loss_space must be landing or x0, got {space!r}")
+
+
+def landing_mse(schedule: NoiseSchedule, space: str, x_t: torch.Tensor, landed: torch.Tensor,
+                target: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """The distillation MSE between two landings from x_t: as they are ("landing"), or on the x0 each
+    implies from x_t ("x0": per step, the landing error scaled by 1 / (a' - s' a / s), which weights the
+    high-noise steps, where guidance decides shape, colour and layout, up against the later ones)."""
+    if space == "x0":
+        landed, target = (implied_x0(schedule, x_t, x, t, t_next) for x in (landed, target))
+    return F.mse_loss(landed, target)
 
 
 METHODS: dict[str, type[Method]] = {"denoise": Denoise, "mse": MSEDistill, "x0": X0Conversion,

@@ -24,12 +24,19 @@ from bench.shapes_table import decide_paired  # noqa: E402
 from eval.scoring import paired_fid_resamples  # noqa: E402
 
 
-def settings_of(rows: list[dict]) -> dict[str, list[int]]:
-    """{setting: [row indices]} from labels `<setting>/seed<S>` (a label without a seed is its own setting)."""
-    out: dict[str, list[int]] = {}
+def settings_of(rows: list[dict]) -> dict[tuple[str, int | None], list[int]]:
+    """{(setting, steps): [row indices]} from labels `<setting>/seed<S>` (a label without a seed is its own
+    setting) and the rows' step counts."""
+    out: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
-        out.setdefault(r["label"].rsplit("/seed", 1)[0], []).append(i)
+        out.setdefault((r["label"].rsplit("/seed", 1)[0], r.get("steps")), []).append(i)
     return out
+
+
+def named(groups: dict[tuple, list[int]]) -> dict[tuple, str]:
+    """Each group's name in the output: the setting, with `@<steps>` where the rows span several step counts."""
+    several = len({steps for _, steps in groups}) > 1
+    return {(name, steps): f"{name}@{steps}" if several else name for name, steps in groups}
 
 
 def compare(folder: Path, baseline: str, metrics=("fid_whole", "fid_patch"), resamples: int = 200,
@@ -38,8 +45,10 @@ def compare(folder: Path, baseline: str, metrics=("fid_whole", "fid_patch"), res
     rows = json.loads((folder / "results.json").read_text())["rows"]
     features = np.load(folder / "features.npz")
     groups = settings_of(rows)
-    if baseline not in groups:
-        raise SystemExit(f"{folder}: no rows labelled {baseline}/seed<S> (settings: {', '.join(groups)})")
+    if baseline not in {name for name, _ in groups}:
+        raise SystemExit(f"{folder}: no rows labelled {baseline}/seed<S> "
+                         f"(settings: {', '.join(sorted({name for name, _ in groups}))})")
+    names = named(groups)
     out: dict = {}
     for metric in metrics:
         kind = metric.removeprefix("fid_")
@@ -50,12 +59,13 @@ def compare(folder: Path, baseline: str, metrics=("fid_whole", "fid_patch"), res
                                          resamples, np.random.default_rng(seed))
         column = {i: c for c, i in enumerate(order)}
         cols = lambda name: resampled[:, [column[i] for i in groups[name]]]
-        for name, idx in groups.items():
-            if name != baseline:
-                out.setdefault(name, {})[metric] = {
+        for (name, steps), idx in groups.items():
+            base = (baseline, steps)
+            if name != baseline and base in groups:
+                out.setdefault(names[name, steps], {})[metric] = {
                     "values": [rows[i][metric] for i in idx],
-                    **decide_paired([rows[i][metric] for i in idx], [rows[i][metric] for i in groups[baseline]],
-                                    cols(name), cols(baseline))}
+                    **decide_paired([rows[i][metric] for i in idx], [rows[i][metric] for i in groups[base]],
+                                    cols((name, steps)), cols(base))}
     return out
 
 
@@ -71,9 +81,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = compare(args.folder, args.baseline, resamples=args.resamples)
     rows = json.loads((args.folder / "results.json").read_text())["rows"]
-    base = {m: [rows[i][m] for i in settings_of(rows)[args.baseline]] for m in ("fid_whole", "fid_patch")}
-    print(f"baseline {args.baseline}: " + ", ".join(f"{m} {np.mean(v):.3g} ({', '.join(f'{x:.3g}' for x in v)})"
-                                                   for m, v in base.items()))
+    groups = settings_of(rows)
+    for key, name in named(groups).items():
+        if key[0] == args.baseline:
+            base = {m: [rows[i][m] for i in groups[key]] for m in ("fid_whole", "fid_patch")}
+            print(f"baseline {name}: " + ", ".join(f"{m} {np.mean(v):.3g} ({', '.join(f'{x:.3g}' for x in v)})"
+                                                for m, v in base.items()))
     for name, by_metric in result.items():
         for metric, d in by_metric.items():
             lo, hi = d["difference_ci"]

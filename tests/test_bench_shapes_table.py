@@ -308,18 +308,20 @@ def test_welch_interval_of_the_seeds_mean_difference():
     assert shapes_table.welch_interval([8.0], b) is None
 
 
-def _write_paired_eval(folder, rows_by_label, reference):
-    """A steps<N> folder as eval/fid_patch.py --save-features leaves it: results.json rows and features.npz."""
+def _write_paired_eval(folder, rows_by_label, reference, steps=None):
+    """A steps<N> folder as eval/fid_patch.py --save-features leaves it: results.json rows and features.npz.
+    rows_by_label: {label: features}, or with `steps` a list of (label, steps, features)."""
     import numpy as np
 
     from eval.fid import FeatureStats, fid_of_stats
 
     folder.mkdir(parents=True)
     arrays, rows = {"reference.whole": reference, "reference.patch": reference}, []
-    for i, (label, feats) in enumerate(rows_by_label.items()):
+    entries = rows_by_label if steps else [(label, None, feats) for label, feats in rows_by_label.items()]
+    for i, (label, n, feats) in enumerate(entries):
         arrays[f"row{i}.whole"] = arrays[f"row{i}.patch"] = feats
         fid = fid_of_stats(FeatureStats.of(feats.astype(np.float64)), FeatureStats.of(reference.astype(np.float64)))
-        rows.append({"label": label, "fid_whole": fid, "fid_patch": fid})
+        rows.append({"label": label, "fid_whole": fid, "fid_patch": fid, **({"steps": n} if steps else {})})
     np.savez(folder / "features.npz", **arrays)
     (folder / "results.json").write_text(json.dumps({"rows": rows}))
 
@@ -374,3 +376,25 @@ def test_bench_paired_compares_every_setting_with_the_baseline(tmp_path, capsys)
     assert "better better (decided)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no rows labelled nothing/seed"):
         paired.compare(tmp_path / "eval", "nothing")
+
+
+def test_bench_paired_compares_at_the_same_step_count(tmp_path, capsys):
+    """One eval of several stages' exports under the same labels: each setting meets the baseline at its own
+    step count (pooled over steps, `other` would be better at 2 steps by its 1-step rows)."""
+    import numpy as np
+
+    from bench import paired
+
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(300, 4)).astype(np.float32)
+    jitter = lambda shift: (reference + shift + rng.normal(0, 0.3, size=reference.shape)).astype(np.float32)
+    rows = [(f"{name}/seed{s}", n, jitter(shift)) for name, n, shift in
+            (("table", 1, 0.8), ("other", 1, 0.0), ("table", 2, 0.0), ("other", 2, 0.8)) for s in (0, 1)]
+    _write_paired_eval(tmp_path / "eval", rows, reference, steps=True)
+    assert paired.main([str(tmp_path / "eval"), "--baseline", "table", "--resamples", "50"]) == 0
+    saved = json.loads((tmp_path / "eval" / "paired.json").read_text())["settings"]
+    assert set(saved) == {"other@1", "other@2"}
+    assert saved["other@1"]["fid_whole"]["outcome"] == "a" and saved["other@2"]["fid_whole"]["outcome"] == "b"
+    assert len(saved["other@1"]["fid_whole"]["pairs"]) == 4
+    out = capsys.readouterr().out
+    assert "baseline table@1" in out and "table better (decided)" in out

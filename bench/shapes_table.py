@@ -58,10 +58,12 @@ STEPS = {"stage2_8": 8, "stage3_4": 4, "stage4_2": 2, "stage5_1": 1}
 # How each method differs from the recipe (the full method is the recipe itself).
 OVERRIDES = {
     "lightning": [],
+    # MSE-only: progressive distillation by regression alone, of the full UNet (the stronger baseline: no
+    # LoRA's limited capacity)
     "mse": [f"stages.{i}.{k}={v}" for i in ADV_STAGES for k, v in (("objective", "mse"), ("variant", "full"))],
-    # conditional-only: the 8-, 4- and 2-step stages without their unconditional phases; the 1-step stage is
-    # the recipe's (its adversarial phase is conditional already)
-    "adv_cond": [f"stages.{i}.{k}={v}" for i in ADV_STAGES[:-1] for k, v in (("objective", "adv_cond"), ("variant", "full"))],
+    # conditional-only: the 8-, 4- and 2-step stages without their unconditional phases (the same LoRA
+    # variant); the 1-step stage is the recipe's (its adversarial phase is conditional already)
+    "adv_cond": [f"stages.{i}.objective=adv_cond" for i in ADV_STAGES[:-1]],
 }
 NAMES = {"lightning": "full method", "mse": "MSE-only", "adv_cond": "conditional-only", "teacher": "teacher"}
 

@@ -65,8 +65,8 @@ def _fake_run(commands):
             for name in ["stage1_32", *shapes_table.STEPS]:
                 if shapes_table.is_complete(out / "exports" / name):
                     continue
-                published = [name] + ([f"{name}_lora"] if out.name.startswith("lightning") and name in (
-                    "stage2_8", "stage3_4", "stage4_2") else [])  # the recipe's lora+full stages
+                published = [name] + ([f"{name}_lora"] if not out.name.startswith("mse") and name in (
+                    "stage2_8", "stage3_4", "stage4_2") else [])  # the recipe's LoRA stages (MSE-only: full)
                 for export in published:
                     _export(out / "exports" / export, made_by=str(out), seed=sets.get("run.seed", "0"))
         else:
@@ -102,7 +102,7 @@ def test_main_trains_the_seeds_from_seed_0s_4_step_student_and_scores_against_th
             assert all(o in s for o in shapes_table.TABLE_OVERRIDES + shapes_table.OVERRIDES[method])
             made_by = lambda name: json.loads((out / "exports" / name / "export.json").read_text())["made_by"]
             assert made_by("stage1_32") == str(runs / "lightning")  # shared by every method
-            for name in ("stage2_8", "stage3_4") + (("stage3_4_lora",) if method == "lightning" else ()):
+            for name in ("stage2_8", "stage3_4") + (("stage3_4_lora",) if method != "mse" else ()):
                 assert made_by(name) == str(runs / method)
             for name in shapes_table.SEEDED:  # trained in the seed's own run
                 assert json.loads((out / "exports" / name / "export.json").read_text()) == {
@@ -123,7 +123,8 @@ def test_main_trains_the_seeds_from_seed_0s_4_step_student_and_scores_against_th
     assert len({c[c.index("--teacher-cache") + 1] for c in evals}) == 1
     labels = lambda steps: [c[i + 1] for c in evals if c[c.index("--steps") + 1] == str(steps)
                             for i, a in enumerate(c) if a == "--label"]
-    assert labels(4) == ["lightning/full/seed0", "lightning/lora/seed0", "mse/full/seed0", "adv_cond/full/seed0"]
+    assert labels(4) == ["lightning/full/seed0", "lightning/lora/seed0", "mse/full/seed0", "adv_cond/full/seed0",
+                         "adv_cond/lora/seed0"]
     assert sorted(labels(1)) == sorted(f"{m}/full/seed{s}" for m in shapes_table.OVERRIDES for s in (0, 1, 2, 3))
     assert "lightning/lora/seed2" in labels(2)
 

@@ -309,20 +309,21 @@ def test_welch_interval_of_the_seeds_mean_difference():
     assert shapes_table.welch_interval([8.0], b) is None
 
 
-def _write_paired_eval(folder, rows_by_label, reference, steps=None):
+def _write_paired_eval(folder, rows_by_label, reference):
     """A steps<N> folder as eval/fid_patch.py --save-features leaves it: results.json rows and features.npz.
-    rows_by_label: {label: features}, or with `steps` a list of (label, steps, features)."""
+    rows_by_label: {label: features}, or a list of (label, steps, features) for rows that name their steps."""
     import numpy as np
 
     from eval.fid import FeatureStats, fid_of_stats
 
     folder.mkdir(parents=True)
     arrays, rows = {"reference.whole": reference, "reference.patch": reference}, []
-    entries = rows_by_label if steps else [(label, None, feats) for label, feats in rows_by_label.items()]
+    entries = [(label, None, feats) for label, feats in rows_by_label.items()] if isinstance(rows_by_label, dict) \
+        else rows_by_label
     for i, (label, n, feats) in enumerate(entries):
         arrays[f"row{i}.whole"] = arrays[f"row{i}.patch"] = feats
         fid = fid_of_stats(FeatureStats.of(feats.astype(np.float64)), FeatureStats.of(reference.astype(np.float64)))
-        rows.append({"label": label, "fid_whole": fid, "fid_patch": fid, **({"steps": n} if steps else {})})
+        rows.append({"label": label, "fid_whole": fid, "fid_patch": fid, **({} if n is None else {"steps": n})})
     np.savez(folder / "features.npz", **arrays)
     (folder / "results.json").write_text(json.dumps({"rows": rows}))
 
@@ -391,7 +392,7 @@ def test_bench_paired_compares_at_the_same_step_count(tmp_path, capsys):
     jitter = lambda shift: (reference + shift + rng.normal(0, 0.3, size=reference.shape)).astype(np.float32)
     rows = [(f"{name}/seed{s}", n, jitter(shift)) for name, n, shift in
             (("table", 1, 0.8), ("other", 1, 0.0), ("table", 2, 0.0), ("other", 2, 0.8)) for s in (0, 1)]
-    _write_paired_eval(tmp_path / "eval", rows, reference, steps=True)
+    _write_paired_eval(tmp_path / "eval", rows, reference)
     assert paired.main([str(tmp_path / "eval"), "--baseline", "table", "--resamples", "50"]) == 0
     saved = json.loads((tmp_path / "eval" / "paired.json").read_text())["settings"]
     assert set(saved) == {"other@1", "other@2"}

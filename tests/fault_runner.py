@@ -15,6 +15,9 @@
     FAULT=usr2_in_export:NAME    SIGUSR2 to this process as the export NAME starts (inside rank 0's solo work)
     FAULT=usr2_after_export:NAME SIGUSR2 to this process right after the export NAME is published
     FAULT=usr2_at_start:JOB      SIGUSR2 to this process as job JOB starts training (models and engines built)
+
+REPORT=DIR: each rank writes DIR/rank<r>.json after main() returns: its exit status, and whether its process
+group is still initialized.
 """
 import errno
 import os
@@ -179,4 +182,13 @@ elif kind == "usr2_in_setup":
 
     pipeline.prepare_base = prepare_base
 
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+if "REPORT" in os.environ:  # how main() left this rank: its exit status, and whether its process group lives on
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    Path(os.environ["REPORT"], f"rank{os.environ.get('RANK', '0')}.json").write_text(
+        json.dumps({"code": code, "group_alive": dist.is_initialized()}))
+sys.exit(code)

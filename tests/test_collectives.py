@@ -123,6 +123,23 @@ def test_two_rank_job_survives_an_export_slower_than_the_timeout(tmp_path):
     assert list(summary["exports"]) == ["teacher"] and (out / "exports" / "teacher" / "export.json").is_file()
 
 
+@pytest.mark.parametrize("fault, status", [("", 0), ("usr2_in_setup", 75)], ids=["done", "preempted"])
+def test_every_rank_leaves_the_process_group_before_it_exits(tmp_path, fault, status):
+    """A gloo group alive at interpreter exit can abort a rank (SIGABRT) after a run that ended well, and its
+    exit status then reads as a failure: a run that finishes, or stops for a requeue, leaves both groups
+    first, on both ranks."""
+    report = tmp_path / "report"
+    report.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "fault_runner.py"), "--config", "configs/smoke.yaml", "--jobs", "teacher",
+           "--set", f"run.out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(FAULT=fault, REPORT=str(report)), capture_output=True,
+                          text=True, timeout=600)
+    assert (proc.returncode == 0) == (status == 0), proc.stderr[-4000:]  # torchrun says 1 for any rank's 75
+    for r in (0, 1):
+        assert json.loads((report / f"rank{r}.json").read_text()) == {"code": status, "group_alive": False}
+
+
 def test_checkpointed_tensors_are_loaded_onto_an_explicit_device():
     """Every safetensors/torch.load read in trainer/ names where its tensors go (and torch.load is
     weights_only): a default would put a GPU run's state on the wrong device."""

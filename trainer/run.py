@@ -79,15 +79,25 @@ def main(argv=None) -> int:
 
     preemption_handler()  # before any work: a SLURM signal during set-up must not kill the process
 
+    from trainer.runtime.collectives import shutdown
     from trainer.runtime.engines import init_distributed
-    from trainer.runtime.checkpoint import CheckpointWriteError
-    from trainer.runtime.loop import NonFiniteError, ResumeError
-    from trainer.runtime.preemption import Preempted
-    from trainer.pipeline import run_progression
 
     set_determinism(cfg.run.deterministic)
     info = init_distributed(cfg.run.collective_timeout_s, cfg.run.main_work_timeout_s)
     start = time.time()
+    code = finish(cfg, info, only, start)
+    shutdown()
+    return code
+
+
+def finish(cfg, info, only: list[str], start: float) -> int:
+    """Runs the progression and turns how it ended into the exit status. Every ending here is one all ranks
+    reached together; an exception that escapes is one rank's failure, and its process just dies."""
+    from trainer.pipeline import run_progression
+    from trainer.runtime.checkpoint import CheckpointWriteError
+    from trainer.runtime.loop import NonFiniteError, ResumeError
+    from trainer.runtime.preemption import Preempted
+
     try:
         result = run_progression(cfg, info, only or None)
     except Preempted as stop:

@@ -48,6 +48,20 @@ def init(collective_timeout_s: float, main_work_timeout_s: float) -> None:
         _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=main_work_timeout_s))
 
 
+def shutdown() -> None:
+    """Leaves both groups, on every rank, once the run has ended the same way on all of them. A gloo group
+    still alive when the interpreter exits tears its worker threads down during finalization, where a rank
+    can die of SIGABRT after a run that succeeded (or stopped for a requeue): its exit status then says
+    failed (bench/README.md, "Leaving the process group")."""
+    global _host_group
+    if not dist.is_initialized():
+        return
+    if _host_group is not None:
+        dist.destroy_process_group(_host_group)
+        _host_group = None
+    dist.destroy_process_group()
+
+
 def _skip_deepspeed_shm_build() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce, used only for inference, whenever a
     process group starts: a compiler run on every fresh machine, and a build killed midway leaves a lock

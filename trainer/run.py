@@ -85,12 +85,12 @@ def main(argv=None) -> int:
     set_determinism(cfg.run.deterministic)
     info = init_distributed(cfg.run.collective_timeout_s, cfg.run.main_work_timeout_s)
     start = time.time()
-    code = finish(cfg, info, only, start)
+    code = run_and_report(cfg, info, only, start)
     shutdown()
     return code
 
 
-def finish(cfg, info, only: list[str], start: float) -> int:
+def run_and_report(cfg, info, only: list[str], start: float) -> int:
     """Runs the progression and turns how it ended into the exit status. Every ending here is one all ranks
     reached together; an exception that escapes is one rank's failure, and its process just dies."""
     from trainer.pipeline import run_progression

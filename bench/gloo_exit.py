@@ -53,5 +53,6 @@ def main() -> None:
     for leave, n in failed.items():
         print(f"{'leaves the group' if leave else 'keeps the group'}: {n}/{args.trials} launches failed")
 
+
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -32,6 +31,7 @@ from eval.fid import FeatureStats, fid_of_stats  # noqa: E402
 from eval.generate import ExportSampler  # noqa: E402
 from eval.images import to_tensor  # noqa: E402
 from eval.reference import REFERENCE_SEED, ReferenceSet  # noqa: E402
+from eval.scoring import paired_fid_resamples  # noqa: E402
 
 STAGES = {8: "stage2_8", 4: "stage3_4", 2: "stage4_2", 1: "stage5_1"}
 
@@ -56,9 +56,10 @@ def fid(a: np.ndarray, b: np.ndarray) -> float:
     return fid_of_stats(FeatureStats.of(flat(a)), FeatureStats.of(flat(b)))
 
 
-def resampled(sets: list[np.ndarray], reference: np.ndarray, draws: list[np.ndarray]) -> np.ndarray:
-    """[draws, sets]: FID of each set against the reference on the same draws of image indices."""
-    return np.array([[fid(s[i], reference[i]) for s in sets] for i in tqdm(draws, desc="resamples", leave=False)])
+def resampled(sets: list[np.ndarray], reference: np.ndarray, resamples: int) -> np.ndarray:
+    """[resamples, sets]: FID of each set against the reference on the same draws of images; every call draws
+    the same images (one seed), so all of this script's intervals share their resamples."""
+    return paired_fid_resamples(sets, reference, resamples, np.random.default_rng(0))
 
 
 def interval(point: float, values: np.ndarray) -> list[float]:
@@ -76,22 +77,35 @@ def sample(model: Path, steps: int, prompts: list[str], batch: int = 250) -> np.
     return np.concatenate(out)
 
 
-def patch_estimators(args, backend, reference: Views, floor: Views, prompts, draws) -> None:
+class Students:
+    """Each (run, step count)'s images of the prompts, sampled once and kept as Views."""
+
+    def __init__(self, args, backend: ShapesBackend, prompts: list[str]):
+        self.backend, self.prompts = backend, prompts
+        self.runs = {"full": [args.lightning, args.runs / "lightning_seed1", args.runs / "lightning_seed2"],
+                     "mse": [args.runs / "mse", args.runs / "mse_seed1", args.runs / "mse_seed2"]}
+        self._views: dict[tuple[Path, int], Views] = {}
+
+    def views(self, run: Path, steps: int) -> Views:
+        if (run, steps) not in self._views:
+            images = sample(run / "exports" / STAGES[steps], steps, self.prompts)
+            self._views[run, steps] = Views(self.backend, images)
+        return self._views[run, steps]
+
+
+def patch_estimators(students: Students, reference: Views, floor: Views, resamples: int) -> None:
     print("== 1. FID-Patch estimators, full method against MSE-only ==")
     for kind in ("centre", "tiles"):
         f = getattr(floor, kind)
-        values = resampled([f], getattr(reference, kind), draws)[:, 0]
         point = fid(f, getattr(reference, kind))
-        print(f"floor, {kind}: {point:.2f} [{interval(point, values)[0]:.2f}, {interval(point, values)[1]:.2f}]")
+        lo, hi = interval(point, resampled([f], getattr(reference, kind), resamples)[:, 0])
+        print(f"floor, {kind}: {point:.2f} [{lo:.2f}, {hi:.2f}]")
     for steps in (2, 1):
-        runs = {"full": [args.lightning, args.runs / "lightning_seed1", args.runs / "lightning_seed2"],
-                "mse": [args.runs / "mse", args.runs / "mse_seed1", args.runs / "mse_seed2"]}
-        views = {m: [Views(backend, sample(r / "exports" / STAGES[steps], steps, prompts)) for r in rs]
-                 for m, rs in runs.items()}
+        views = [students.views(r, steps) for r in students.runs["full"] + students.runs["mse"]]
         for kind in ("whole", "centre", "tiles"):
-            sets = [getattr(v, kind) for v in views["full"] + views["mse"]]
+            sets = [getattr(v, kind) for v in views]
             points = [fid(s, getattr(reference, kind)) for s in sets]
-            values = resampled(sets, getattr(reference, kind), draws)
+            values = resampled(sets, getattr(reference, kind), resamples)
             p = decide_paired(points[:3], points[3:], values[:, :3], values[:, 3:])
             pairs = ", ".join(f"{lo:+.1f}..{hi:+.1f}" for lo, hi in p["pairs"])
             print(f"{steps} step{'s' if steps > 1 else ''}, {kind}: full {', '.join(f'{v:.2f}' for v in points[:3])}; "
@@ -99,19 +113,18 @@ def patch_estimators(args, backend, reference: Views, floor: Views, prompts, dra
                   f"{p['pairs_for_a']} of 9, for MSE-only {p['pairs_for_b']} (pair intervals: {pairs})")
 
 
-def ratio_targets(args, backend, reference: Views, prompts, draws) -> None:
+def ratio_targets(students: Students, teacher_samples: Path, reference: Views, resamples: int) -> None:
     print("== 2. FID-Whole ratio targets, paired with the 32-step teacher ==")
-    cached = sorted(args.teacher_samples.glob("samples_*.npz"))
+    cached = sorted(teacher_samples.glob("samples_*.npz"))
     if len(cached) != 1:
-        raise SystemExit(f"{args.teacher_samples}: expected one cached teacher sample set, found {len(cached)}")
+        raise SystemExit(f"{teacher_samples}: expected one cached teacher sample set, found {len(cached)}")
     with np.load(cached[0], allow_pickle=False) as saved:
-        teacher = backend.whole_features(saved["images"][:len(prompts)])
-    seeds = [args.lightning, args.runs / "lightning_seed1", args.runs / "lightning_seed2"]
+        teacher = students.backend.whole_features(saved["images"][:len(students.prompts)])
+    seeds = students.runs["full"]
     for steps, factor, runs in ((4, 1.10, seeds[:1]), (1, 1.30, seeds)):
-        students = [backend.whole_features(sample(r / "exports" / STAGES[steps], steps, prompts)) for r in runs]
-        sets = [teacher, *students]
+        sets = [teacher, *(students.views(r, steps).whole for r in runs)]
         points = [fid(s, reference.whole) for s in sets]
-        values = resampled(sets, reference.whole, draws)
+        values = resampled(sets, reference.whole, resamples)
         for seed, (point, column) in enumerate(zip(points[1:], values[:, 1:].T)):
             d = point - factor * points[0]
             lo, hi = interval(d, column - factor * values[:, 0])
@@ -136,10 +149,9 @@ def main() -> None:
     stack = lambda rs: np.stack([im for batch, _ in rs.batches(256) for im in batch])
     reference = Views(backend, stack(real))
     floor = Views(backend, stack(real.same_prompts(REFERENCE_SEED + 1)))
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, args.count, args.count) for _ in range(args.resamples)]
-    patch_estimators(args, backend, reference, floor, real.prompts, draws)
-    ratio_targets(args, backend, reference, real.prompts, draws)
+    students = Students(args, backend, real.prompts)
+    patch_estimators(students, reference, floor, args.resamples)
+    ratio_targets(students, args.teacher_samples, reference, args.resamples)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def paired_fid_resamples(sets: Sequence[np.ndarray], reference: np.ndarray, resa
     Every set and the reference hold one row per prompt, in the same prompt order (eval/fid_patch.py
     --save-features): one draw resamples the prompts of all of them at once, so a difference between two
     sets' FIDs varies only by what the sets do differently, not by which prompts a resample holds. A draw
-    degenerate for any set is dropped for all."""
+    degenerate for any set is dropped for all. A set may hold several rows per prompt ([N, k, d]: k views of each
+    image, e.g. its patches): a draw then takes each drawn image with all its views."""
     reference = np.asarray(reference, dtype=np.float64)
     sets = [np.asarray(s, dtype=np.float64) for s in sets]
     count = len(reference)
@@ -129,9 +130,10 @@ def paired_fid_resamples(sets: Sequence[np.ndarray], reference: np.ndarray, resa
     out = []
     for _ in range(resamples):
         i = rng.integers(0, count, count)
-        ref = FeatureStats.of(reference[i])
+        rows = lambda x: x[i].reshape(-1, x.shape[-1])
+        ref = FeatureStats.of(rows(reference))
         try:
-            out.append([fid_of_stats(FeatureStats.of(s[i]), ref) for s in sets])
+            out.append([fid_of_stats(FeatureStats.of(rows(s)), ref) for s in sets])
         except ValueError:  # a degenerate resample (far fewer rows than feature dimensions)
             pass
     return np.asarray(out, dtype=np.float64).reshape(len(out), len(sets))

@@ -3,6 +3,7 @@ drives are tested elsewhere)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from bench import target_power
@@ -37,3 +38,19 @@ def test_fid_over_several_views_per_image_counts_every_view():
     assert abs(target_power.fid(a, b) - target_power.fid(a.reshape(-1, 3), b.reshape(-1, 3))) < 1e-9
     shifted = a + np.array([1.0, 0, 0])
     assert abs(target_power.fid(shifted, a) - 1.0) < 1e-6  # only the means differ, by 1 in one dimension
+
+
+def test_paired_resamples_take_every_view_of_each_drawn_image():
+    """eval.scoring.paired_fid_resamples on [N, k, d] sets: a draw of images takes all k views of each, the
+    same as resampling the images and then flattening their views."""
+    from eval.fid import FeatureStats, fid_of_stats
+    from eval.scoring import paired_fid_resamples
+
+    rng = np.random.default_rng(0)
+    reference, other = rng.normal(size=(200, 4, 3)), rng.normal(0.3, 1.0, size=(200, 4, 3))
+    got = paired_fid_resamples([other], reference, 5, np.random.default_rng(7))
+    draws = np.random.default_rng(7)
+    for value in got[:, 0]:
+        i = draws.integers(0, 200, 200)
+        expected = fid_of_stats(FeatureStats.of(other[i].reshape(-1, 3)), FeatureStats.of(reference[i].reshape(-1, 3)))
+        assert value == pytest.approx(expected)

@@ -22,12 +22,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 class ReferenceSet:
     def __init__(self, source: str, count: int, resolution: int = 32, prompts_file: Optional[Path] = None,
-                 seed: int = REFERENCE_SEED, position_in_caption: float = 1.0):
+                 seed: int = REFERENCE_SEED, position_in_caption: float = 1.0, texture: str = "none"):
         self.source = source
         if source == "shapes":
             from trainer.data.shapes import ShapesDataset
 
-            self._data = ShapesDataset(count, seed=seed, resolution=resolution, position_in_caption=position_in_caption)
+            self._data = ShapesDataset(count, seed=seed, resolution=resolution, position_in_caption=position_in_caption,
+                                       texture=texture)
             self._files = None
             self.captions = [self._data[i].caption for i in range(count)]
         else:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer.data.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, ShapesDataset,
+from trainer.data.shapes import (BACKGROUND, COLOURS, FILLED_SHAPES, POSITIONS, SHAPES, STRIPE_SHADE, ShapesDataset,
                             parse_caption)
 
 
@@ -119,3 +119,40 @@ def test_position_left_out_of_a_fraction_of_the_captions_changes_nothing_else():
 def test_position_in_caption_out_of_range_is_refused(fraction):
     with pytest.raises(ValueError, match="position_in_caption"):
         ShapesDataset(10, position_in_caption=fraction)
+
+
+def test_stripes_change_only_the_filled_shapes_insides():
+    plain, striped = ShapesDataset(120, seed=4), ShapesDataset(120, seed=4, texture="stripes")
+    for i in range(120):
+        a, b = plain[i], striped[i]
+        assert a.caption == b.caption and (a.shape, a.colour, a.position) == (b.shape, b.colour, b.position)
+        covered = (a.image != BACKGROUND).any(axis=-1)
+        # the background and the shape's outline stay; only pixels inside a filled shape change
+        assert np.array_equal(a.image[~covered], b.image[~covered]), a.caption
+        changed = (a.image != b.image).any(axis=-1)
+        assert changed.any() == (a.shape in FILLED_SHAPES), a.caption
+
+
+def test_stripes_alternate_the_colour_and_its_shade_at_free_angles():
+    data = ShapesDataset(300, seed=5, texture="stripes")
+    centres = []
+    for i in range(300):
+        item = data[i]
+        if item.shape != "square":
+            continue
+        colour = np.array(COLOURS[item.colour], dtype=float)
+        coverage = (item.image != BACKGROUND).any(axis=-1)
+        ys, xs = np.nonzero(coverage)
+        cy, cx = int(ys.mean()), int(xs.mean())
+        inside = item.image[cy - 3:cy + 4, cx - 3:cx + 4].reshape(-1, 3).astype(float)
+        brightness = inside @ colour / (colour @ colour)  # 1: the colour, STRIPE_SHADE: the dark stripe
+        assert brightness.max() > 0.9 and brightness.min() < STRIPE_SHADE + 0.1, item.caption
+        centres.append(item.image[cy - 3:cy + 4, cx - 3:cx + 4])
+    # the angle and phase are free: no two squares' middles are striped alike
+    assert len(centres) > 20
+    assert not any(np.array_equal(centres[j], centres[k]) for j in range(len(centres)) for k in range(j))
+
+
+def test_an_unknown_texture_is_refused():
+    with pytest.raises(ValueError, match="texture"):
+        ShapesDataset(10, texture="dots")

@@ -95,9 +95,13 @@ class ShapesDataConfig:
     # The fraction of captions that name the shape's position; the rest ("a red ring") leave it to the
     # model: five modes per caption, curved trajectories, work for the adversarial stages (trainer/data/shapes.py)
     position_in_caption: float = 1.0
+    # "stripes": filled shapes striped at an angle and phase no caption names: fine detail decided late in
+    # sampling, which a few-step student averages away (trainer/data/shapes.py)
+    texture: str = "none"
 
 
 DATA_SOURCES = ("shards", "shapes")
+SHAPE_TEXTURES = ("none", "stripes")  # trainer.data.shapes.TEXTURES, without importing the renderer
 
 
 @dataclass
@@ -131,6 +135,8 @@ class DataConfig:
             fail("data.shapes.count", "must be positive")
         if not 0.0 <= self.shapes.position_in_caption <= 1.0:
             fail("data.shapes.position_in_caption", "must be in [0, 1]")
+        if self.shapes.texture not in SHAPE_TEXTURES:
+            fail("data.shapes.texture", f"'{self.shapes.texture}' is not one of {', '.join(SHAPE_TEXTURES)}")
 
 
 @dataclass

@@ -7,6 +7,10 @@ item can be regenerated on its own, by any worker, in any order.
 `position_in_caption` < 1 leaves the position out of that fraction of the captions ("a red ring"): the
 shape is still drawn at one of the five positions, so such a caption has five modes, and a few-step
 student that cannot follow its teacher's curved trajectory blends them (the paper's "second copy").
+
+`texture="stripes"` fills the filled shapes (circle, square, triangle, cross) with stripes of the colour and
+a darker shade, at an angle and phase no caption names: fine detail with a continuum of modes per caption,
+decided late in sampling, which a few-step student averages into a flat fill.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ MAX_JITTER = 0.06
 # 32 px; 1.5 px keeps at least one pixel close to the full colour.
 MIN_OUTLINE_PX = 1.5
 SUPERSAMPLE = 4
+
+TEXTURES = ("none", "stripes")
+FILLED_SHAPES = ("circle", "square", "triangle", "cross")
+# One dark and one light stripe per period (0.15 of the side: 4.8 px at 32 px, at least two pixels a stripe
+# at any angle); the dark stripes keep this share of the colour, so a striped shape stays its colour.
+STRIPE_PERIOD = 0.15
+STRIPE_SHADE = 0.45
 
 _POSITION_CENTRES = {
     "top left": (0.25, 0.25),
@@ -78,8 +89,10 @@ def parse_caption(caption: str) -> tuple[str, str, str | None]:
 
 
 def render_shape(shape: str, colour: str, position: str, resolution: int,
-                 size_fraction: float, jitter: tuple[float, float]) -> np.ndarray:
-    """Draw one anti-aliased shape; size and jitter are fractions of the image side."""
+                 size_fraction: float, jitter: tuple[float, float],
+                 stripes: tuple[float, float] | None = None) -> np.ndarray:
+    """Draw one anti-aliased shape; size and jitter are fractions of the image side. `stripes` (angle in
+    radians, phase in periods) stripes a filled shape's inside."""
     canvas_side = resolution * SUPERSAMPLE
     image = Image.new("RGB", (canvas_side, canvas_side), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -109,6 +122,8 @@ def render_shape(shape: str, colour: str, position: str, resolution: int,
         draw.rectangle(box, outline=fill, width=outline)
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if stripes is not None and shape in FILLED_SHAPES:
+        image = _stripe(image, fill, canvas_side, *stripes)
 
     # Box filtering an integer supersample is an exact area average: edges get the same
     # partial coverage at every resolution.
@@ -116,20 +131,36 @@ def render_shape(shape: str, colour: str, position: str, resolution: int,
     return np.array(small, dtype=np.uint8)
 
 
+def _stripe(image: Image.Image, fill: tuple[int, int, int], canvas_side: int, angle: float,
+            phase: float) -> Image.Image:
+    """Darken every other stripe of the shape's pixels (exactly `fill` before the box filter)."""
+    pixels = np.array(image)
+    inside = (pixels == fill).all(axis=-1)
+    y, x = np.mgrid[0:canvas_side, 0:canvas_side] / canvas_side
+    along = (x * np.cos(angle) + y * np.sin(angle)) / STRIPE_PERIOD + phase
+    dark = inside & (np.mod(along, 1.0) < 0.5)
+    pixels[dark] = np.round(np.array(fill) * STRIPE_SHADE).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
 class ShapesDataset:
     """`count` captioned shapes; item i depends only on (seed, i)."""
 
-    def __init__(self, count: int, seed: int = 0, resolution: int = 32, position_in_caption: float = 1.0):
+    def __init__(self, count: int, seed: int = 0, resolution: int = 32, position_in_caption: float = 1.0,
+                 texture: str = "none"):
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if resolution < 16:
             raise ValueError(f"resolution must be >= 16 px, got {resolution}")
         if not 0.0 <= position_in_caption <= 1.0:
             raise ValueError(f"position_in_caption must be in [0, 1], got {position_in_caption}")
+        if texture not in TEXTURES:
+            raise ValueError(f"texture must be one of {TEXTURES}, got {texture!r}")
         self.count = count
         self.seed = seed
         self.resolution = resolution
         self.position_in_caption = position_in_caption
+        self.texture = texture
 
     def __len__(self) -> int:
         return self.count
@@ -147,7 +178,9 @@ class ShapesDataset:
         # Jitter only as far as keeps the shape clearly inside its quadrant.
         room = min(MAX_JITTER, 0.25 - size_fraction / 2 - EDGE_MARGIN)
         jitter = (rng.uniform(-room, room), rng.uniform(-room, room))
-        image = render_shape(shape, colour, position, self.resolution, size_fraction, jitter)
-        # Drawn last and only when asked for: the default dataset stays item for item what it was.
+        # Drawn after the default draws and only when asked for: the default dataset stays item for item what
+        # it was.
         named = self.position_in_caption == 1.0 or rng.uniform() < self.position_in_caption
+        stripes = (rng.uniform(0, np.pi), rng.uniform()) if self.texture == "stripes" else None
+        image = render_shape(shape, colour, position, self.resolution, size_fraction, jitter, stripes)
         return ShapeSample(image, make_caption(shape, colour, position if named else None), shape, colour, position)

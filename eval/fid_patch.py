@@ -116,8 +116,8 @@ def _loras(args) -> list:
 
 
 def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int, keep_features: bool = False):
-    scores = SetScores(backend, keep_features=keep_features)
     """The reference's scores, its first `grid_count` images, and (shapes reference) its background std."""
+    scores = SetScores(backend, keep_features=keep_features)
     grid, grain = [], []
     for images, captions in tqdm(reference.batches(batch_size), total=-(-reference.count // batch_size),
                                  desc="reference", unit="batch"):
@@ -146,7 +146,7 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
         if args.reference == "shapes":  # the one-step failure signatures, by a pixel rule
             free = np.array([parse_caption(p)[2] is None for p in batch_prompts])
             free_count += int(free.sum())
-            for key, found in failure_signatures(images, batch_prompts).items():
+            for key, found in failure_signatures(images, batch_prompts, args.texture).items():
                 failures[key] += int(found.sum())
                 failures_free[key] += int(found[free].sum())
             grain_sum += score_images(images, batch_prompts)["background_grain"] * len(idx)

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.data.shapes import COLOURS, ShapesDataset, parse_caption  # noqa: E402
+from trainer.data.shapes import COLOURS, STRIPE_SHADE, ShapesDataset, parse_caption  # noqa: E402
 
 SATURATION = 60  # max - min channel above this: shape pixel (the background is grey)
 
@@ -75,17 +75,19 @@ HOLE_FRACTION = 0.2  # a filled shape whose enclosed holes are this share of its
 DARK_FRACTION = 0.6
 
 
-def failure_signatures(images: np.ndarray, captions: list[str]) -> dict[str, np.ndarray]:
+def failure_signatures(images: np.ndarray, captions: list[str], texture: str = "none") -> dict[str, np.ndarray]:
     """Per image, the paper's one-step failure signatures by a pixel rule (uint8 [N, H, W, 3] in):
     - second_copy: besides the largest blob of shape pixels, another one of >= 30% its size (and >= 4
       pixels) outside the largest one's box grown by 2 px (a ring broken into pieces stays one shape);
     - hollow_fill: a filled shape (circle, square, triangle, cross) whose largest blob encloses holes of
       >= 20% of its filled area: the background showing through where the shape should be solid, or an
-      interior darkened below 60% of the shape's full brightness (the 90th percentile of its max channel).
+      interior darkened below 60% of the shape's full brightness (the 90th percentile of its max channel);
+      with `texture="stripes"` below 60% of the dark stripes' brightness, which are part of the fill.
     Real images of the dataset score 0 on both (tests/test_pixel_scores.py)."""
     from scipy import ndimage
 
     copies, hollow = np.zeros(len(images), bool), np.zeros(len(images), bool)
+    dark_fraction = DARK_FRACTION * (STRIPE_SHADE if texture == "stripes" else 1.0)
     for i, (image, caption) in enumerate(zip(images.astype(int), captions)):
         mask = image.max(-1) - image.min(-1) > SATURATION
         labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
@@ -105,7 +107,7 @@ def failure_signatures(images: np.ndarray, captions: list[str]) -> dict[str, np.
             blob = labels == main
             filled = ndimage.binary_fill_holes(blob)
             brightness = image.max(-1)
-            dark = ndimage.binary_erosion(filled) & (brightness < DARK_FRACTION * np.percentile(brightness[blob], 90))
+            dark = ndimage.binary_erosion(filled) & (brightness < dark_fraction * np.percentile(brightness[blob], 90))
             hollow[i] = ((filled & ~blob) | dark).sum() >= HOLE_FRACTION * filled.sum()
     return {"second_copy": copies, "hollow_fill": hollow}
 

@@ -153,6 +153,22 @@ def test_stripes_alternate_the_colour_and_its_shade_at_free_angles():
     assert not any(np.array_equal(centres[j], centres[k]) for j in range(len(centres)) for k in range(j))
 
 
-def test_an_unknown_texture_is_refused():
-    with pytest.raises(ValueError, match="texture"):
-        ShapesDataset(10, texture="dots")
+def test_dots_are_grey_squares_on_the_background_and_leave_the_shape_alone():
+    plain, dotted = ShapesDataset(100, seed=6), ShapesDataset(100, seed=6, dots=8)
+    counts = []
+    for i in range(100):
+        a, b = plain[i], dotted[i]
+        assert a.caption == b.caption
+        changed = (a.image != b.image).any(axis=-1)
+        shape = (a.image != BACKGROUND).any(axis=-1)
+        grey = b.image[changed & ~shape].astype(int)
+        assert (grey.max(-1) - grey.min(-1) <= 1).all()  # unsaturated: the pixel rules' shape mask skips them
+        counts.append(changed.sum())
+    assert min(counts) > 0  # at least one dot each
+    assert len(set(counts)) > 10  # their number and places vary
+
+
+@pytest.mark.parametrize("kwargs", [{"texture": "dots"}, {"dots": -1}])
+def test_an_unknown_texture_or_a_negative_dot_count_is_refused(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ShapesDataset(10, **kwargs)

@@ -98,6 +98,8 @@ class ShapesDataConfig:
     # "stripes": filled shapes striped at an angle and phase no caption names: fine detail decided late in
     # sampling, which a few-step student averages away (trainer/data/shapes.py)
     texture: str = "none"
+    # k > 0: 1..k small grey dots scattered over the background where no caption says (trainer/data/shapes.py)
+    dots: int = 0
 
 
 DATA_SOURCES = ("shards", "shapes")
@@ -137,6 +139,8 @@ class DataConfig:
             fail("data.shapes.position_in_caption", "must be in [0, 1]")
         if self.shapes.texture not in SHAPE_TEXTURES:
             fail("data.shapes.texture", f"'{self.shapes.texture}' is not one of {', '.join(SHAPE_TEXTURES)}")
+        if self.shapes.dots < 0:
+            fail("data.shapes.dots", "must be >= 0")
 
 
 @dataclass

@@ -83,7 +83,8 @@ def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
         from trainer.data.encoders import load_encoders
 
         shapes = cfg.data.shapes
-        items = iter_shapes(shapes.count, shapes.seed, shapes.resolution, shapes.position_in_caption, shapes.texture)
+        items = iter_shapes(shapes.count, shapes.seed, shapes.resolution, shapes.position_in_caption, shapes.texture,
+                            shapes.dots)
         encode_to_shards(load_encoders(base), items, shard_dir, resolution=shapes.resolution,
                          samples_per_shard=shapes.samples_per_shard, dtype=cfg.data.dtype, total=shapes.count)
 

@@ -11,6 +11,10 @@ student that cannot follow its teacher's curved trajectory blends them (the pape
 `texture="stripes"` fills the filled shapes (circle, square, triangle, cross) with stripes of the colour and
 a darker shade, at an angle and phase no caption names: fine detail with a continuum of modes per caption,
 decided late in sampling, which a few-step student averages into a flat fill.
+
+`dots=k` scatters 1..k small grey dots over the background, at places no caption names: many small,
+independent decisions, which a few-step student smears. Grey (unsaturated), so the pixel rules that look
+for the shape's colour do not see them.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ FILLED_SHAPES = ("circle", "square", "triangle", "cross")
 # at any angle); the dark stripes keep this share of the colour, so a striped shape stays its colour.
 STRIPE_PERIOD = 0.15
 STRIPE_SHADE = 0.45
+DOT_SIZE = 0.07  # of the side: 2.2 px at 32 px
+DOT_GREY = (90, 170)  # grey levels; the background is 30
 
 _POSITION_CENTRES = {
     "top left": (0.25, 0.25),
@@ -90,12 +96,18 @@ def parse_caption(caption: str) -> tuple[str, str, str | None]:
 
 def render_shape(shape: str, colour: str, position: str, resolution: int,
                  size_fraction: float, jitter: tuple[float, float],
-                 stripes: tuple[float, float] | None = None) -> np.ndarray:
+                 stripes: tuple[float, float] | None = None,
+                 dots: list[tuple[float, float, int]] = ()) -> np.ndarray:
     """Draw one anti-aliased shape; size and jitter are fractions of the image side. `stripes` (angle in
-    radians, phase in periods) stripes a filled shape's inside."""
+    radians, phase in periods) stripes a filled shape's inside; `dots` (x, y as fractions, grey level) are
+    drawn under the shape."""
     canvas_side = resolution * SUPERSAMPLE
     image = Image.new("RGB", (canvas_side, canvas_side), BACKGROUND)
     draw = ImageDraw.Draw(image)
+    for x, y, grey in dots:
+        side = DOT_SIZE * canvas_side
+        draw.rectangle([round(x * canvas_side), round(y * canvas_side), round(x * canvas_side + side),
+                        round(y * canvas_side + side)], fill=(grey, grey, grey))
     fill = COLOURS[colour]
 
     centre_x, centre_y = _POSITION_CENTRES[position]
@@ -147,7 +159,7 @@ class ShapesDataset:
     """`count` captioned shapes; item i depends only on (seed, i)."""
 
     def __init__(self, count: int, seed: int = 0, resolution: int = 32, position_in_caption: float = 1.0,
-                 texture: str = "none"):
+                 texture: str = "none", dots: int = 0):
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if resolution < 16:
@@ -156,11 +168,14 @@ class ShapesDataset:
             raise ValueError(f"position_in_caption must be in [0, 1], got {position_in_caption}")
         if texture not in TEXTURES:
             raise ValueError(f"texture must be one of {TEXTURES}, got {texture!r}")
+        if dots < 0:
+            raise ValueError(f"dots must be >= 0, got {dots}")
         self.count = count
         self.seed = seed
         self.resolution = resolution
         self.position_in_caption = position_in_caption
         self.texture = texture
+        self.dots = dots
 
     def __len__(self) -> int:
         return self.count
@@ -182,5 +197,7 @@ class ShapesDataset:
         # it was.
         named = self.position_in_caption == 1.0 or rng.uniform() < self.position_in_caption
         stripes = (rng.uniform(0, np.pi), rng.uniform()) if self.texture == "stripes" else None
-        image = render_shape(shape, colour, position, self.resolution, size_fraction, jitter, stripes)
+        dots = [(rng.uniform(0, 1 - DOT_SIZE), rng.uniform(0, 1 - DOT_SIZE), int(rng.integers(*DOT_GREY)))
+                for _ in range(rng.integers(1, self.dots + 1) if self.dots else 0)]
+        image = render_shape(shape, colour, position, self.resolution, size_fraction, jitter, stripes, dots)
         return ShapeSample(image, make_caption(shape, colour, position if named else None), shape, colour, position)

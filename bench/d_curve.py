@@ -1,0 +1,71 @@
+"""How fast D leaves chance: each run's discriminator accuracy ((real judged real + fake judged fake) / 2)
+averaged over windows of its logged steps, one row per window, one column per run, as a markdown table.
+
+    python bench/d_curve.py --run striped=/tmp/d/striped --run plain=/tmp/d/plain --stage stage2_8 \
+        [--window 800] [--out bench/results/striped_data/d_only.md]
+
+The window is in samples (the logged step is the sample count). Runs are typically D-only phases
+(`disc.warmup_samples` = the phase's `samples`: the student frozen), which show how many D steps a stage's
+gap takes to be seen; the logged accuracy is one micro-batch's, hence the windows.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/d_curve.py` from a clone
+    sys.path.insert(0, str(ROOT))
+
+from bench.tb_scalars import phase_scalars  # noqa: E402
+
+
+def accuracy_curve(run_dir: Path, stage: str) -> list[tuple[int, float]]:
+    """[(samples, accuracy)] of the stage's first phase that logged D's accuracy."""
+    real, fake = phase_scalars(run_dir, "/d_acc_real", stage), phase_scalars(run_dir, "/d_acc_fake", stage)
+    if not real:
+        raise ValueError(f"{run_dir}: no phase of {stage} logged d_acc_real")
+    phase = sorted(real)[0]
+    return [(step, (r + f) / 2) for (step, r), (_, f) in zip(real[phase], fake[phase])]
+
+
+def windowed(curve: list[tuple[int, float]], window: int) -> dict[int, float]:
+    """{window end in samples: mean accuracy of the steps logged in (end - window, end]}."""
+    steps, values = np.array([s for s, _ in curve]), np.array([v for _, v in curve])
+    ends = range(window, int(steps.max()) + window, window)
+    return {end: float(values[(steps > end - window) & (steps <= end)].mean())
+            for end in ends if ((steps > end - window) & (steps <= end)).any()}
+
+
+def render(curves: dict[str, dict[int, float]], stage: str, window: int) -> str:
+    ends = sorted({end for curve in curves.values() for end in curve})
+    lines = [f"# D's accuracy in {stage}, mean over windows of {window} samples (0.5 = blind)", "",
+             "| samples | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    for end in ends:
+        cells = [f"{curve[end]:.3f}" if end in curve else "" for curve in curves.values()]
+        lines.append(f"| {end - window}-{end} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", action="append", required=True, help="LABEL=RUN_DIR (repeat)")
+    p.add_argument("--stage", default="stage2_8")
+    p.add_argument("--window", type=int, default=800, help="samples per window")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    runs = dict(item.split("=", 1) for item in args.run)
+    table = render({label: windowed(accuracy_curve(Path(path), args.stage), args.window)
+                    for label, path in runs.items()}, args.stage, args.window)
+    print(table, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

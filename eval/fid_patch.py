@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "data.shapes.position_in_caption)")
     p.add_argument("--texture", choices=("none", "stripes"), default="none",
                    help="shapes reference: the data's data.shapes.texture")
+    p.add_argument("--dots", type=int, default=0, help="shapes reference: the data's data.shapes.dots")
     p.add_argument("--backend", choices=("shapes", "inception"), default="shapes")
     p.add_argument("--classifier", type=Path, default=None, help="shapes classifier (default: assets/shapes_classifier.safetensors)")
     p.add_argument("--inception", type=Path, default=None, help="pt_inception-2015-12-05-6726825d.pth (inception backend)")
@@ -193,7 +194,8 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
     backend = make_backend(args.backend, classifier=args.classifier, inception=args.inception, clip=args.clip,
                            device=args.device, inception_dims=args.inception_dims)
     reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts,
-                             position_in_caption=args.position_in_caption, texture=args.texture)
+                             position_in_caption=args.position_in_caption, texture=args.texture,
+                             dots=args.dots)
     keep = args.bootstrap > 0
     ref_scores, ref_grid, ref_grain = score_reference(reference, backend, args.batch_size, args.grid_count, keep)
     meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,

@@ -2,7 +2,7 @@
 
 - "shapes": ShapesDataset(count, seed=REFERENCE_SEED) at the toy resolution: its images are the reference
   and its captions are the prompts (as the paper uses COCO prompts and the COCO images of those prompts);
-  `position_in_caption` as the data's (below 1, some captions leave the position out).
+  `position_in_caption`, `texture` and `dots` as the data's (below 1, some captions leave the position out).
   The seed is held out from the trainer's data (seed 0 by default) and the classifier's (1000, 2000+).
 - a folder: image files (png, jpg, jpeg, webp, bmp), sorted by name; a same-named .txt next to an image is
   its caption. `--prompts FILE` (one prompt a line) gives the prompts instead, e.g. the first 10K COCO
@@ -22,13 +22,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 class ReferenceSet:
     def __init__(self, source: str, count: int, resolution: int = 32, prompts_file: Optional[Path] = None,
-                 seed: int = REFERENCE_SEED, position_in_caption: float = 1.0, texture: str = "none"):
+                 seed: int = REFERENCE_SEED, position_in_caption: float = 1.0, texture: str = "none",
+                 dots: int = 0):
         self.source = source
         if source == "shapes":
             from trainer.data.shapes import ShapesDataset
 
             self._data = ShapesDataset(count, seed=seed, resolution=resolution, position_in_caption=position_in_caption,
-                                       texture=texture)
+                                       texture=texture, dots=dots)
             self._files = None
             self.captions = [self._data[i].caption for i in range(count)]
         else:

@@ -273,3 +273,10 @@ def test_bad_phases_name_their_key(tmp_path, phases, extra, key, message):
     with pytest.raises(ConfigError) as err:
         load_config(path, check_paths=False)
     assert key in str(err.value) and message in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_config_knows_the_textures_the_renderer_draws():
+    from trainer.config import SHAPE_TEXTURES
+    from trainer.data.shapes import TEXTURES
+
+    assert SHAPE_TEXTURES == TEXTURES

@@ -95,8 +95,7 @@ class ShapesDataConfig:
     # The fraction of captions that name the shape's position; the rest ("a red ring") leave it to the
     # model: five modes per caption, curved trajectories, work for the adversarial stages (trainer/data/shapes.py)
     position_in_caption: float = 1.0
-    # "stripes": filled shapes striped at an angle and phase no caption names: fine detail decided late in
-    # sampling, which a few-step student averages away (trainer/data/shapes.py)
+    # "stripes": filled shapes striped at an angle and phase no caption names (trainer/data/shapes.py)
     texture: str = "none"
     # k > 0: 1..k small grey dots scattered over the background where no caption says (trainer/data/shapes.py)
     dots: int = 0

@@ -9,12 +9,14 @@ shape is still drawn at one of the five positions, so such a caption has five mo
 student that cannot follow its teacher's curved trajectory blends them (the paper's "second copy").
 
 `texture="stripes"` fills the filled shapes (circle, square, triangle, cross) with stripes of the colour and
-a darker shade, at an angle and phase no caption names: fine detail with a continuum of modes per caption,
-decided late in sampling, which a few-step student averages into a flat fill.
+a darker shade, at an angle and phase no caption names: fine detail with a continuum of modes per caption.
 
 `dots=k` scatters 1..k small grey dots over the background, at places no caption names: many small,
-independent decisions, which a few-step student smears. Grey (unsaturated), so the pixel rules that look
-for the shape's colour do not see them.
+independent decisions. Grey (unsaturated), so the pixel rules that look for the shape's colour do not see
+them (the background's pixel std does).
+
+Both were meant to give a few-step student detail it cannot follow in one move; on the toy teacher it still
+does (bench/README.md "Harder data for the adversarial stages").
 """
 
 from __future__ import annotations

@@ -13,16 +13,18 @@ $PY -m trainer.run --config configs/shapes.yaml $SHORT --set data.shapes.dots=8 
 $PY bench/landing_gap.py --run /tmp/st/run --count 128 --out $OUT/landing_gap_stripes.md
 $PY bench/landing_gap.py --run /tmp/st/dots --count 128 --out $OUT/landing_gap_dots.md
 $PY bench/landing_gap.py --run runs/lora_chain/seed0 --count 128 --out $OUT/landing_gap_plain_lora_chain.md
-# 3. D alone at the 8-step stage (student frozen for the phase's 6,400 samples)
-PY=$PY bash $OUT/d_only.sh runs/lora_chain/seed0 /tmp/st/donly_plain
-PY=$PY bash $OUT/d_only.sh /tmp/st/run /tmp/st/donly_striped
-PY=$PY bash $OUT/d_only.sh /tmp/st/dots /tmp/st/donly_dots
-PY=$PY bash $OUT/d_only.sh runs/lora_chain/seed0 /tmp/st/donly_plain_lr1e3 --set stages.1.disc.optim.lr=1e-3
-PY=$PY bash $OUT/d_only.sh /tmp/st/run /tmp/st/donly_striped_lr1e3 --set stages.1.disc.optim.lr=1e-3
+# 3. D alone at the 8-step stage: its conditional phase, the student frozen for all 6,400 samples (400 D steps)
+D_ALONE="--set stages.1.objective=adv_cond --set stages.1.samples=6400 --set stages.1.disc.warmup_samples=6400"
+PY=$PY bash $OUT/stage2_8_from.sh runs/lora_chain/seed0 /tmp/st/donly_plain $D_ALONE
+PY=$PY bash $OUT/stage2_8_from.sh /tmp/st/run /tmp/st/donly_striped $D_ALONE
+PY=$PY bash $OUT/stage2_8_from.sh /tmp/st/dots /tmp/st/donly_dots $D_ALONE
+PY=$PY bash $OUT/stage2_8_from.sh runs/lora_chain/seed0 /tmp/st/donly_plain_lr1e3 $D_ALONE --set stages.1.disc.optim.lr=1e-3
+PY=$PY bash $OUT/stage2_8_from.sh /tmp/st/run /tmp/st/donly_striped_lr1e3 $D_ALONE --set stages.1.disc.optim.lr=1e-3
 $PY bench/d_curve.py --run plain=/tmp/st/donly_plain --run striped=/tmp/st/donly_striped --run dots=/tmp/st/donly_dots \
   --run plain_lr1e-3=/tmp/st/donly_plain_lr1e3 --run striped_lr1e-3=/tmp/st/donly_striped_lr1e3 --out $OUT/d_only_stage2_8.md
 # 4. the 8-step stage as the recipe runs it on dots, with a D-only warm-up of 3,200 samples instead of 400
-PY=$PY bash $OUT/long_warmup.sh /tmp/st/dots /tmp/st/warm_dots
+PY=$PY bash $OUT/stage2_8_from.sh /tmp/st/dots /tmp/st/warm_dots --set stages.1.samples=4400 \
+  --set stages.1.disc.warmup_samples=3200
 for phase in 0 1; do
   $PY bench/d_curve.py --run dots_warmup_3200=/tmp/st/warm_dots --window 400 --phase $phase --out $OUT/long_warmup_dots_phase$phase.md
 done

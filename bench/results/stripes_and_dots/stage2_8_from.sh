@@ -1,6 +1,6 @@
 #!/bin/bash
-# The 8-step stage as the recipe runs it (both LoRA phases, joint steps 1,200 samples each), with a D-only
-# warm-up of 3,200 samples instead of 400. $1 = source run (stage1_32 done), $2 = out dir
+# The 8-step stage alone on a copy of a run whose stage1_32 is done: $1 = source run, $2 = out dir, the rest
+# are the trainer's --set overrides (commands.sh: D alone, and a long D warm-up).
 set -ex
 SRC=$1; DST=$2; PY=${PY:-.venv/bin/python}
 rm -rf $DST; mkdir -p $DST/exports $DST/jobs
@@ -9,5 +9,4 @@ cp -a $SRC/{config.yaml,grid_prompts.safetensors,shards} $DST/
 cp -a $SRC/exports/stage1_32 $DST/exports/
 [ -d $SRC/exports/teacher ] && cp -a $SRC/exports/teacher $DST/exports/
 cp -a $SRC/jobs/stage1_32 $DST/jobs/ 2>/dev/null || true
-$PY -m trainer.run --config $SRC/config.yaml --set run.out_dir=$DST --jobs stage2_8 \
-  --set stages.1.samples=4400 --set stages.1.disc.warmup_samples=3200
+$PY -m trainer.run --config $SRC/config.yaml --set run.out_dir=$DST --jobs stage2_8 "${@:3}"

@@ -37,9 +37,12 @@ def accuracy_curve(run_dir: Path, stage: str, phase_index: int = 0) -> list[tupl
 def windowed(curve: list[tuple[int, float]], window: int) -> dict[int, float]:
     """{window end in samples: mean accuracy of the steps logged in (end - window, end]}."""
     steps, values = np.array([s for s, _ in curve]), np.array([v for _, v in curve])
-    ends = range(window, int(steps.max()) + window, window)
-    return {end: float(values[(steps > end - window) & (steps <= end)].mean())
-            for end in ends if ((steps > end - window) & (steps <= end)).any()}
+    means = {}
+    for end in range(window, int(steps.max()) + window, window):
+        held = (steps > end - window) & (steps <= end)
+        if held.any():
+            means[end] = float(values[held].mean())
+    return means
 
 
 def render(curves: dict[str, dict[int, float]], stage: str, window: int, phase_index: int = 0) -> str:

@@ -40,7 +40,7 @@ from eval.sample_cache import RecordingSampler, ReplaySampler, load_samples, sam
 from eval.report import markdown_table, update_model_card, write_results  # noqa: E402
 from eval.scoring import SetScores  # noqa: E402
 from eval.tensorboard_log import write_eval_tensorboard  # noqa: E402
-from trainer.data.shapes import parse_caption  # noqa: E402
+from trainer.data.shapes import TEXTURES, parse_caption  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--position-in-caption", type=float, default=1.0,
                    help="shapes reference: the share of captions naming the position (the data's "
                         "data.shapes.position_in_caption)")
-    p.add_argument("--texture", choices=("none", "stripes"), default="none",
+    p.add_argument("--texture", choices=TEXTURES, default="none",
                    help="shapes reference: the data's data.shapes.texture")
     p.add_argument("--dots", type=int, default=0, help="shapes reference: the data's data.shapes.dots")
     p.add_argument("--backend", choices=("shapes", "inception"), default="shapes")

@@ -40,7 +40,7 @@ from eval.sample_cache import RecordingSampler, ReplaySampler, load_samples, sam
 from eval.report import markdown_table, update_model_card, write_results  # noqa: E402
 from eval.scoring import SetScores  # noqa: E402
 from eval.tensorboard_log import write_eval_tensorboard  # noqa: E402
-from trainer.data.shapes import TEXTURES, parse_caption  # noqa: E402
+from trainer.data.shapes import TEXTURES, ShapesOptions, parse_caption  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -194,8 +194,7 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
     backend = make_backend(args.backend, classifier=args.classifier, inception=args.inception, clip=args.clip,
                            device=args.device, inception_dims=args.inception_dims)
     reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts,
-                             position_in_caption=args.position_in_caption, texture=args.texture,
-                             dots=args.dots)
+                             options=ShapesOptions(args.position_in_caption, args.texture, args.dots))
     keep = args.bootstrap > 0
     ref_scores, ref_grid, ref_grain = score_reference(reference, backend, args.batch_size, args.grid_count, keep)
     meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,

@@ -2,7 +2,7 @@
 
 - "shapes": ShapesDataset(count, seed=REFERENCE_SEED) at the toy resolution: its images are the reference
   and its captions are the prompts (as the paper uses COCO prompts and the COCO images of those prompts);
-  `position_in_caption`, `texture` and `dots` as the data's (below 1, some captions leave the position out).
+  drawn with the data's `options` (trainer.data.shapes.ShapesOptions: position-free captions, stripes, dots).
   The seed is held out from the trainer's data (seed 0 by default) and the classifier's (1000, 2000+).
 - a folder: image files (png, jpg, jpeg, webp, bmp), sorted by name; a same-named .txt next to an image is
   its caption. `--prompts FILE` (one prompt a line) gives the prompts instead, e.g. the first 10K COCO
@@ -22,14 +22,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 class ReferenceSet:
     def __init__(self, source: str, count: int, resolution: int = 32, prompts_file: Optional[Path] = None,
-                 seed: int = REFERENCE_SEED, position_in_caption: float = 1.0, texture: str = "none",
-                 dots: int = 0):
+                 seed: int = REFERENCE_SEED, options=None):
         self.source = source
         if source == "shapes":
-            from trainer.data.shapes import ShapesDataset
+            from trainer.data.shapes import PLAIN, ShapesDataset
 
-            self._data = ShapesDataset(count, seed=seed, resolution=resolution, position_in_caption=position_in_caption,
-                                       texture=texture, dots=dots)
+            self._data = ShapesDataset(count, seed=seed, resolution=resolution, options=options or PLAIN)
             self._files = None
             self.captions = [self._data[i].caption for i in range(count)]
         else:
@@ -79,19 +77,10 @@ class ReferenceSet:
 
 
 class _Rerendered:
-    """ShapesDataset items with their captions kept and their geometry drawn again from (seed, index),
-    by the dataset's own rules (trainer.data.shapes)."""
+    """ShapesDataset items with their captions kept and the rest drawn again from (seed, index)."""
 
     def __init__(self, data, seed: int):
         self.data, self.seed = data, seed
 
     def __getitem__(self, index: int):
-        from trainer.data import shapes
-
-        item = self.data[index]
-        rng = np.random.default_rng([self.seed, index])
-        size = rng.uniform(*shapes.SIZE_RANGE)
-        room = min(shapes.MAX_JITTER, 0.25 - size / 2 - shapes.EDGE_MARGIN)
-        jitter = (rng.uniform(-room, room), rng.uniform(-room, room))
-        image = shapes.render_shape(item.shape, item.colour, item.position, self.data.resolution, size, jitter)
-        return shapes.ShapeSample(image, item.caption, item.shape, item.colour, item.position)
+        return self.data.redrawn(index, self.seed)

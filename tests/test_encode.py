@@ -24,7 +24,7 @@ from trainer.data.encoders import (
     create_toy_encoders,
     load_encoders,
 )
-from trainer.data.shapes import ShapesDataset
+from trainer.data.shapes import ShapesDataset, ShapesOptions
 from trainer.testing import make_tiny_sd15_folder, make_tiny_sdxl_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +182,31 @@ def test_encode_shapes_to_shards_readable_with_plain_webdataset(tmp_path, toy_di
     assert torch.allclose(decoded, original, atol=1e-3)
     expected = encoders.text.encode([dataset[7].caption]).prompt_embeds[0]
     assert torch.allclose(torch.from_numpy(samples[7]["prompt_embeds.npy"]).float(), expected, atol=1e-2)
+
+
+def test_the_configs_shapes_options_reach_the_shards(tmp_path):
+    """data.shapes.position_in_caption / texture / dots are what the trainer's shards hold: the shards' captions
+    and decoded images are ShapesDataset's with those options."""
+    from trainer.config import load_config
+    from trainer.pipeline import prepare_base, prepare_shards
+    from trainer.runtime.engines import init_distributed
+
+    root = Path(__file__).resolve().parents[1]
+    options = ShapesOptions(position_in_caption=0.5, texture="stripes", dots=4)
+    cfg = load_config(root / "configs" / "smoke.yaml", [
+        f"run.out_dir={tmp_path}", "data.shapes.count=12", "data.shapes.seed=4",
+        f"data.shapes.position_in_caption={options.position_in_caption}", f"data.shapes.texture={options.texture}",
+        f"data.shapes.dots={options.dots}"])
+    info = init_distributed()
+    base = prepare_base(cfg, info)
+    samples = _read_shards(prepare_shards(cfg, base, info))
+    data = ShapesDataset(12, seed=4, resolution=cfg.data.shapes.resolution, options=options)
+    assert [s["txt"] for s in samples] == [data[i].caption for i in range(12)]
+    codec = load_encoders(base).codec
+    for index in (0, 5, 11):
+        decoded = codec.decode(torch.from_numpy(samples[index]["latent.npy"]).float()[None])[0]
+        image = torch.from_numpy(data[index].image).permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.allclose(decoded, image, atol=1e-2)
 
 
 def test_sources_that_yield_nothing_usable_are_errors(tmp_path, toy_dir):

@@ -86,9 +86,10 @@ def test_shapes_backend():
 
 def test_shapes_alignment_of_captions_without_a_position():
     from eval.reference import ReferenceSet
+    from trainer.data.shapes import ShapesOptions
 
     backend = make_backend("shapes")
-    reference = ReferenceSet("shapes", 64, position_in_caption=0.5)
+    reference = ReferenceSet("shapes", 64, options=ShapesOptions(position_in_caption=0.5))
     images, captions = next(reference.batches(64))
     free = np.array([" at " not in c for c in captions])
     assert 10 < free.sum() < 54
@@ -98,6 +99,22 @@ def test_shapes_alignment_of_captions_without_a_position():
              for c, f in zip(captions, free)]
     position = backend.alignment(images, moved)["position"]
     assert position[free].all() and not position[~free].any()
+
+
+def test_the_shapes_floor_draws_the_references_options():
+    """The floor's images (same prompts, drawn again) are drawn with the reference's options: a striped
+    reference's floor is striped (it was once drawn plain whatever the reference)."""
+    from eval.reference import ReferenceSet
+    from trainer.data.shapes import ShapesDataset, ShapesOptions
+
+    options = ShapesOptions(texture="stripes")
+    reference = ReferenceSet("shapes", 16, options=options)
+    floor_images, floor_captions = next(reference.same_prompts(5).batches(16))
+    assert floor_captions == reference.captions
+    data = ShapesDataset(16, seed=reference._data.seed, options=options)
+    assert all((image == data.redrawn(i, 5).image).all() for i, image in enumerate(floor_images))
+    plain = ShapesDataset(16, seed=reference._data.seed)
+    assert any((image != plain.redrawn(i, 5).image).any() for i, image in enumerate(floor_images))
 
 
 def test_inception_backend_with_clip(tmp_path):

@@ -21,7 +21,7 @@ from trainer.testing import make_tiny_sdxl_folder
 from trainer.export import export_unet
 from trainer.method.lora import add_lora, merge_lora, save_lora
 from trainer.method.models import build_toy_unet
-from trainer.data.shapes import ShapesDataset
+from trainer.data.shapes import ShapesDataset, ShapesOptions
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,8 @@ def test_position_free_prompts_get_their_own_failure_rates(toy, tmp_path):
                            "--out", str(out), "--no-tensorboard"]) == 0
     results = json.loads((out / "results.json").read_text())
     row = results["rows"][0]
-    free = sum(" at " not in ShapesDataset(16, seed=10_000, position_in_caption=0.5)[i].caption for i in range(16))
+    half = ShapesDataset(16, seed=10_000, options=ShapesOptions(position_in_caption=0.5))
+    free = sum(" at " not in half[i].caption for i in range(16))
     assert 0 < free < 16 and row["position_free_count"] == free
     assert 0 <= row["second_copy_rate_position_free"] <= 1 and 0 <= row["hollow_fill_rate_position_free"] <= 1
     assert results["reference_alignment"] == 1.0  # real images meet captions with and without positions

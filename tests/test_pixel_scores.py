@@ -4,7 +4,7 @@ import numpy as np
 from scipy import ndimage
 
 from eval.pixel_scores import SATURATION, failure_signatures, score_images
-from trainer.data.shapes import ShapesDataset, parse_caption
+from trainer.data.shapes import ShapesDataset, ShapesOptions, parse_caption
 
 N = 400
 
@@ -80,7 +80,7 @@ def test_filled_shapes_darkened_in_their_middle_are_hollow():
 
 
 def test_captions_without_a_position_score_colour_everywhere_and_position_where_named():
-    data = ShapesDataset(N, seed=11, position_in_caption=0.5)
+    data = ShapesDataset(N, seed=11, options=ShapesOptions(position_in_caption=0.5))
     images, captions = np.stack([data[i].image for i in range(N)]), [data[i].caption for i in range(N)]
     assert failure_signatures(images, captions)["second_copy"].sum() == 0
     scores = score_images(images, captions)
@@ -92,7 +92,7 @@ def test_captions_without_a_position_score_colour_everywhere_and_position_where_
 def test_striped_fills_are_not_hollow_but_striped_fills_with_a_hole_are():
     """With `texture="stripes"` the dark stripes belong to the fill; the background through the middle
     still counts as hollow."""
-    data = ShapesDataset(N, seed=12, texture="stripes")
+    data = ShapesDataset(N, seed=12, options=ShapesOptions(texture="stripes"))
     images, captions = np.stack([data[i].image for i in range(N)]), [data[i].caption for i in range(N)]
     found = failure_signatures(images, captions, texture="stripes")
     assert found["hollow_fill"].sum() == 0 and found["second_copy"].sum() == 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from trainer.data.shapes import (BACKGROUND, COLOURS, FILLED_SHAPES, POSITIONS, SHAPES, STRIPE_SHADE, ShapesDataset,
-                            parse_caption)
+                                 ShapesOptions, parse_caption)
 
 
 def test_items_depend_only_on_seed_and_index():
@@ -28,7 +28,7 @@ def test_captions_parse_back_and_name_the_fields():
 
 def test_a_caption_without_a_position_parses_to_none():
     assert parse_caption("a red ring") == ("ring", "red", None)
-    data = ShapesDataset(200, seed=1, position_in_caption=0.5)
+    data = ShapesDataset(200, seed=1, options=ShapesOptions(position_in_caption=0.5))
     free = [data[i] for i in range(200) if " at " not in data[i].caption]
     assert 50 < len(free) < 150
     assert all(parse_caption(item.caption) == (item.shape, item.colour, None) for item in free)
@@ -102,7 +102,7 @@ def test_pixels_show_the_captioned_colour_in_the_captioned_place(resolution):
 
 
 def test_position_left_out_of_a_fraction_of_the_captions_changes_nothing_else():
-    full, half = ShapesDataset(400, seed=3), ShapesDataset(400, seed=3, position_in_caption=0.5)
+    full, half = ShapesDataset(400, seed=3), ShapesDataset(400, seed=3, options=ShapesOptions(position_in_caption=0.5))
     short = 0
     for i in range(400):
         a, b = full[i], half[i]
@@ -112,17 +112,17 @@ def test_position_left_out_of_a_fraction_of_the_captions_changes_nothing_else():
         else:
             assert b.caption == a.caption
     assert 160 <= short <= 240  # ~half, binomial(400, 0.5) within ~4 sd
-    assert all(ShapesDataset(50, seed=3, position_in_caption=0.0)[i].caption.count(" at ") == 0 for i in range(50))
+    assert all(ShapesDataset(50, seed=3, options=ShapesOptions(position_in_caption=0.0))[i].caption.count(" at ") == 0 for i in range(50))
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.5])
 def test_position_in_caption_out_of_range_is_refused(fraction):
     with pytest.raises(ValueError, match="position_in_caption"):
-        ShapesDataset(10, position_in_caption=fraction)
+        ShapesDataset(10, options=ShapesOptions(position_in_caption=fraction))
 
 
 def test_stripes_change_only_the_filled_shapes_insides():
-    plain, striped = ShapesDataset(120, seed=4), ShapesDataset(120, seed=4, texture="stripes")
+    plain, striped = ShapesDataset(120, seed=4), ShapesDataset(120, seed=4, options=ShapesOptions(texture="stripes"))
     for i in range(120):
         a, b = plain[i], striped[i]
         assert a.caption == b.caption and (a.shape, a.colour, a.position) == (b.shape, b.colour, b.position)
@@ -134,7 +134,7 @@ def test_stripes_change_only_the_filled_shapes_insides():
 
 
 def test_stripes_alternate_the_colour_and_its_shade_at_free_angles():
-    data = ShapesDataset(300, seed=5, texture="stripes")
+    data = ShapesDataset(300, seed=5, options=ShapesOptions(texture="stripes"))
     centres = []
     for i in range(300):
         item = data[i]
@@ -154,7 +154,7 @@ def test_stripes_alternate_the_colour_and_its_shade_at_free_angles():
 
 
 def test_dots_are_grey_squares_on_the_background_and_leave_the_shape_alone():
-    plain, dotted = ShapesDataset(100, seed=6), ShapesDataset(100, seed=6, dots=8)
+    plain, dotted = ShapesDataset(100, seed=6), ShapesDataset(100, seed=6, options=ShapesOptions(dots=8))
     counts = []
     for i in range(100):
         a, b = plain[i], dotted[i]
@@ -171,4 +171,33 @@ def test_dots_are_grey_squares_on_the_background_and_leave_the_shape_alone():
 @pytest.mark.parametrize("kwargs", [{"texture": "dots"}, {"dots": -1}])
 def test_an_unknown_texture_or_a_negative_dot_count_is_refused(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        ShapesDataset(10, **kwargs)
+        ShapesOptions(**kwargs)
+
+
+def test_a_redrawn_item_keeps_its_caption_and_its_options():
+    """Another real image of the same prompt (the evaluation's FID floor): caption, shape, colour and position
+    kept; size, jitter, stripes and dots drawn again, and drawn the data's way."""
+    data = ShapesDataset(60, seed=3, options=ShapesOptions(position_in_caption=0.5, texture="stripes", dots=8))
+
+    def dotted(image):  # a grey (unsaturated) pixel off the background: a dot
+        grey = image[(image != BACKGROUND).any(-1)].astype(int)
+        return ((grey.max(-1) - grey.min(-1)) <= 1).any()
+
+    def striped(item):  # the colour and its dark shade both drawn
+        colour = np.array(COLOURS[item.colour], dtype=float)
+        brightness = item.image.reshape(-1, 3).astype(float) @ colour / (colour @ colour)
+        return brightness.max() > 0.9 and ((brightness > STRIPE_SHADE - 0.1) & (brightness < STRIPE_SHADE + 0.1)).any()
+
+    found = {"dots": 0, "stripes": 0, "filled": 0}
+    for i in range(60):
+        item, again = data[i], data.redrawn(i, seed=99)
+        assert (again.caption, again.shape, again.colour, again.position) == \
+            (item.caption, item.shape, item.colour, item.position)
+        assert (again.image != item.image).any()
+        assert (again.image == data.redrawn(i, seed=99).image).all()  # depends only on (seed, index)
+        found["dots"] += dotted(again.image)
+        if item.shape in FILLED_SHAPES:
+            found["filled"] += 1
+            found["stripes"] += striped(again)
+    assert found["dots"] >= 55  # a few dots hide under the shape
+    assert found["filled"] > 20 and found["stripes"] >= found["filled"] - 2

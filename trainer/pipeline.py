@@ -81,10 +81,11 @@ def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
     def encode() -> None:
         from trainer.data.encode import encode_to_shards, iter_shapes
         from trainer.data.encoders import load_encoders
+        from trainer.data.shapes import ShapesOptions
 
         shapes = cfg.data.shapes
-        items = iter_shapes(shapes.count, shapes.seed, shapes.resolution, shapes.position_in_caption, shapes.texture,
-                            shapes.dots)
+        options = ShapesOptions(shapes.position_in_caption, shapes.texture, shapes.dots)
+        items = iter_shapes(shapes.count, shapes.seed, shapes.resolution, options)
         encode_to_shards(load_encoders(base), items, shard_dir, resolution=shapes.resolution,
                          samples_per_shard=shapes.samples_per_shard, dtype=cfg.data.dtype, total=shapes.count)
 

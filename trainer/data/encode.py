@@ -42,13 +42,12 @@ Sample = tuple  # (image, caption, key) or (image, caption, key, origin)
 # --------------------------------------------------------------------------------------------
 
 
-def iter_shapes(count: int, seed: int = 0, resolution: int = 32, position_in_caption: float = 1.0,
-                texture: str = "none", dots: int = 0) -> Iterator[Sample]:
-    """The embedded captioned-shapes data, rendered at the target resolution (no resize)."""
-    from trainer.data.shapes import ShapesDataset
+def iter_shapes(count: int, seed: int = 0, resolution: int = 32, options=None) -> Iterator[Sample]:
+    """The embedded captioned-shapes data, rendered at the target resolution (no resize); `options` a
+    trainer.data.shapes.ShapesOptions (default: the plain data)."""
+    from trainer.data.shapes import PLAIN, ShapesDataset
 
-    dataset = ShapesDataset(count, seed=seed, resolution=resolution, position_in_caption=position_in_caption,
-                            texture=texture, dots=dots)
+    dataset = ShapesDataset(count, seed=seed, resolution=resolution, options=options or PLAIN)
     for index in range(len(dataset)):
         item = dataset[index]
         yield item.image, item.caption, f"shapes-s{seed}-{index:08d}"

@@ -4,6 +4,8 @@ Every item is a coloured shape on a flat dark background with a caption that nam
 colour and position ("a red ring at top left"). An item depends only on (seed, index), so any
 item can be regenerated on its own, by any worker, in any order.
 
+Three options (`ShapesOptions`, each off by default, the config's `data.shapes` keys of the same names):
+
 `position_in_caption` < 1 leaves the position out of that fraction of the captions ("a red ring"): the
 shape is still drawn at one of the five positions, so such a caption has five modes, and a few-step
 student that cannot follow its teacher's curved trajectory blends them (the paper's "second copy").
@@ -15,7 +17,7 @@ a darker shade, at an angle and phase no caption names: fine detail with a conti
 independent decisions. Grey (unsaturated), so the pixel rules that look for the shape's colour do not see
 them (the background's pixel std does).
 
-Both were meant to give a few-step student detail it cannot follow in one move; on the toy teacher it still
+Stripes and dots were meant to give a few-step student detail it cannot follow in one move; on the toy teacher it still
 does (bench/README.md "Harder data for the adversarial stages").
 """
 
@@ -157,27 +159,40 @@ def _stripe(image: Image.Image, fill: tuple[int, int, int], canvas_side: int, an
     return Image.fromarray(pixels)
 
 
+@dataclass(frozen=True)
+class ShapesOptions:
+    """What the data draws beyond the plain default, each off by default (see the module's docstring):
+    the share of captions naming the position, the filled shapes' texture, the most grey dots per image.
+    One object, so that the trainer's data, the evaluation's reference and its floor draw the same data."""
+
+    position_in_caption: float = 1.0
+    texture: str = "none"
+    dots: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.position_in_caption <= 1.0:
+            raise ValueError(f"position_in_caption must be in [0, 1], got {self.position_in_caption}")
+        if self.texture not in TEXTURES:
+            raise ValueError(f"texture must be one of {TEXTURES}, got {self.texture!r}")
+        if self.dots < 0:
+            raise ValueError(f"dots must be >= 0, got {self.dots}")
+
+
+PLAIN = ShapesOptions()
+
+
 class ShapesDataset:
     """`count` captioned shapes; item i depends only on (seed, i)."""
 
-    def __init__(self, count: int, seed: int = 0, resolution: int = 32, position_in_caption: float = 1.0,
-                 texture: str = "none", dots: int = 0):
+    def __init__(self, count: int, seed: int = 0, resolution: int = 32, options: ShapesOptions = PLAIN):
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if resolution < 16:
             raise ValueError(f"resolution must be >= 16 px, got {resolution}")
-        if not 0.0 <= position_in_caption <= 1.0:
-            raise ValueError(f"position_in_caption must be in [0, 1], got {position_in_caption}")
-        if texture not in TEXTURES:
-            raise ValueError(f"texture must be one of {TEXTURES}, got {texture!r}")
-        if dots < 0:
-            raise ValueError(f"dots must be >= 0, got {dots}")
         self.count = count
         self.seed = seed
         self.resolution = resolution
-        self.position_in_caption = position_in_caption
-        self.texture = texture
-        self.dots = dots
+        self.options = options
 
     def __len__(self) -> int:
         return self.count
@@ -191,15 +206,27 @@ class ShapesDataset:
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         position = POSITIONS[rng.integers(len(POSITIONS))]
+        image, named = self._draw(rng, shape, colour, position)
+        return ShapeSample(image, make_caption(shape, colour, position if named else None), shape, colour, position)
+
+    def redrawn(self, index: int, seed: int) -> ShapeSample:
+        """Item `index` with its caption (shape, colour, position) kept and everything else it draws (size,
+        jitter, stripes, dots) drawn again from (seed, index): another real image of the same prompt."""
+        item = self[index]
+        image, _ = self._draw(np.random.default_rng([seed, index]), item.shape, item.colour, item.position)
+        return ShapeSample(image, item.caption, item.shape, item.colour, item.position)
+
+    def _draw(self, rng: np.random.Generator, shape: str, colour: str, position: str) -> tuple[np.ndarray, bool]:
+        """The image from the rest of the item's draws, and whether its caption names the position."""
         size_fraction = rng.uniform(*SIZE_RANGE)
         # Jitter only as far as keeps the shape clearly inside its quadrant.
         room = min(MAX_JITTER, 0.25 - size_fraction / 2 - EDGE_MARGIN)
         jitter = (rng.uniform(-room, room), rng.uniform(-room, room))
         # Drawn after the default draws and only when asked for: the default dataset stays item for item what
         # it was.
-        named = self.position_in_caption == 1.0 or rng.uniform() < self.position_in_caption
-        stripes = (rng.uniform(0, np.pi), rng.uniform()) if self.texture == "stripes" else None
+        options = self.options
+        named = options.position_in_caption == 1.0 or rng.uniform() < options.position_in_caption
+        stripes = (rng.uniform(0, np.pi), rng.uniform()) if options.texture == "stripes" else None
         dots = [(rng.uniform(0, 1 - DOT_SIZE), rng.uniform(0, 1 - DOT_SIZE), int(rng.integers(*DOT_GREY)))
-                for _ in range(rng.integers(1, self.dots + 1) if self.dots else 0)]
-        image = render_shape(shape, colour, position, self.resolution, size_fraction, jitter, stripes, dots)
-        return ShapeSample(image, make_caption(shape, colour, position if named else None), shape, colour, position)
+                for _ in range(rng.integers(1, options.dots + 1) if options.dots else 0)]
+        return render_shape(shape, colour, position, self.resolution, size_fraction, jitter, stripes, dots), named

@@ -110,6 +110,18 @@ def test_progress_sets_d_warmup_and_switches_the_t_star_weights_halfway():
     assert obj.d_only and obj.t_star_weights.tolist() == [1.0, 1.0]
 
 
+def test_after_the_warm_up_the_student_steps_on_every_nth_step_only():
+    obj = Adversarial(None, None, None, SCHED, "v_prediction", "v_prediction", 2, 4, conditional=False,
+                      t_star=[10], t_star_weights=[1], warmup_steps=2, d_per_student=3)
+    student_steps = []
+    for step in range(11):
+        obj.set_progress(step, 11)
+        student_steps.append(not obj.d_only)
+    assert student_steps == [False, False, True, False, False, True, False, False, True, False, False]
+    obj.set_progress(5, 11)  # a resume mid-phase lands in the same state
+    assert not obj.d_only
+
+
 def test_implied_x0_inverts_a_ddim_move():
     g = torch.Generator().manual_seed(5)
     x_t, out = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)

@@ -94,6 +94,8 @@ def test_sdxl_recipe_is_the_papers():
     (lambda d: d["log"].update(comparison_grid="yes"), "log.comparison_grid", "auto, always or never"),
     (lambda d: d["stages"][1]["disc"].update(lora_optim={"lr": -1}), "stages[1].disc.lora_optim.lr", "must be positive"),
     (lambda d: d["stages"][1]["disc"].update(head_channels=0), "stages[1].disc.head_channels", "must be positive"),
+    (lambda d: d["stages"][1]["disc"].update(steps_per_student_step=0), "stages[1].disc.steps_per_student_step",
+     "must be >= 1"),
     (lambda d: d["stages"][0].update(global_batch=50, micro_batch=32), "stages[0].global_batch", "multiple of micro_batch"),
     (lambda d: d["stages"][0].update(global_batch=64, micro_batch=32, grad_accum=2), "stages[0].grad_accum", "either global_batch"),
     (lambda d: d["stages"][0].update(ema_decay=1.0), "stages[0].ema_decay", "must be in [0, 1)"),

@@ -242,6 +242,10 @@ class DiscConfig:
     t_star_weights: list[float] = field(default_factory=list)
     t_star_late_weights: list[float] = field(default_factory=list)
     warmup_samples: int = 0  # D-only training at the start of each adversarial phase
+    # After the warm-up, D steps per student step (the student steps on every n-th step, D on every step): a
+    # D that learns slower than the student moves out of its sight gets n times the steps; samples count every
+    # step, so n times the samples keep the student's steps. 1: the paper's alternation.
+    steps_per_student_step: int = 1
     gradient_checkpointing: Optional[bool] = None  # None: as the student's (`model.gradient_checkpointing`)
 
     def checkpointing(self, student_checkpointing: bool) -> bool:
@@ -258,6 +262,8 @@ class DiscConfig:
         self.optim.check(f"{key}.optim", fail)
         if self.lora_optim is not None:
             self.lora_optim.check(f"{key}.lora_optim", fail)
+        if self.steps_per_student_step < 1:
+            fail(f"{key}.steps_per_student_step", f"must be >= 1, got {self.steps_per_student_step}")
         if self.head_channels is not None and self.head_channels < 1:
             fail(f"{key}.head_channels", f"must be positive (or null: the mid block's width), got {self.head_channels}")
 

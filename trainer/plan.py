@@ -40,6 +40,8 @@ def plan_rows(cfg: Config, world_size: int) -> list[dict]:
                         disc += f" then {d.t_star_late_weights}"
                 if d.warmup_samples:
                     disc += f"; D alone for {d.warmup_samples} samples"
+                if d.steps_per_student_step > 1:
+                    disc += f"; {d.steps_per_student_step} D steps per student step"
             rows.append({"job": phase.job_name(stage.name, j), "kind": phase.kind, "trains": phase.train,
                          "samples": phase.samples, "steps": math.ceil(phase.samples / batch), "batch": batch,
                          "student": _optim(phase.optim), "disc": disc,

@@ -233,7 +233,8 @@ class Adversarial(Method):
     in both). With `t_star`, both landings are turned into their x0 and re-noised to t* (same fresh noise
     for real and fake) before D sees them: the multi-timestep discriminator of the 1- and 2-step stages.
     Non-saturating losses; an optional MSE term (`mse_weight`, 0 in the paper). Along the phase: D-only
-    warm-up steps first (`warmup_steps`), and the t* weights switch to `late_weights` halfway.
+    warm-up steps first (`warmup_steps`), then the student steps on every `d_per_student`-th step only (D on
+    every step), and the t* weights switch to `late_weights` halfway.
     """
     kind = "adversarial"
     sections = ("teacher", "student forward", "G step", "D step")
@@ -242,7 +243,8 @@ class Adversarial(Method):
                  prediction_type: str, teacher_prediction_type: str, student_steps: int, teacher_steps: int,
                  conditional: bool, t_star: list[int], t_star_weights: list[float], mse_weight: float = 0.0,
                  d_only: bool = False, warmup_steps: int = 0, late_weights: Optional[list[float]] = None,
-                 mse_space: str = "landing", optims: Optional[dict[str, OptimConfig]] = None):
+                 mse_space: str = "landing", optims: Optional[dict[str, OptimConfig]] = None,
+                 d_per_student: int = 1):
         check_loss_space(mse_space)
         super().__init__({"student": student_engine, "disc": disc_engine}, optims)
         self.disc = disc_engine
@@ -260,6 +262,7 @@ class Adversarial(Method):
         # D warm-up: only D trains (the student's engine is not stepped), a head start against a fast student.
         self.d_only = d_only
         self.warmup_steps = warmup_steps
+        self.d_per_student = d_per_student
         self.early_weights = self.t_star_weights.clone()
         self.late_weights = torch.tensor(late_weights, dtype=torch.float) if late_weights else None
         self.timesteps = torch.tensor(trailing_timesteps(student_steps, schedule.num_train_timesteps))
@@ -289,11 +292,11 @@ class Adversarial(Method):
                    stage.student_steps, stage.teacher_steps, conditional=conditional, t_star=disc_cfg.t_star,
                    t_star_weights=disc_cfg.t_star_weights, mse_weight=stage.mse_weight, mse_space=stage.mse_space,
                    warmup_steps=disc_cfg.warmup_samples // start.global_batch,
-                   late_weights=disc_cfg.t_star_late_weights,
+                   late_weights=disc_cfg.t_star_late_weights, d_per_student=disc_cfg.steps_per_student_step,
                    optims={"student": phase.optim, "disc": disc_cfg.optim})
 
     def set_progress(self, step: int, total_steps: int) -> None:
-        self.d_only = step < self.warmup_steps
+        self.d_only = step < self.warmup_steps or (step - self.warmup_steps) % self.d_per_student != 0
         if self.late_weights is not None:
             self.t_star_weights = self.late_weights if step >= total_steps // 2 else self.early_weights
 

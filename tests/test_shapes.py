@@ -112,7 +112,8 @@ def test_position_left_out_of_a_fraction_of_the_captions_changes_nothing_else():
         else:
             assert b.caption == a.caption
     assert 160 <= short <= 240  # ~half, binomial(400, 0.5) within ~4 sd
-    assert all(ShapesDataset(50, seed=3, options=ShapesOptions(position_in_caption=0.0))[i].caption.count(" at ") == 0 for i in range(50))
+    never = ShapesDataset(50, seed=3, options=ShapesOptions(position_in_caption=0.0))
+    assert all(never[i].caption.count(" at ") == 0 for i in range(50))
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.5])

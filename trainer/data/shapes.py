@@ -17,8 +17,8 @@ a darker shade, at an angle and phase no caption names: fine detail with a conti
 independent decisions. Grey (unsaturated), so the pixel rules that look for the shape's colour do not see
 them (the background's pixel std does).
 
-Stripes and dots were meant to give a few-step student detail it cannot follow in one move; on the toy teacher it still
-does (bench/README.md "Harder data for the adversarial stages").
+Stripes and dots were meant to give a few-step student detail it cannot follow in one move; on the toy teacher
+it still does, with all three options together too (bench/README.md "Harder data for the adversarial stages").
 """
 
 from __future__ import annotations

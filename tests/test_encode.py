@@ -191,9 +191,8 @@ def test_the_configs_shapes_options_reach_the_shards(tmp_path):
     from trainer.pipeline import prepare_base, prepare_shards
     from trainer.runtime.engines import init_distributed
 
-    root = Path(__file__).resolve().parents[1]
     options = ShapesOptions(position_in_caption=0.5, texture="stripes", dots=4)
-    cfg = load_config(root / "configs" / "smoke.yaml", [
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", [
         f"run.out_dir={tmp_path}", "data.shapes.count=12", "data.shapes.seed=4",
         f"data.shapes.position_in_caption={options.position_in_caption}", f"data.shapes.texture={options.texture}",
         f"data.shapes.dots={options.dots}"])

@@ -104,16 +104,16 @@ def test_shapes_alignment_of_captions_without_a_position():
 def test_the_shapes_floor_draws_the_references_options():
     """The floor's images (same prompts, drawn again) are drawn with the reference's options: a striped
     reference's floor is striped (it was once drawn plain whatever the reference)."""
-    from eval.reference import ReferenceSet
+    from eval.reference import REFERENCE_SEED, ReferenceSet
     from trainer.data.shapes import ShapesDataset, ShapesOptions
 
     options = ShapesOptions(texture="stripes")
     reference = ReferenceSet("shapes", 16, options=options)
     floor_images, floor_captions = next(reference.same_prompts(5).batches(16))
     assert floor_captions == reference.captions
-    data = ShapesDataset(16, seed=reference._data.seed, options=options)
+    data = ShapesDataset(16, seed=REFERENCE_SEED, options=options)
     assert all((image == data.redrawn(i, 5).image).all() for i, image in enumerate(floor_images))
-    plain = ShapesDataset(16, seed=reference._data.seed)
+    plain = ShapesDataset(16, seed=REFERENCE_SEED)
     assert any((image != plain.redrawn(i, 5).image).any() for i, image in enumerate(floor_images))
 
 

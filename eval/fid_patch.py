@@ -21,6 +21,7 @@ same prompts and noise), fid_vs_steps.png, and a TensorBoard event file under tb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--texture", choices=TEXTURES, default="none",
                    help="shapes reference: the data's data.shapes.texture")
     p.add_argument("--dots", type=int, default=0, help="shapes reference: the data's data.shapes.dots")
+    p.add_argument("--objects", type=int, default=1,
+                   help="shapes reference: the data's data.shapes.objects; above 1 the per-image rules that read "
+                        "one-shape captions (classifier alignment, failure counts, background grain) are skipped")
     p.add_argument("--backend", choices=("shapes", "inception"), default="shapes")
     p.add_argument("--classifier", type=Path, default=None, help="shapes classifier (default: assets/shapes_classifier.safetensors)")
     p.add_argument("--inception", type=Path, default=None, help="pt_inception-2015-12-05-6726825d.pth (inception backend)")
@@ -116,15 +120,27 @@ def _loras(args) -> list:
     return [None if lora in (None, "none") else Path(lora) for lora in loras]
 
 
-def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int, keep_features: bool = False):
-    """The reference's scores, its first `grid_count` images, and (shapes reference) its background std."""
-    scores = SetScores(backend, keep_features=keep_features)
+def one_shape_rules(args: argparse.Namespace) -> bool:
+    """Whether the per-image rules that read a one-shape caption (the pixel rules, the shapes classifier's
+    alignment) apply: a shapes reference of one shape per image."""
+    return args.reference == "shapes" and args.objects == 1
+
+
+def with_alignment(args: argparse.Namespace, backend) -> bool:
+    """The shapes classifier's alignment reads one-shape captions; CLIP's reads any."""
+    return backend.name != "shapes" or args.objects == 1
+
+
+def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int, keep_features: bool = False,
+                    rules: bool = True, alignment: bool = True):
+    """The reference's scores, its first `grid_count` images, and (shapes reference, `rules`) its background std."""
+    scores = SetScores(backend, alignment=alignment, keep_features=keep_features)
     grid, grain = [], []
     for images, captions in tqdm(reference.batches(batch_size), total=-(-reference.count // batch_size),
                                  desc="reference", unit="batch"):
         scores.add(images, captions if all(c is not None for c in captions) else None)
         grid.extend(images[:max(0, grid_count - len(grid))])
-        if reference.source == "shapes":
+        if reference.source == "shapes" and rules:
             grain.append(score_images(np.asarray(images), list(captions))["background_grain"] * len(images))
     return scores, grid, (sum(grain) / reference.count if grain else None)
 
@@ -133,7 +149,7 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
                   keep: bool, desc: str):
     """Scores of `sampler`'s images of `prompts` (image i from the noise of (args.seed, i)); also the
     images' failure counts and background grain where the reference is the shapes set."""
-    scores, grid, seconds = SetScores(backend, keep_features=keep), [], 0.0
+    scores, grid, seconds = SetScores(backend, alignment=with_alignment(args, backend), keep_features=keep), [], 0.0
     failures = {"second_copy": 0, "hollow_fill": 0}
     failures_free, free_count = dict.fromkeys(failures, 0), 0  # over the prompts that name no position
     grain_sum = 0.0  # background grain (pixel std of the flat background), summed over batches
@@ -144,7 +160,7 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
         images = sampler.sample(batch_prompts, idx, steps, guidance, args.seed)
         seconds += time.perf_counter() - t0
         scores.add(images, batch_prompts)
-        if args.reference == "shapes":  # the one-step failure signatures, by a pixel rule
+        if one_shape_rules(args):  # the one-step failure signatures, by a pixel rule
             free = np.array([parse_caption(p)[2] is None for p in batch_prompts])
             free_count += int(free.sum())
             for key, found in failure_signatures(images, batch_prompts, args.texture).items():
@@ -153,7 +169,7 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
             grain_sum += score_images(images, batch_prompts)["background_grain"] * len(idx)
         grid.extend(images[:max(0, args.grid_count - len(grid))])
     extra = {"sec_per_image": seconds / args.count}
-    if args.reference == "shapes":
+    if one_shape_rules(args):
         extra.update({f"{k}_rate": v / args.count for k, v in failures.items()})
         if free_count:
             extra.update({f"{k}_rate_position_free": v / free_count for k, v in failures_free.items()})
@@ -193,16 +209,20 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
 
     backend = make_backend(args.backend, classifier=args.classifier, inception=args.inception, clip=args.clip,
                            device=args.device, inception_dims=args.inception_dims)
-    reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts,
-                             options=ShapesOptions(args.position_in_caption, args.texture, args.dots))
+    options = ShapesOptions(args.position_in_caption, args.texture, args.dots, args.objects)
+    reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts, options=options)
     keep = args.bootstrap > 0
-    ref_scores, ref_grid, ref_grain = score_reference(reference, backend, args.batch_size, args.grid_count, keep)
+    rules, alignment = one_shape_rules(args), with_alignment(args, backend)
+    ref_scores, ref_grid, ref_grain = score_reference(reference, backend, args.batch_size, args.grid_count, keep,
+                                                      rules, alignment)
     meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,
             "reference": args.reference, "count": args.count, "seed": args.seed,
             "reference_alignment": ref_scores.alignment().get("alignment"),
-            "reference_background_grain": ref_grain}
+            "reference_background_grain": ref_grain,
+            "reference_options": dataclasses.asdict(options) if args.reference == "shapes" else None}
     if args.reference == "shapes":  # the floor: other real images of the same prompts, scored like a model
-        floor_scores, _, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0, keep)
+        floor_scores, _, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0, keep,
+                                             rules, alignment)
         floor = floor_scores.compare(ref_scores, args.bootstrap)
         meta["floor"] = {k: v for k, v in floor.items() if k.startswith(("fid_whole", "fid_patch"))}
 

@@ -90,6 +90,7 @@ def test_sdxl_recipe_is_the_papers():
      "must be in [0, 1]"),
     (lambda d: d["data"].update(source="shapes", shapes={"texture": "dots"}), "data.shapes.texture", "not one of"),
     (lambda d: d["data"].update(source="shapes", shapes={"dots": -2}), "data.shapes.dots", "must be >= 0"),
+    (lambda d: d["data"].update(source="shapes", shapes={"objects": 5}), "data.shapes.objects", "one shape per corner"),
     (lambda d: d["run"].update(collective_timeout_s=0), "run.collective_timeout_s", "must be positive"),
     (lambda d: d["log"].update(comparison_grid="yes"), "log.comparison_grid", "auto, always or never"),
     (lambda d: d["stages"][1]["disc"].update(lora_optim={"lr": -1}), "stages[1].disc.lora_optim.lr", "must be positive"),

@@ -72,6 +72,18 @@ def test_toy_tokenizer_covers_every_shapes_caption():
     bos, eos, pad = (tokenizer.token_id(t) for t in ("<bos>", "<eos>", "<pad>"))
     assert empty == [bos, eos] + [pad] * 14
     assert tokenizer(["a purple blob"])[0, 2].item() == unk
+    pairs = [ShapesDataset(60, seed=3, options=ShapesOptions(objects=2))[i].caption for i in range(60)]
+    assert not (tokenizer(pairs) == unk).any()
+
+
+def test_toy_tokenizer_refuses_a_caption_it_would_cut():
+    tokenizer = ToyTextEncoder.create(seed=0).tokenizer
+    fits = "a red ring at top left, a blue square at bottom right, a cross"  # 14 words
+    assert tokenizer([fits])[0, -1].item() == tokenizer.token_id("<eos>")
+    too_long = fits + " at top right"
+    with pytest.raises(ValueError, match="17 words.*holds 14") as error:
+        tokenizer([too_long])
+    assert too_long in str(error.value)
 
 
 def test_toy_folder_round_trip_gives_identical_embeddings(toy_dir):
@@ -185,17 +197,17 @@ def test_encode_shapes_to_shards_readable_with_plain_webdataset(tmp_path, toy_di
 
 
 def test_the_configs_shapes_options_reach_the_shards(tmp_path):
-    """data.shapes.position_in_caption / texture / dots are what the trainer's shards hold: the shards' captions
-    and decoded images are ShapesDataset's with those options."""
+    """data.shapes.position_in_caption / texture / dots / objects are what the trainer's shards hold: the shards'
+    captions and decoded images are ShapesDataset's with those options."""
     from trainer.config import load_config
     from trainer.pipeline import prepare_base, prepare_shards
     from trainer.runtime.engines import init_distributed
 
-    options = ShapesOptions(position_in_caption=0.5, texture="stripes", dots=4)
+    options = ShapesOptions(position_in_caption=0.5, texture="stripes", dots=4, objects=2)
     cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml", [
         f"run.out_dir={tmp_path}", "data.shapes.count=12", "data.shapes.seed=4",
         f"data.shapes.position_in_caption={options.position_in_caption}", f"data.shapes.texture={options.texture}",
-        f"data.shapes.dots={options.dots}"])
+        f"data.shapes.dots={options.dots}", f"data.shapes.objects={options.objects}"])
     info = init_distributed()
     base = prepare_base(cfg, info)
     samples = _read_shards(prepare_shards(cfg, base, info))

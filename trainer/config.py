@@ -99,6 +99,8 @@ class ShapesDataConfig:
     texture: str = "none"
     # k > 0: 1..k small grey dots scattered over the background where no caption says (trainer/data/shapes.py)
     dots: int = 0
+    # k > 1: k shapes per image at k different corners, all captioned (trainer/data/shapes.py)
+    objects: int = 1
 
 
 DATA_SOURCES = ("shards", "shapes")
@@ -140,6 +142,8 @@ class DataConfig:
             fail("data.shapes.texture", f"'{self.shapes.texture}' is not one of {', '.join(SHAPE_TEXTURES)}")
         if self.shapes.dots < 0:
             fail("data.shapes.dots", "must be >= 0")
+        if not 1 <= self.shapes.objects <= 4:
+            fail("data.shapes.objects", "must be in [1, 4] (one shape per corner)")
 
 
 @dataclass

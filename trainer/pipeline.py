@@ -84,7 +84,7 @@ def prepare_shards(cfg: Config, base: Path, info: DistInfo) -> Path:
         from trainer.data.shapes import ShapesOptions
 
         shapes = cfg.data.shapes
-        options = ShapesOptions(shapes.position_in_caption, shapes.texture, shapes.dots)
+        options = ShapesOptions(shapes.position_in_caption, shapes.texture, shapes.dots, shapes.objects)
         items = iter_shapes(shapes.count, shapes.seed, shapes.resolution, options)
         encode_to_shards(load_encoders(base), items, shard_dir, resolution=shapes.resolution,
                          samples_per_shard=shapes.samples_per_shard, dtype=cfg.data.dtype, total=shapes.count)

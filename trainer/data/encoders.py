@@ -226,7 +226,9 @@ def toy_vocabulary() -> dict[str, int]:
 
 
 class WordTokenizer:
-    """Splits on whitespace; <bos> words <eos> then <pad> to a fixed length; unknown -> <unk>."""
+    """Splits on whitespace; <bos> words <eos> then <pad> to a fixed length; unknown -> <unk>. A caption
+    longer than that raises rather than being cut: a toy caption is a scene description, and a cut one
+    names shapes that the image then draws unnamed."""
 
     def __init__(self, vocab: dict[str, int], max_length: int = TOY_MAX_LENGTH):
         for token in TOY_SPECIAL_TOKENS:
@@ -244,7 +246,10 @@ class WordTokenizer:
         unk = self.vocab["<unk>"]
         rows = []
         for caption in captions:
-            words = re.findall(r"[^\s,.;:!?]+", caption.lower())[: self.max_length - 2]
+            words = re.findall(r"[^\s,.;:!?]+", caption.lower())
+            if len(words) > self.max_length - 2:
+                raise ValueError(f"caption {caption!r} has {len(words)} words; the toy text encoder holds "
+                                 f"{self.max_length - 2}")
             ids = [self.vocab["<bos>"], *(self.vocab.get(w, unk) for w in words), self.vocab["<eos>"]]
             rows.append(ids + [self.vocab["<pad>"]] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)

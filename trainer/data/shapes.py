@@ -4,7 +4,7 @@ Every item is a coloured shape on a flat dark background with a caption that nam
 colour and position ("a red ring at top left"). An item depends only on (seed, index), so any
 item can be regenerated on its own, by any worker, in any order.
 
-Three options (`ShapesOptions`, each off by default, the config's `data.shapes` keys of the same names):
+Four options (`ShapesOptions`, each off by default, the config's `data.shapes` keys of the same names):
 
 `position_in_caption` < 1 leaves the position out of that fraction of the captions ("a red ring"): the
 shape is still drawn at one of the five positions, so such a caption has five modes, and a few-step
@@ -17,13 +17,18 @@ a darker shade, at an angle and phase no caption names: fine detail with a conti
 independent decisions. Grey (unsaturated), so the pixel rules that look for the shape's colour do not see
 them (the background's pixel std does).
 
+`objects=k` > 1 draws k shapes per image, each of its own shape and colour, at k different corners (the
+centre would overlap them), captioned in reading order ("a red ring at top left, a blue square at bottom
+right"): a scene the student must compose in one move, and with position-free captions a choice among the
+layouts as well.
+
 Stripes and dots were meant to give a few-step student detail it cannot follow in one move; on the toy teacher
 it still does, with all three options together too (bench/README.md "Harder data for the adversarial stages").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,15 +74,31 @@ _POSITION_CENTRES = {
 }
 
 
+CORNERS = POSITIONS[:4]
+OBJECT_SEPARATOR = ", "
+
+
 @dataclass(frozen=True)
 class ShapeSample:
-    """One rendered item: the image (uint8, HxWx3) and what its caption says."""
+    """One rendered item: the image (uint8, HxWx3), its caption, and each shape it draws as (shape, colour,
+    position), in caption order."""
 
     image: np.ndarray
     caption: str
-    shape: str
-    colour: str
-    position: str
+    objects: tuple[tuple[str, str, str], ...]
+
+    @property
+    def shape(self) -> str:
+        """The first (for a one-object item, the only) shape; likewise `colour` and `position`."""
+        return self.objects[0][0]
+
+    @property
+    def colour(self) -> str:
+        return self.objects[0][1]
+
+    @property
+    def position(self) -> str:
+        return self.objects[0][2]
 
 
 def make_caption(shape: str, colour: str, position: str | None) -> str:
@@ -87,24 +108,47 @@ def make_caption(shape: str, colour: str, position: str | None) -> str:
 
 def parse_caption(caption: str) -> tuple[str, str, str | None]:
     """Invert make_caption: (shape, colour, position), position None for a caption without one; raise
-    ValueError on any other text."""
+    ValueError on any other text (a several-object caption included: see parse_scene)."""
     words = caption.split(" ")
     named = len(words) >= 5 and words[3] == "at"
     if not (named or len(words) == 3) or words[0] != "a":
-        raise ValueError(f"not a shapes caption: {caption!r}")
+        raise ValueError(f"not a one-shape shapes caption: {caption!r}")
     colour, shape, position = words[1], words[2], " ".join(words[4:]) if named else None
     if colour not in COLOURS or shape not in SHAPES or (named and position not in POSITIONS):
-        raise ValueError(f"not a shapes caption: {caption!r}")
+        raise ValueError(f"not a one-shape shapes caption: {caption!r}")
     return shape, colour, position
+
+
+def parse_scene(caption: str) -> tuple[tuple[str, str, str | None], ...]:
+    """Every object a caption names, as parse_caption gives each; a one-shape caption gives one."""
+    return tuple(parse_caption(part) for part in caption.split(OBJECT_SEPARATOR))
+
+
+@dataclass(frozen=True)
+class DrawnObject:
+    """One shape as drawn: what its caption names, and what it leaves unnamed (size and jitter as fractions
+    of the image side; stripes as angle in radians and phase in periods, None for a plain fill)."""
+
+    shape: str
+    colour: str
+    position: str
+    size_fraction: float
+    jitter: tuple[float, float]
+    stripes: tuple[float, float] | None = None
 
 
 def render_shape(shape: str, colour: str, position: str, resolution: int,
                  size_fraction: float, jitter: tuple[float, float],
                  stripes: tuple[float, float] | None = None,
                  dots: list[tuple[float, float, int]] = ()) -> np.ndarray:
-    """Draw one anti-aliased shape; size and jitter are fractions of the image side. `stripes` (angle in
-    radians, phase in periods) stripes a filled shape's inside; `dots` (x, y as fractions, grey level) are
-    drawn under the shape."""
+    """Draw one anti-aliased shape (see render_scene)."""
+    return render_scene([DrawnObject(shape, colour, position, size_fraction, jitter, stripes)], resolution, dots)
+
+
+def render_scene(objects: list[DrawnObject], resolution: int,
+                 dots: list[tuple[float, float, int]] = ()) -> np.ndarray:
+    """Draw anti-aliased shapes in order; `stripes` stripe a filled shape's inside; `dots` (x, y as fractions,
+    grey level) are drawn under the shapes."""
     canvas_side = resolution * SUPERSAMPLE
     image = Image.new("RGB", (canvas_side, canvas_side), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -112,62 +156,71 @@ def render_shape(shape: str, colour: str, position: str, resolution: int,
         side = DOT_SIZE * canvas_side
         draw.rectangle([round(x * canvas_side), round(y * canvas_side), round(x * canvas_side + side),
                         round(y * canvas_side + side)], fill=(grey, grey, grey))
-    fill = COLOURS[colour]
-
-    centre_x, centre_y = _POSITION_CENTRES[position]
-    cx = (centre_x + jitter[0]) * canvas_side
-    cy = (centre_y + jitter[1]) * canvas_side
-    half = size_fraction * canvas_side / 2
-    box = [round(cx - half), round(cy - half), round(cx + half), round(cy + half)]
-    outline = round(max(MIN_OUTLINE_PX, size_fraction * resolution / 12) * SUPERSAMPLE)
-
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        left, top, right, bottom = box
-        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
-    elif shape == "cross":
-        bar = half / 3  # half the bar width: bars are a third of the shape wide
-        draw.rectangle([box[0], round(cy - bar), box[2], round(cy + bar)], fill=fill)
-        draw.rectangle([round(cx - bar), box[1], round(cx + bar), box[3]], fill=fill)
-    elif shape == "ring":
-        draw.ellipse(box, outline=fill, width=outline)
-    elif shape == "frame":
-        draw.rectangle(box, outline=fill, width=outline)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    if stripes is not None and shape in FILLED_SHAPES:
-        image = _stripe(image, fill, canvas_side, *stripes)
+    pixels = np.array(image)
+    for drawn in objects:
+        inside = _mask(drawn, resolution, canvas_side)
+        fill = np.array(COLOURS[drawn.colour], dtype=np.uint8)
+        pixels[inside] = fill
+        if drawn.stripes is not None and drawn.shape in FILLED_SHAPES:
+            dark = inside & _dark_stripes(canvas_side, *drawn.stripes)
+            pixels[dark] = np.round(fill * STRIPE_SHADE).astype(np.uint8)
 
     # Box filtering an integer supersample is an exact area average: edges get the same
     # partial coverage at every resolution.
-    small = image.resize((resolution, resolution), Image.Resampling.BOX)
+    small = Image.fromarray(pixels).resize((resolution, resolution), Image.Resampling.BOX)
     return np.array(small, dtype=np.uint8)
 
 
-def _stripe(image: Image.Image, fill: tuple[int, int, int], canvas_side: int, angle: float,
-            phase: float) -> Image.Image:
-    """Darken every other stripe of the shape's pixels (exactly `fill` before the box filter)."""
-    pixels = np.array(image)
-    inside = (pixels == fill).all(axis=-1)
+def _mask(drawn: DrawnObject, resolution: int, canvas_side: int) -> np.ndarray:
+    """Which supersampled pixels the shape covers (bool, canvas_side x canvas_side)."""
+    mask = Image.new("1", (canvas_side, canvas_side), 0)
+    draw = ImageDraw.Draw(mask)
+    centre_x, centre_y = _POSITION_CENTRES[drawn.position]
+    cx = (centre_x + drawn.jitter[0]) * canvas_side
+    cy = (centre_y + drawn.jitter[1]) * canvas_side
+    half = drawn.size_fraction * canvas_side / 2
+    box = [round(cx - half), round(cy - half), round(cx + half), round(cy + half)]
+    outline = round(max(MIN_OUTLINE_PX, drawn.size_fraction * resolution / 12) * SUPERSAMPLE)
+
+    shape = drawn.shape
+    if shape == "circle":
+        draw.ellipse(box, fill=1)
+    elif shape == "square":
+        draw.rectangle(box, fill=1)
+    elif shape == "triangle":
+        left, top, right, bottom = box
+        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=1)
+    elif shape == "cross":
+        bar = half / 3  # half the bar width: bars are a third of the shape wide
+        draw.rectangle([box[0], round(cy - bar), box[2], round(cy + bar)], fill=1)
+        draw.rectangle([round(cx - bar), box[1], round(cx + bar), box[3]], fill=1)
+    elif shape == "ring":
+        draw.ellipse(box, outline=1, width=outline)
+    elif shape == "frame":
+        draw.rectangle(box, outline=1, width=outline)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return np.array(mask, dtype=bool)
+
+
+def _dark_stripes(canvas_side: int, angle: float, phase: float) -> np.ndarray:
+    """The dark half of every stripe period over the whole canvas (bool)."""
     y, x = np.mgrid[0:canvas_side, 0:canvas_side] / canvas_side
     along = (x * np.cos(angle) + y * np.sin(angle)) / STRIPE_PERIOD + phase
-    dark = inside & (np.mod(along, 1.0) < 0.5)
-    pixels[dark] = np.round(np.array(fill) * STRIPE_SHADE).astype(np.uint8)
-    return Image.fromarray(pixels)
+    return np.mod(along, 1.0) < 0.5
 
 
 @dataclass(frozen=True)
 class ShapesOptions:
     """What the data draws beyond the plain default, each off by default (see the module's docstring):
-    the share of captions naming the position, the filled shapes' texture, the most grey dots per image.
-    One object, so that the trainer's data, the evaluation's reference and its floor draw the same data."""
+    the share of captions naming the position, the filled shapes' texture, the most grey dots per image, the
+    shapes per image. One object, so that the trainer's data, the evaluation's reference and its floor draw
+    the same data."""
 
     position_in_caption: float = 1.0
     texture: str = "none"
     dots: int = 0
+    objects: int = 1
 
     def __post_init__(self):
         if not 0.0 <= self.position_in_caption <= 1.0:
@@ -176,6 +229,8 @@ class ShapesOptions:
             raise ValueError(f"texture must be one of {TEXTURES}, got {self.texture!r}")
         if self.dots < 0:
             raise ValueError(f"dots must be >= 0, got {self.dots}")
+        if not 1 <= self.objects <= len(CORNERS):
+            raise ValueError(f"objects must be in [1, {len(CORNERS)}] (one shape per corner), got {self.objects}")
 
 
 PLAIN = ShapesOptions()
@@ -203,30 +258,41 @@ class ShapesDataset:
         if not 0 <= index < self.count:
             raise IndexError(f"index {index} out of range for {self.count} items")
         rng = np.random.default_rng([self.seed, index])
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        position = POSITIONS[rng.integers(len(POSITIONS))]
-        image, named = self._draw(rng, shape, colour, position)
-        return ShapeSample(image, make_caption(shape, colour, position if named else None), shape, colour, position)
+        kinds = [(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))])
+                 for _ in range(self.options.objects)]
+        if self.options.objects == 1:
+            positions = [POSITIONS[rng.integers(len(POSITIONS))]]
+        else:  # reading order, so that one scene has one caption
+            positions = sorted(rng.choice(len(CORNERS), self.options.objects, replace=False))
+            positions = [CORNERS[i] for i in positions]
+        objects = tuple((shape, colour, position) for (shape, colour), position in zip(kinds, positions))
+        return self._sample(rng, objects)
 
     def redrawn(self, index: int, seed: int) -> ShapeSample:
-        """Item `index` with its caption (shape, colour, position) kept and everything else it draws (size,
-        jitter, stripes, dots) drawn again from (seed, index): another real image of the same prompt."""
+        """Item `index` with its caption (shapes, colours, positions) kept and everything else it draws (sizes,
+        jitters, stripes, dots) drawn again from (seed, index): another real image of the same prompt."""
         item = self[index]
-        image, _ = self._draw(np.random.default_rng([seed, index]), item.shape, item.colour, item.position)
-        return ShapeSample(image, item.caption, item.shape, item.colour, item.position)
+        return self._sample(np.random.default_rng([seed, index]), item.objects, item.caption)
 
-    def _draw(self, rng: np.random.Generator, shape: str, colour: str, position: str) -> tuple[np.ndarray, bool]:
-        """The image from the rest of the item's draws, and whether its caption names the position."""
-        size_fraction = rng.uniform(*SIZE_RANGE)
-        # Jitter only as far as keeps the shape clearly inside its quadrant.
-        room = min(MAX_JITTER, 0.25 - size_fraction / 2 - EDGE_MARGIN)
-        jitter = (rng.uniform(-room, room), rng.uniform(-room, room))
+    def _sample(self, rng: np.random.Generator, objects: tuple[tuple[str, str, str], ...],
+                caption: str | None = None) -> ShapeSample:
+        """The item from the rest of its draws; its caption from them too unless given."""
+        drawn = []
+        for shape, colour, position in objects:
+            size_fraction = rng.uniform(*SIZE_RANGE)
+            # Jitter only as far as keeps the shape clearly inside its quadrant.
+            room = min(MAX_JITTER, 0.25 - size_fraction / 2 - EDGE_MARGIN)
+            jitter = (rng.uniform(-room, room), rng.uniform(-room, room))
+            drawn.append(DrawnObject(shape, colour, position, size_fraction, jitter))
         # Drawn after the default draws and only when asked for: the default dataset stays item for item what
         # it was.
         options = self.options
         named = options.position_in_caption == 1.0 or rng.uniform() < options.position_in_caption
-        stripes = (rng.uniform(0, np.pi), rng.uniform()) if options.texture == "stripes" else None
+        if options.texture == "stripes":
+            drawn = [replace(d, stripes=(rng.uniform(0, np.pi), rng.uniform())) for d in drawn]
         dots = [(rng.uniform(0, 1 - DOT_SIZE), rng.uniform(0, 1 - DOT_SIZE), int(rng.integers(*DOT_GREY)))
                 for _ in range(rng.integers(1, options.dots + 1) if options.dots else 0)]
-        return render_shape(shape, colour, position, self.resolution, size_fraction, jitter, stripes, dots), named
+        if caption is None:
+            caption = OBJECT_SEPARATOR.join(make_caption(shape, colour, position if named else None)
+                                            for shape, colour, position in objects)
+        return ShapeSample(render_scene(drawn, self.resolution, dots), caption, objects)

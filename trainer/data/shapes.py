@@ -24,6 +24,8 @@ layouts as well.
 
 Stripes and dots were meant to give a few-step student detail it cannot follow in one move; on the toy teacher
 it still does, with all three options together too (bench/README.md "Harder data for the adversarial stages").
+Two shapes per image on top of them is the first data on which the one-step stage's discriminator leaves
+chance (bench/README.md "Two shapes per image").
 """
 
 from __future__ import annotations

@@ -1,0 +1,57 @@
+#!/bin/bash
+# Two shapes per image on top of the three data options together (bench/results/combined_data: position-free
+# captions for half, stripes, up to 8 dots): the same teacher length and chain, one variable changed
+# (data.shapes.objects=2). As run on 2026-12-07 (sixteenth session) from the repository root; one CPU job at a
+# time.
+set -ex
+PY=${PY:-.venv/bin/python}
+OUT=bench/results/two_objects
+RUN=/tmp/ob/run
+DATA="--set data.shapes.position_in_caption=0.5 --set data.shapes.texture=stripes --set data.shapes.dots=8
+  --set data.shapes.objects=2"
+# 1. a teacher of half the asset's length (~28 min), then the recipe's chain (~10 min)
+$PY -m trainer.run --config configs/shapes.yaml --set teacher.init= --set teacher.samples=120000 $DATA \
+  --set run.out_dir=$RUN
+# 2. what each stage sees: landing gaps entering and leaving, D's accuracy per phase
+$PY bench/landing_gap.py --run $RUN --count 128 --out $OUT/landing_gap.md
+# 3. the one-step stage with run.seed 1 and 2 (from seed 0's 2-step student), and the combined data's with seed 1
+for seed in 1 2; do
+  PY=$PY bash bench/rerun_stage.sh $RUN /tmp/ob/seed$seed stage5_1 --set run.seed=$seed
+done
+PY=$PY bash bench/rerun_stage.sh /tmp/cb/run /tmp/ob/combined_seed1 stage5_1 --set run.seed=1  # combined_data's run
+$PY bench/d_curve.py --run two_objects_seed0=$RUN --run two_objects_seed1=/tmp/ob/seed1 \
+  --run two_objects_seed2=/tmp/ob/seed2 --run combined_seed0=/tmp/cb/run --run combined_seed1=/tmp/ob/combined_seed1 \
+  --stage stage5_1 --window 400 --out $OUT/d_curve_stage5_1.md
+# 4. the one-step adversarial phase 3x as long (its MSE phase kept), D's curve and the gap it leaves
+PY=$PY KEEP=stage5_1.0_mse bash bench/rerun_stage.sh $RUN /tmp/ob/long stage5_1 --set stages.4.samples=7200
+$PY bench/d_curve.py --run recipe_2400=$RUN --run long_7200=/tmp/ob/long --stage stage5_1 --window 800 \
+  --out $OUT/d_curve_stage5_1_long.md
+$PY bench/landing_gap.py --run /tmp/ob/long --count 128 --out $OUT/landing_gap_long_stage5_1.md
+# 5. D alone at the 8-step stage (the student frozen for 6,400 samples), beside the combined data's
+PY=$PY bash bench/rerun_stage.sh $RUN /tmp/ob/donly stage2_8 --set stages.1.objective=adv_cond \
+  --set stages.1.samples=6400 --set stages.1.disc.warmup_samples=6400
+$PY bench/d_curve.py --run two_objects=/tmp/ob/donly --run combined=/tmp/cb/donly --out $OUT/d_only_stage2_8.md
+# 6. the one-step students on 1,000 prompts of this data against the data and against the teacher's samples
+OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --objects 2 --position-in-caption 0.5 \
+  --texture stripes --dots 8 --count 1000 --bootstrap 200 --no-tensorboard --out $OUT/steps1 \
+  --teacher $RUN/exports/teacher --steps 1 --guidance 1.0 --lora none \
+  --model $RUN/exports/stage5_1 --label recipe_seed0 --model /tmp/ob/seed1/exports/stage5_1 --label recipe_seed1 \
+  --model /tmp/ob/seed2/exports/stage5_1 --label recipe_seed2 --model /tmp/ob/long/exports/stage5_1 \
+  --label adv_phase_3x_seed0
+# 7. the 2-step stage with both phases 3x as long (4,800 samples each)
+PY=$PY bash bench/rerun_stage.sh $RUN /tmp/ob/long2 stage4_2 --set stages.3.samples=4800
+for phase in 0 1; do
+  $PY bench/d_curve.py --run recipe_1600=$RUN --run long_4800=/tmp/ob/long2 --stage stage4_2 --phase $phase \
+    --window 800 --out $OUT/d_curve_stage4_2_long_phase$phase.md
+done
+# 8. the 3x one-step phase again with the adversarial term negligible (mse_weight 1e4: MSE distillation), scored
+#    beside the recipe's and the adversarial 3x phase's students
+PY=$PY KEEP=stage5_1.0_mse bash bench/rerun_stage.sh $RUN /tmp/ob/long_mse stage5_1 --set stages.4.samples=7200 \
+  --set stages.4.mse_weight=1e4
+OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --objects 2 --position-in-caption 0.5 \
+  --texture stripes --dots 8 --count 1000 --bootstrap 200 --no-tensorboard --out $OUT/steps1_long_mse_only \
+  --teacher $RUN/exports/teacher --steps 1 --guidance 1.0 --lora none \
+  --model $RUN/exports/stage5_1 --label recipe_seed0 --model /tmp/ob/long/exports/stage5_1 --label adv_phase_3x_seed0 \
+  --model /tmp/ob/long_mse/exports/stage5_1 --label mse_only_3x_seed0
+$PY bench/d_curve.py --run adv_3x=/tmp/ob/long --run mse_only_3x=/tmp/ob/long_mse --stage stage5_1 --window 800 \
+  --out $OUT/d_curve_stage5_1_long_mse_only.md

@@ -55,3 +55,16 @@ OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --ob
   --model /tmp/ob/long_mse/exports/stage5_1 --label mse_only_3x_seed0
 $PY bench/d_curve.py --run adv_3x=/tmp/ob/long --run mse_only_3x=/tmp/ob/long_mse --stage stage5_1 --window 800 \
   --out $OUT/d_curve_stage5_1_long_mse_only.md
+# 9. both 3x one-step phases again on seed 1 (from seed 1's MSE phase), scored beside seed 1's recipe student
+for v in adv mse; do
+  extra=""; [ $v = mse ] && extra="--set stages.4.mse_weight=1e4"
+  PY=$PY KEEP=stage5_1.0_mse bash bench/rerun_stage.sh /tmp/ob/seed1 /tmp/ob/long_${v}_seed1 stage5_1 --set run.seed=1 \
+    --set stages.4.samples=7200 $extra
+done
+OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --objects 2 --position-in-caption 0.5 \
+  --texture stripes --dots 8 --count 1000 --bootstrap 200 --no-tensorboard --out $OUT/steps1_long_seed1 \
+  --teacher $RUN/exports/teacher --steps 1 --guidance 1.0 --lora none \
+  --model /tmp/ob/seed1/exports/stage5_1 --label recipe_seed1 --model /tmp/ob/long_adv_seed1/exports/stage5_1 \
+  --label adv_phase_3x_seed1 --model /tmp/ob/long_mse_seed1/exports/stage5_1 --label mse_only_3x_seed1
+$PY bench/d_curve.py --run adv_3x=/tmp/ob/long_adv_seed1 --run mse_only_3x=/tmp/ob/long_mse_seed1 --stage stage5_1 \
+  --window 800 --out $OUT/d_curve_stage5_1_long_seed1.md

@@ -278,8 +278,8 @@ def test_bad_phases_name_their_key(tmp_path, phases, extra, key, message):
     assert key in str(err.value) and message in str(err.value) and str(path) in str(err.value)
 
 
-def test_the_config_knows_the_textures_the_renderer_draws():
-    from trainer.config import SHAPE_TEXTURES
-    from trainer.data.shapes import TEXTURES
+def test_the_config_knows_the_textures_and_shape_counts_the_renderer_draws():
+    from trainer.config import MAX_SHAPE_OBJECTS, SHAPE_TEXTURES
+    from trainer.data.shapes import CORNERS, TEXTURES
 
-    assert SHAPE_TEXTURES == TEXTURES
+    assert SHAPE_TEXTURES == TEXTURES and MAX_SHAPE_OBJECTS == len(CORNERS)

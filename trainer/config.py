@@ -105,6 +105,7 @@ class ShapesDataConfig:
 
 DATA_SOURCES = ("shards", "shapes")
 SHAPE_TEXTURES = ("none", "stripes")  # trainer.data.shapes.TEXTURES, without importing the renderer
+MAX_SHAPE_OBJECTS = 4  # len(trainer.data.shapes.CORNERS): one shape per corner
 
 
 @dataclass
@@ -142,8 +143,8 @@ class DataConfig:
             fail("data.shapes.texture", f"'{self.shapes.texture}' is not one of {', '.join(SHAPE_TEXTURES)}")
         if self.shapes.dots < 0:
             fail("data.shapes.dots", "must be >= 0")
-        if not 1 <= self.shapes.objects <= 4:
-            fail("data.shapes.objects", "must be in [1, 4] (one shape per corner)")
+        if not 1 <= self.shapes.objects <= MAX_SHAPE_OBJECTS:
+            fail("data.shapes.objects", f"must be in [1, {MAX_SHAPE_OBJECTS}] (one shape per corner)")
 
 
 @dataclass

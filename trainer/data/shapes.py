@@ -139,14 +139,6 @@ class DrawnObject:
     stripes: tuple[float, float] | None = None
 
 
-def render_shape(shape: str, colour: str, position: str, resolution: int,
-                 size_fraction: float, jitter: tuple[float, float],
-                 stripes: tuple[float, float] | None = None,
-                 dots: list[tuple[float, float, int]] = ()) -> np.ndarray:
-    """Draw one anti-aliased shape (see render_scene)."""
-    return render_scene([DrawnObject(shape, colour, position, size_fraction, jitter, stripes)], resolution, dots)
-
-
 def render_scene(objects: list[DrawnObject], resolution: int,
                  dots: list[tuple[float, float, int]] = ()) -> np.ndarray:
     """Draw anti-aliased shapes in order; `stripes` stripe a filled shape's inside; `dots` (x, y as fractions,

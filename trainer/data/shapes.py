@@ -257,8 +257,8 @@ class ShapesDataset:
         if self.options.objects == 1:
             positions = [POSITIONS[rng.integers(len(POSITIONS))]]
         else:  # reading order, so that one scene has one caption
-            positions = sorted(rng.choice(len(CORNERS), self.options.objects, replace=False))
-            positions = [CORNERS[i] for i in positions]
+            corners = sorted(rng.choice(len(CORNERS), self.options.objects, replace=False))
+            positions = [CORNERS[i] for i in corners]
         objects = tuple((shape, colour, position) for (shape, colour), position in zip(kinds, positions))
         return self._sample(rng, objects)
 

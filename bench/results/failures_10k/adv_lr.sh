@@ -7,12 +7,7 @@ set -ex
 PY=${PY:-.venv/bin/python}
 SRC=${SRC:-runs/lora_chain/seed0}
 variant() {  # $1 = out dir, the rest: --set overrides of stage5_1 (stages.4); SRC = the run copied
-  rm -rf $1; mkdir -p $1/exports $1/jobs/stage5_1
-  cp -a $SRC/{config.yaml,grid_prompts.safetensors} $1/
-  [ -d $SRC/shards ] && cp -a $SRC/shards $1/  # else the config names its shards
-  for s in stage1_32 stage2_8 stage3_4 stage4_2; do cp -a $SRC/exports/$s $1/exports/; done
-  cp -a $SRC/jobs/stage5_1/stage5_1.0_mse $1/jobs/stage5_1/
-  $PY -m trainer.run --config $SRC/config.yaml --set run.out_dir=$1 --jobs stage5_1 "${@:2}"
+  PY=$PY KEEP=stage5_1.0_mse bash bench/rerun_stage.sh $SRC $1 stage5_1 "${@:2}"
 }
 variant /tmp/advlr/recipe
 variant /tmp/advlr/lr2.5e-6 --set stages.4.optim.lr=2.5e-6

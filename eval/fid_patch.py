@@ -12,9 +12,11 @@ diffusers objects (eval.generate), and scores them (eval.scoring) with the chose
              (n/a where images are smaller than that input),
   alignment  shapes: attribute accuracy of the shapes classifier; inception: CLIP score (--clip),
   and with the shapes reference the share of images with a second copy of the shape or a filled shape
-  drawn hollow (eval/pixel_scores.py failure_signatures); with --position-in-caption below 1 (data whose
-  captions leave the position out, so a prompt has five modes) also those shares over the position-free
-  prompts alone (`<failure>_rate_position_free`), where a blend of modes shows as a second copy.
+  drawn hollow (eval/pixel_scores.py failure_signatures; with --objects above 1 eval/scene_scores.py's
+  quadrant rules, which also count missing shapes, wrong colours and the scenes drawn as captioned); with
+  --position-in-caption below 1 (data whose captions leave the position out, so a prompt has several
+  modes) also those shares over the position-free prompts alone (`<failure>_rate_position_free`), where a
+  blend of modes shows as a second copy.
 Writes to --out: results.json, results.md, grid.png (reference row + one row per model and step count,
 same prompts and noise), fid_vs_steps.png, and a TensorBoard event file under tb/.
 """
@@ -34,14 +36,15 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from eval.features import make_backend  # noqa: E402
-from eval.pixel_scores import failure_signatures, score_images  # noqa: E402
+from eval.pixel_scores import background_grain, failure_signatures  # noqa: E402
 from eval.plot import labelled_grid, metrics_vs_steps  # noqa: E402
 from eval.reference import REFERENCE_SEED, ReferenceSet  # noqa: E402
+from eval.scene_scores import scene_signatures  # noqa: E402
 from eval.sample_cache import RecordingSampler, ReplaySampler, load_samples, sample_key, save_samples  # noqa: E402
 from eval.report import markdown_table, update_model_card, write_results  # noqa: E402
 from eval.scoring import SetScores  # noqa: E402
 from eval.tensorboard_log import write_eval_tensorboard  # noqa: E402
-from trainer.data.shapes import TEXTURES, ShapesOptions, parse_caption  # noqa: E402
+from trainer.data.shapes import TEXTURES, ShapesOptions, parse_scene  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,8 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shapes reference: the data's data.shapes.texture")
     p.add_argument("--dots", type=int, default=0, help="shapes reference: the data's data.shapes.dots")
     p.add_argument("--objects", type=int, default=1,
-                   help="shapes reference: the data's data.shapes.objects; above 1 the per-image rules that read "
-                        "one-shape captions (classifier alignment, failure counts, background grain) are skipped")
+                   help="shapes reference: the data's data.shapes.objects; above 1 the failure counts are read "
+                        "quadrant by quadrant and the shapes classifier's alignment (one shape) is skipped")
     p.add_argument("--backend", choices=("shapes", "inception"), default="shapes")
     p.add_argument("--classifier", type=Path, default=None, help="shapes classifier (default: assets/shapes_classifier.safetensors)")
     p.add_argument("--inception", type=Path, default=None, help="pt_inception-2015-12-05-6726825d.pth (inception backend)")
@@ -120,10 +123,13 @@ def _loras(args) -> list:
     return [None if lora in (None, "none") else Path(lora) for lora in loras]
 
 
-def one_shape_rules(args: argparse.Namespace) -> bool:
-    """Whether the per-image rules that read a one-shape caption (the pixel rules, the shapes classifier's
-    alignment) apply: a shapes reference of one shape per image."""
-    return args.reference == "shapes" and args.objects == 1
+def pixel_rules(args: argparse.Namespace):
+    """The shapes reference's per-image failure rules, (uint8 images, captions) -> {name: bool per image}: one
+    shape's, or with several shapes per image the quadrant rules; None for another reference."""
+    if args.reference != "shapes":
+        return None
+    rules = failure_signatures if args.objects == 1 else scene_signatures
+    return lambda images, captions: rules(images, captions, args.texture)
 
 
 def with_alignment(args: argparse.Namespace, backend) -> bool:
@@ -132,16 +138,16 @@ def with_alignment(args: argparse.Namespace, backend) -> bool:
 
 
 def score_reference(reference: ReferenceSet, backend, batch_size: int, grid_count: int, keep_features: bool = False,
-                    rules: bool = True, alignment: bool = True):
-    """The reference's scores, its first `grid_count` images, and (shapes reference, `rules`) its background std."""
+                    alignment: bool = True):
+    """The reference's scores, its first `grid_count` images, and (shapes reference) its background std."""
     scores = SetScores(backend, alignment=alignment, keep_features=keep_features)
     grid, grain = [], []
     for images, captions in tqdm(reference.batches(batch_size), total=-(-reference.count // batch_size),
                                  desc="reference", unit="batch"):
         scores.add(images, captions if all(c is not None for c in captions) else None)
         grid.extend(images[:max(0, grid_count - len(grid))])
-        if reference.source == "shapes" and rules:
-            grain.append(score_images(np.asarray(images), list(captions))["background_grain"] * len(images))
+        if reference.source == "shapes":
+            grain.append(background_grain(np.asarray(images)) * len(images))
     return scores, grid, (sum(grain) / reference.count if grain else None)
 
 
@@ -150,8 +156,8 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
     """Scores of `sampler`'s images of `prompts` (image i from the noise of (args.seed, i)); also the
     images' failure counts and background grain where the reference is the shapes set."""
     scores, grid, seconds = SetScores(backend, alignment=with_alignment(args, backend), keep_features=keep), [], 0.0
-    failures = {"second_copy": 0, "hollow_fill": 0}
-    failures_free, free_count = dict.fromkeys(failures, 0), 0  # over the prompts that name no position
+    rules = pixel_rules(args)
+    failures, failures_free, free_count = {}, {}, 0  # failures_free: over the prompts that name no position
     grain_sum = 0.0  # background grain (pixel std of the flat background), summed over batches
     for start in tqdm(range(0, args.count, args.batch_size), desc=desc, unit="batch"):
         idx = list(range(start, min(start + args.batch_size, args.count)))
@@ -160,16 +166,16 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
         images = sampler.sample(batch_prompts, idx, steps, guidance, args.seed)
         seconds += time.perf_counter() - t0
         scores.add(images, batch_prompts)
-        if one_shape_rules(args):  # the one-step failure signatures, by a pixel rule
-            free = np.array([parse_caption(p)[2] is None for p in batch_prompts])
+        if rules is not None:  # the one-step failure signatures, by a pixel rule
+            free = np.array([parse_scene(p)[0][2] is None for p in batch_prompts])
             free_count += int(free.sum())
-            for key, found in failure_signatures(images, batch_prompts, args.texture).items():
-                failures[key] += int(found.sum())
-                failures_free[key] += int(found[free].sum())
-            grain_sum += score_images(images, batch_prompts)["background_grain"] * len(idx)
+            for key, found in rules(images, batch_prompts).items():
+                failures[key] = failures.get(key, 0) + int(found.sum())
+                failures_free[key] = failures_free.get(key, 0) + int(found[free].sum())
+            grain_sum += background_grain(images) * len(idx)
         grid.extend(images[:max(0, args.grid_count - len(grid))])
     extra = {"sec_per_image": seconds / args.count}
-    if one_shape_rules(args):
+    if rules is not None:
         extra.update({f"{k}_rate": v / args.count for k, v in failures.items()})
         if free_count:
             extra.update({f"{k}_rate_position_free": v / free_count for k, v in failures_free.items()})
@@ -212,9 +218,9 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
     options = ShapesOptions(args.position_in_caption, args.texture, args.dots, args.objects)
     reference = ReferenceSet(args.reference, args.count, args.reference_resolution, args.prompts, options=options)
     keep = args.bootstrap > 0
-    rules, alignment = one_shape_rules(args), with_alignment(args, backend)
+    alignment = with_alignment(args, backend)
     ref_scores, ref_grid, ref_grain = score_reference(reference, backend, args.batch_size, args.grid_count, keep,
-                                                      rules, alignment)
+                                                      alignment)
     meta = {"command": command, "backend": backend.name, "alignment_name": backend.alignment_name,
             "reference": args.reference, "count": args.count, "seed": args.seed,
             "reference_alignment": ref_scores.alignment().get("alignment"),
@@ -222,7 +228,7 @@ def evaluate(args: argparse.Namespace, command: str) -> int:
             "reference_options": dataclasses.asdict(options) if args.reference == "shapes" else None}
     if args.reference == "shapes":  # the floor: other real images of the same prompts, scored like a model
         floor_scores, _, _ = score_reference(reference.same_prompts(REFERENCE_SEED + 1), backend, args.batch_size, 0, keep,
-                                             rules, alignment)
+                                             alignment)
         floor = floor_scores.compare(ref_scores, args.bootstrap)
         meta["floor"] = {k: v for k, v in floor.items() if k.startswith(("fid_whole", "fid_patch"))}
 

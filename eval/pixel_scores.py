@@ -35,6 +35,17 @@ def _region(cx: float, cy: float) -> str:
     return f"{'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'}"
 
 
+def background_grain(images: np.ndarray) -> float:
+    """Mean over uint8 [N, H, W, 3] images of the std of their background (unsaturated) pixels, in 0..255 units:
+    the `background_grain` of score_images, for any caption."""
+    grain = []
+    for image in images.astype(float):
+        background = image[~(image.max(-1) - image.min(-1) > SATURATION)]
+        if background.size:
+            grain.append(float(background.std()))
+    return float(np.mean(grain)) if grain else float("nan")
+
+
 def score_images(images: np.ndarray, captions: list[str]) -> dict:
     """images: uint8 [N, H, W, 3]."""
     colours = np.array(list(COLOURS.values()), dtype=float)
@@ -84,32 +95,41 @@ def failure_signatures(images: np.ndarray, captions: list[str], texture: str = "
       interior darkened below 60% of the shape's full brightness (the 90th percentile of its max channel);
       with `texture="stripes"` below 60% of the dark stripes' brightness, which are part of the fill.
     Real images of the dataset score 0 on both (tests/test_pixel_scores.py)."""
-    from scipy import ndimage
-
     copies, hollow = np.zeros(len(images), bool), np.zeros(len(images), bool)
     dark_fraction = DARK_FRACTION * (STRIPE_SHADE if texture == "stripes" else 1.0)
     for i, (image, caption) in enumerate(zip(images.astype(int), captions)):
-        mask = image.max(-1) - image.min(-1) > SATURATION
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        if count == 0:
-            continue
-        sizes = np.bincount(labels.ravel())[1:]
-        main = int(np.argmax(sizes)) + 1
-        ys, xs = np.nonzero(labels == main)
-        y0, y1, x0, x1 = ys.min() - 2, ys.max() + 2, xs.min() - 2, xs.max() + 2
-        for other in np.flatnonzero(sizes >= max(4, COPY_FRACTION * sizes[main - 1])) + 1:
-            if other == main:
-                continue
-            oy, ox = np.nonzero(labels == other)
-            if not ((y0 <= oy.mean() <= y1) and (x0 <= ox.mean() <= x1)):
-                copies[i] = True
-        if parse_caption(caption)[0] in FILLED:
-            blob = labels == main
-            filled = ndimage.binary_fill_holes(blob)
-            brightness = image.max(-1)
-            dark = ndimage.binary_erosion(filled) & (brightness < dark_fraction * np.percentile(brightness[blob], 90))
-            hollow[i] = ((filled & ~blob) | dark).sum() >= HOLE_FRACTION * filled.sum()
+        copies[i], hollow[i], _ = blob_signatures(image, parse_caption(caption)[0], dark_fraction)
     return {"second_copy": copies, "hollow_fill": hollow}
+
+
+def blob_signatures(image: np.ndarray, shape: str, dark_fraction: float) -> tuple[bool, bool, int]:
+    """One shape's signatures in an image (int [H, W, 3]) that should hold only it, as `failure_signatures`
+    defines them: (second copy, hollow fill, the largest blob's pixel count; 0 and no signature where there
+    are no shape pixels)."""
+    from scipy import ndimage
+
+    mask = image.max(-1) - image.min(-1) > SATURATION
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        return False, False, 0
+    sizes = np.bincount(labels.ravel())[1:]
+    main = int(np.argmax(sizes)) + 1
+    ys, xs = np.nonzero(labels == main)
+    y0, y1, x0, x1 = ys.min() - 2, ys.max() + 2, xs.min() - 2, xs.max() + 2
+    copy = False
+    for other in np.flatnonzero(sizes >= max(4, COPY_FRACTION * sizes[main - 1])) + 1:
+        if other == main:
+            continue
+        oy, ox = np.nonzero(labels == other)
+        copy |= not ((y0 <= oy.mean() <= y1) and (x0 <= ox.mean() <= x1))
+    hollow = False
+    if shape in FILLED:
+        blob = labels == main
+        filled = ndimage.binary_fill_holes(blob)
+        brightness = image.max(-1)
+        dark = ndimage.binary_erosion(filled) & (brightness < dark_fraction * np.percentile(brightness[blob], 90))
+        hollow = bool(((filled & ~blob) | dark).sum() >= HOLE_FRACTION * filled.sum())
+    return bool(copy), hollow, int(sizes[main - 1])
 
 
 def sample_model(model_dir: Path, count: int, steps: int | None, guidance: float | None, seed: int) -> tuple[np.ndarray, list[str]]:

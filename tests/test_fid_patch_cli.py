@@ -188,19 +188,24 @@ def test_position_free_prompts_get_their_own_failure_rates(toy, tmp_path):
     assert "second copy, position-free prompts" in (out / "results.md").read_text()
 
 
-def test_a_several_object_reference_gives_fid_without_the_one_shape_rules(toy, tmp_path):
-    """--objects 2 draws the reference (and its floor) with two shapes per image; the rules that read a one-shape
-    caption (classifier alignment, failure counts, background grain) are left out rather than misread."""
+def test_a_several_object_reference_is_scored_quadrant_by_quadrant(toy, tmp_path):
+    """--objects 2 draws the reference (and its floor) with two shapes per image; the shapes classifier's
+    alignment (one shape) is left out rather than misread, the failure counts come from the quadrant rules."""
     out = tmp_path / "eval"
     assert fid_patch.main(["--model", str(toy["teacher"]), "--steps", "1", "--reference", "shapes", "--objects", "2",
-                           "--count", "12", "--bootstrap", "0", "--out", str(out), "--no-tensorboard"]) == 0
+                           "--position-in-caption", "0.5", "--count", "12", "--bootstrap", "0", "--out", str(out),
+                           "--no-tensorboard"]) == 0
     results = json.loads((out / "results.json").read_text())
     row = results["rows"][0]
     assert np.isfinite(row["fid_whole"]) and np.isfinite(results["floor"]["fid_whole"])
     assert row["alignment"] is None and results["reference_alignment"] is None
-    assert "second_copy_rate" not in row and "background_grain" not in row
-    assert results["reference_background_grain"] is None
-    assert results["reference_options"] == {"position_in_caption": 1.0, "texture": "none", "dots": 0, "objects": 2}
+    for key in ("second_copy", "hollow_fill", "missing_shape", "wrong_colour", "scene_match"):
+        assert 0 <= row[f"{key}_rate"] <= 1 and 0 <= row[f"{key}_rate_position_free"] <= 1
+    # a one-step sample of the toy teacher is noise, not two shapes where the caption puts them
+    assert row["scene_match_rate"] < 0.5
+    assert 0 <= results["reference_background_grain"] < row["background_grain"]  # edges only vs noise
+    assert results["reference_options"] == {"position_in_caption": 0.5, "texture": "none", "dots": 0, "objects": 2}
+    assert "scene as captioned" in (out / "results.md").read_text()
 
 
 def test_inception_backend_end_to_end_on_an_sdxl_folder(tmp_path):

@@ -199,7 +199,7 @@ def test_a_several_object_reference_is_scored_quadrant_by_quadrant(toy, tmp_path
     row = results["rows"][0]
     assert np.isfinite(row["fid_whole"]) and np.isfinite(results["floor"]["fid_whole"])
     assert row["alignment"] is None and results["reference_alignment"] is None
-    for key in ("second_copy", "hollow_fill", "missing_shape", "wrong_colour", "scene_match"):
+    for key in ("second_copy", "hollow_fill", "missing_shape", "misplaced", "wrong_colour", "scene_match"):
         assert 0 <= row[f"{key}_rate"] <= 1 and 0 <= row[f"{key}_rate_position_free"] <= 1
     # a one-step sample of the toy teacher is noise, not two shapes where the caption puts them
     assert row["scene_match_rate"] < 0.5

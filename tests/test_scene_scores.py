@@ -21,7 +21,8 @@ def test_real_scenes_match_their_captions(objects, options):
     images, captions, _ = _real(objects, **options)
     found = scene_signatures(images, captions, options.get("texture", "none"))
     assert found["scene_match"].all()
-    assert not any(found[key].any() for key in ("second_copy", "hollow_fill", "missing_shape", "wrong_colour"))
+    assert not any(found[key].any() for key in ("second_copy", "hollow_fill", "missing_shape", "misplaced",
+                                                "wrong_colour"))
 
 
 def _shape_mask(crop):
@@ -40,7 +41,21 @@ def test_a_shape_copied_into_an_empty_quadrant_is_a_second_copy(named):
         quadrant(image, empty)[:] = source
     found = scene_signatures(copied, captions)
     assert found["second_copy"].all() and not found["scene_match"].any()
-    assert not found["missing_shape"].any()
+    assert not found["missing_shape"].any() and not found["wrong_colour"].any()
+
+
+@pytest.mark.parametrize("named", [1.0, 0.0])
+def test_a_shape_moved_to_an_empty_quadrant_is_misplaced_where_the_caption_names_positions(named):
+    images, captions, items = _real(2, position_in_caption=named)
+    moved = images.copy()
+    for image, item in zip(moved, items):
+        empty = [c for c in CORNERS if c not in [p for _, _, p in item.objects]][0]
+        source = quadrant(image, item.objects[0][2])
+        quadrant(image, empty)[:] = source
+        source[:] = BACKGROUND
+    found = scene_signatures(moved, captions)
+    assert not found["second_copy"].any() and not found["missing_shape"].any() and not found["wrong_colour"].any()
+    assert found["misplaced"].all() if named else found["scene_match"].all()
 
 
 def test_a_missing_shape_and_a_wrong_colour_are_found():
@@ -53,9 +68,11 @@ def test_a_missing_shape_and_a_wrong_colour_are_found():
         crop = quadrant(recoloured[i], position)
         crop[_shape_mask(crop)] = COLOURS[swap[colour]]
     missing = scene_signatures(erased, captions)
-    assert missing["missing_shape"].all() and not missing["scene_match"].any() and not missing["second_copy"].any()
+    assert missing["missing_shape"].all() and missing["misplaced"].all() and not missing["second_copy"].any()
+    assert not missing["scene_match"].any()
     wrong = scene_signatures(recoloured, captions)
-    assert wrong["wrong_colour"].all() and not wrong["missing_shape"].any() and not wrong["scene_match"].any()
+    assert wrong["wrong_colour"].all() and not wrong["missing_shape"].any() and not wrong["misplaced"].any()
+    assert not wrong["scene_match"].any()
 
 
 def test_a_hollowed_filled_shape_in_a_scene_is_a_hollow_fill():

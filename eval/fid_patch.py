@@ -185,7 +185,8 @@ def sample_scores(sampler, prompts: list[str], steps: int, guidance: float, args
 
 
 def teacher_reference(args: argparse.Namespace, prompts: list[str], backend, keep: bool) -> tuple[SetScores, dict]:
-    """The --teacher's scores on the rows' prompts and noise, and what was sampled (model, steps, guidance)."""
+    """The --teacher's scores on the rows' prompts and noise, and what was sampled (model, steps, guidance) with
+    its failure rates and background grain (shapes reference)."""
     from eval.generate import ExportSampler
 
     sampler = ExportSampler(args.teacher, None, args.device, DTYPES[args.dtype])
@@ -197,10 +198,11 @@ def teacher_reference(args: argparse.Namespace, prompts: list[str], backend, kee
     cached = load_samples(args.teacher_cache, key) if args.teacher_cache else None
     source = ReplaySampler(cached) if cached is not None else RecordingSampler(sampler)
     desc = f"teacher {steps} steps" + (" (cached)" if cached is not None else "")
-    scores, _, _ = sample_scores(source, prompts, steps, guidance, args, backend, keep, desc=desc)
+    scores, _, extra = sample_scores(source, prompts, steps, guidance, args, backend, keep, desc=desc)
     if args.teacher_cache and cached is None:
         save_samples(args.teacher_cache, key, source.stacked())
-    return scores, {"model": str(args.teacher), "steps": steps, "guidance": guidance}
+    extra.pop("sec_per_image")  # a replayed cache's time says nothing
+    return scores, {"model": str(args.teacher), "steps": steps, "guidance": guidance, **extra}
 
 
 def main(argv=None) -> int:

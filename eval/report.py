@@ -64,6 +64,9 @@ def write_results(out: Path, meta: dict, rows: list[dict], alignment_name: str) 
         t = meta["teacher_reference"]
         md.append(f"\"vs teacher\": against {t['model']}'s own samples of the same prompts and noise ({t['steps']} steps, "
                   f"guidance {t['guidance']}): how faithfully a row reproduces that teacher, beside how close it is to the data.")
+        rates = [f"{name} {_cell(t[key])}" for key, name in FAILURE_COLUMNS if t.get(key) is not None]
+        if rates:
+            md.append("The teacher's own samples: " + ", ".join(rates) + ".")
     if meta.get("reference_background_grain") is not None:
         md.append(f"Background std of the reference images themselves (anti-aliased edges count): "
                   f"{_cell(meta['reference_background_grain'])}/255.")

@@ -124,7 +124,12 @@ def test_fid_against_the_teachers_own_samples_and_background_grain(toy, tmp_path
                            "--out", str(out), "--no-tensorboard", "--save-features"]) == 0
     results = json.loads((out / "results.json").read_text())
     teacher, student = results["rows"]
-    assert results["teacher_reference"] == {"model": str(toy["teacher"]), "steps": 2, "guidance": 3.0}
+    reference = results["teacher_reference"]
+    assert {k: reference[k] for k in ("model", "steps", "guidance")} == {"model": str(toy["teacher"]), "steps": 2,
+                                                                         "guidance": 3.0}
+    # the teacher's own failure rates and grain, the same as its row's (same prompts, noise, steps and guidance)
+    for key in ("second_copy_rate", "hollow_fill_rate", "background_grain"):
+        assert reference[key] == pytest.approx(teacher[key])
     # the teacher's row is the teacher reference itself (same prompts, same noise): FID 0; the student is not
     assert teacher["fid_whole_vs_teacher"] == pytest.approx(0, abs=1e-3)
     assert student["fid_whole_vs_teacher"] > 1 and len(student["fid_whole_vs_teacher_ci"]) == 2

@@ -68,3 +68,35 @@ OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --ob
   --label adv_phase_3x_seed1 --model /tmp/ob/long_mse_seed1/exports/stage5_1 --label mse_only_3x_seed1
 $PY bench/d_curve.py --run adv_3x=/tmp/ob/long_adv_seed1 --run mse_only_3x=/tmp/ob/long_mse_seed1 --stage stage5_1 \
   --window 800 --out $OUT/d_curve_stage5_1_long_seed1.md
+# --- seventeenth session (2026-12-07) ---
+# 10. the 2-step stage with a 10x slower LoRA (lr 5e-5), both phases 4,800 samples, beside the recipe's lr
+PY=$PY bash bench/rerun_stage.sh $RUN /tmp/ob/slow2_lora stage4_2 --set stages.3.samples=4800 \
+  --set stages.3.lora.optim.lr=5e-5
+for phase in 0 1; do
+  $PY bench/d_curve.py --run recipe_lr5e-4_1600=$RUN --run lr5e-4_4800=/tmp/ob/long2 --run lr5e-5_4800=/tmp/ob/slow2_lora \
+    --stage stage4_2 --phase $phase --window 800 --out $OUT/d_curve_stage4_2_slow_lora_phase$phase.md
+done
+# 11. D alone at the 2-step stage (the student frozen for 6,400 samples)
+PY=$PY bash bench/rerun_stage.sh $RUN /tmp/ob/donly2 stage4_2 --set stages.3.objective=adv_cond \
+  --set stages.3.samples=6400 --set stages.3.disc.warmup_samples=6400
+$PY bench/d_curve.py --run two_objects=/tmp/ob/donly2 --stage stage4_2 --window 800 --out $OUT/d_only_stage4_2.md
+# 12. the 2-step stage with D alone for 3,200 samples at the start of each phase, then the recipe's 1,600 joint
+PY=$PY bash bench/rerun_stage.sh $RUN /tmp/ob/warm2 stage4_2 --set stages.3.samples=4800 \
+  --set stages.3.disc.warmup_samples=3200
+for phase in 0 1; do
+  $PY bench/d_curve.py --run d_alone_3200_then_joint_1600=/tmp/ob/warm2 --stage stage4_2 --phase $phase --window 400 \
+    --out $OUT/d_curve_stage4_2_d_warmup_phase$phase.md
+done
+$PY bench/landing_gap.py --run /tmp/ob/warm2 --count 128 --out $OUT/landing_gap_d_warmup_stage4_2.md
+# 13. the 2- and 1-step students with the quadrant rules (eval/scene_scores.py) and the teacher's own rates
+OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --objects 2 --position-in-caption 0.5 \
+  --texture stripes --dots 8 --count 1000 --bootstrap 200 --no-tensorboard --out $OUT/scene_rules \
+  --teacher $RUN/exports/teacher --teacher-cache /tmp/ob/tcache --guidance 1.0 --lora none \
+  --model $RUN/exports/stage4_2 --label recipe_2step_seed0 \
+  --model /tmp/ob/warm2/exports/stage4_2 --label d_alone_3200_2step_seed0 \
+  --model /tmp/ob/slow2_lora/exports/stage4_2 --label lora_lr5e-5_3x_2step_seed0 \
+  --model $RUN/exports/stage5_1 --label recipe_seed0 --model /tmp/ob/seed1/exports/stage5_1 --label recipe_seed1 \
+  --model /tmp/ob/seed2/exports/stage5_1 --label recipe_seed2 \
+  --model /tmp/ob/long/exports/stage5_1 --label adv_3x_seed0 --model /tmp/ob/long_mse/exports/stage5_1 --label mse_only_3x_seed0 \
+  --model /tmp/ob/long_adv_seed1/exports/stage5_1 --label adv_3x_seed1 \
+  --model /tmp/ob/long_mse_seed1/exports/stage5_1 --label mse_only_3x_seed1

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,9 +31,9 @@ from trainer.data.shapes import TEXTURES, ShapesOptions  # noqa: E402
 def sample(model: Path, prompts: list[str], seed: int, batch_size: int = 64) -> np.ndarray:
     """The export's images of `prompts` at its own steps and guidance, image i from the noise of (seed, i)."""
     sampler = ExportSampler(model)
+    starts = tqdm(range(0, len(prompts), batch_size), desc=f"{model.name} {sampler.default_steps} steps", unit="batch")
     return np.concatenate([sampler.sample(prompts[i:i + batch_size], list(range(i, min(i + batch_size, len(prompts)))),
-                                          sampler.default_steps, sampler.default_guidance, seed)
-                           for i in range(0, len(prompts), batch_size)])
+                                          sampler.default_steps, sampler.default_guidance, seed) for i in starts])
 
 
 def main(argv=None) -> int:

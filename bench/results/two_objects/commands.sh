@@ -100,3 +100,7 @@ OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --ob
   --model /tmp/ob/long/exports/stage5_1 --label adv_3x_seed0 --model /tmp/ob/long_mse/exports/stage5_1 --label mse_only_3x_seed0 \
   --model /tmp/ob/long_adv_seed1/exports/stage5_1 --label adv_3x_seed1 \
   --model /tmp/ob/long_mse_seed1/exports/stage5_1 --label mse_only_3x_seed1
+# 14. what each quadrant rule flags in the one-step student (seed 0), beside the teacher's image of the prompt
+$PY bench/scene_flags.py --model $RUN/exports/stage5_1 --teacher $RUN/exports/teacher --objects 2 \
+  --position-in-caption 0.5 --texture stripes --dots 8 --count 400 --out $OUT/scene_flags_stage5_1.png \
+  > $OUT/scene_flags_stage5_1.json

@@ -1,0 +1,24 @@
+#!/bin/bash
+# Three shapes per image, no caption naming a position ("a red ring, a blue square, a green cross": 9 words, what the
+# toy tokenizer takes; three positioned shapes would be 18), with stripes and up to 8 dots: the two-shape run's
+# teacher length and chain (bench/results/two_objects), objects 2 -> 3 and position_in_caption 0.5 -> 0. As run on
+# 2026-12-07 (seventeenth session) from the repository root; one CPU job at a time.
+set -ex
+PY=${PY:-.venv/bin/python}
+OUT=bench/results/three_objects
+RUN=/tmp/ob3/run
+# 1. teacher 120,000 samples (~30 min) and the recipe's chain (~10 min); landing gaps and D's accuracy per phase
+$PY -m trainer.run --config configs/shapes.yaml --set teacher.init= --set teacher.samples=120000 \
+  --set data.shapes.position_in_caption=0.0 --set data.shapes.texture=stripes --set data.shapes.dots=8 \
+  --set data.shapes.objects=3 --set run.out_dir=$RUN
+cp $RUN/grids/progression.png $OUT/
+$PY bench/landing_gap.py --run $RUN --count 128 --out $OUT/landing_gap.md
+# 2. every student on 1,000 prompts, FID against the data and the teacher's samples, the quadrant rules' rates
+OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --objects 3 --position-in-caption 0.0 \
+  --texture stripes --dots 8 --count 1000 --bootstrap 200 --no-tensorboard --out $OUT/scene_rules \
+  --teacher $RUN/exports/teacher --guidance 1.0 --lora none \
+  --model $RUN/exports/stage2_8 --label recipe_8step --model $RUN/exports/stage3_4 --label recipe_4step \
+  --model $RUN/exports/stage4_2 --label recipe_2step --model $RUN/exports/stage5_1 --label recipe_1step
+# 3. the one-step stage's D beside the two-shape run's
+$PY bench/d_curve.py --run three_objects=$RUN --run two_objects=/tmp/ob/run --stage stage5_1 --window 400 \
+  --out $OUT/d_curve_stage5_1.md

@@ -13,10 +13,10 @@ diffusers objects (eval.generate), and scores them (eval.scoring) with the chose
   alignment  shapes: attribute accuracy of the shapes classifier; inception: CLIP score (--clip),
   and with the shapes reference the share of images with a second copy of the shape or a filled shape
   drawn hollow (eval/pixel_scores.py failure_signatures; with --objects above 1 eval/scene_scores.py's
-  quadrant rules, which also count missing shapes, wrong colours and the scenes drawn as captioned); with
-  --position-in-caption below 1 (data whose captions leave the position out, so a prompt has several
-  modes) also those shares over the position-free prompts alone (`<failure>_rate_position_free`), where a
-  blend of modes shows as a second copy.
+  quadrant rules, which also count missing and misplaced shapes, wrong colours and the scenes drawn as
+  captioned); with --position-in-caption below 1 (data whose captions leave the position out, so a prompt
+  has several modes) also those shares over the position-free prompts alone (`<failure>_rate_position_free`),
+  where a blend of modes shows as a second copy.
 Writes to --out: results.json, results.md, grid.png (reference row + one row per model and step count,
 same prompts and noise), fid_vs_steps.png, and a TensorBoard event file under tb/.
 """

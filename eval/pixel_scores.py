@@ -36,8 +36,8 @@ def _region(cx: float, cy: float) -> str:
 
 
 def background_grain(images: np.ndarray) -> float:
-    """Mean over uint8 [N, H, W, 3] images of the std of their background (unsaturated) pixels, in 0..255 units:
-    the `background_grain` of score_images, for any caption."""
+    """Mean over uint8 [N, H, W, 3] images of the std of their background (unsaturated) pixels, in 0..255 units;
+    it reads no caption."""
     grain = []
     for image in images.astype(float):
         background = image[~(image.max(-1) - image.min(-1) > SATURATION)]
@@ -51,15 +51,12 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
     colours = np.array(list(COLOURS.values()), dtype=float)
     names = list(COLOURS)
     colour_ok = position_ok = named = 0
-    grain, sharp = [], []
+    sharp = []
     for image, caption in zip(images.astype(float), captions):
         _, colour, position = parse_caption(caption)
         named += position is not None
         h, w, _ = image.shape
         mask = image.max(-1) - image.min(-1) > SATURATION
-        background = image[~mask]
-        if background.size:
-            grain.append(float(background.std()))
         if mask.sum() < 3:
             continue
         mean = image[mask].mean(0)
@@ -74,7 +71,7 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
             sharp.append(float(np.hypot(gx, gy)[edge].mean()))
     n = len(captions)
     return {"colour_acc": colour_ok / n, "position_acc": position_ok / named if named else float("nan"),
-            "background_grain": float(np.mean(grain)) if grain else float("nan"),
+            "background_grain": background_grain(images),
             "edge_sharpness": float(np.mean(sharp)) if sharp else float("nan"), "count": n}
 
 

@@ -109,3 +109,16 @@ $PY bench/scene_flags.py --model $RUN/exports/stage5_1 --teacher $RUN/exports/te
 OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --objects 2 --position-in-caption 0.5 \
   --texture stripes --dots 8 --count 1000 --bootstrap 200 --no-tensorboard --out /tmp/ob/scene_eval \
   --model $RUN/exports/teacher --label teacher_32
+# 15. the 2-step stage with the one-step stage's student: the full UNet at lr 5e-6, both phases 4,800 samples
+PY=$PY bash bench/rerun_stage.sh $RUN /tmp/ob/full2 stage4_2 --set stages.3.samples=4800 --set stages.3.variant=full \
+  --set stages.3.optim.lr=5e-6
+for phase in 0 1; do
+  $PY bench/d_curve.py --run recipe_lora_lr5e-4_1600=$RUN --run lora_lr5e-5_4800=/tmp/ob/slow2_lora \
+    --run full_unet_lr5e-6_4800=/tmp/ob/full2 --stage stage4_2 --phase $phase --window 800 \
+    --out $OUT/d_curve_stage4_2_full_unet_phase$phase.md
+done
+OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --objects 2 --position-in-caption 0.5 \
+  --texture stripes --dots 8 --count 1000 --bootstrap 200 --no-tensorboard --out $OUT/scene_rules_full_unet_2step \
+  --teacher $RUN/exports/teacher --teacher-cache /tmp/ob/tcache --guidance 1.0 --lora none \
+  --model /tmp/ob/full2/exports/stage4_2 --label full_unet_lr5e-6_3x_2step_seed0
+$PY bench/landing_gap.py --run /tmp/ob/full2 --count 128 --out $OUT/landing_gap_full_unet_stage4_2.md

@@ -17,23 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.generate import ExportSampler  # noqa: E402
+from eval.pixel_scores import sample_prompts  # noqa: E402
 from eval.plot import labelled_grid  # noqa: E402
 from eval.reference import ReferenceSet  # noqa: E402
 from eval.scene_scores import SIGNATURES, scene_signatures  # noqa: E402
 from trainer.data.shapes import TEXTURES, ShapesOptions  # noqa: E402
-
-
-def sample(model: Path, prompts: list[str], seed: int, batch_size: int = 64) -> np.ndarray:
-    """The export's images of `prompts` at its own steps and guidance, image i from the noise of (seed, i)."""
-    sampler = ExportSampler(model)
-    starts = tqdm(range(0, len(prompts), batch_size), desc=f"{model.name} {sampler.default_steps} steps", unit="batch")
-    return np.concatenate([sampler.sample(prompts[i:i + batch_size], list(range(i, min(i + batch_size, len(prompts)))),
-                                          sampler.default_steps, sampler.default_guidance, seed) for i in starts])
 
 
 def main(argv=None) -> int:
@@ -54,7 +45,8 @@ def main(argv=None) -> int:
     options = ShapesOptions(args.position_in_caption, args.texture, args.dots, args.objects)
     prompts = ReferenceSet("shapes", args.count, options=options).prompts
     with torch.no_grad():
-        model, teacher = sample(args.model, prompts, args.seed), sample(args.teacher, prompts, args.seed)
+        model = sample_prompts(args.model, prompts, seed=args.seed)
+        teacher = sample_prompts(args.teacher, prompts, seed=args.seed)
     flags = {"model": scene_signatures(model, prompts, args.texture),
              "teacher": scene_signatures(teacher, prompts, args.texture)}
     rows = []

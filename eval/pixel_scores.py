@@ -29,6 +29,12 @@ from trainer.data.shapes import COLOURS, STRIPE_SHADE, ShapesDataset, parse_capt
 SATURATION = 60  # max - min channel above this: shape pixel (the background is grey)
 
 
+def shape_pixels(image: np.ndarray) -> np.ndarray:
+    """[..., H, W, 3] int or float -> bool [..., H, W]: the saturated pixels, the shapes' (background and dots are
+    grey)."""
+    return image.max(-1) - image.min(-1) > SATURATION
+
+
 def _region(cx: float, cy: float) -> str:
     if abs(cx - 0.5) < 0.17 and abs(cy - 0.5) < 0.17:
         return "center"
@@ -40,7 +46,7 @@ def background_grain(images: np.ndarray) -> float:
     it reads no caption."""
     grain = []
     for image in images.astype(float):
-        background = image[~(image.max(-1) - image.min(-1) > SATURATION)]
+        background = image[~shape_pixels(image)]
         if background.size:
             grain.append(float(background.std()))
     return float(np.mean(grain)) if grain else float("nan")
@@ -56,7 +62,7 @@ def score_images(images: np.ndarray, captions: list[str]) -> dict:
         _, colour, position = parse_caption(caption)
         named += position is not None
         h, w, _ = image.shape
-        mask = image.max(-1) - image.min(-1) > SATURATION
+        mask = shape_pixels(image)
         if mask.sum() < 3:
             continue
         mean = image[mask].mean(0)
@@ -105,7 +111,7 @@ def blob_signatures(image: np.ndarray, shape: str, dark_fraction: float) -> tupl
     are no shape pixels)."""
     from scipy import ndimage
 
-    mask = image.max(-1) - image.min(-1) > SATURATION
+    mask = shape_pixels(image)
     labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
     if count == 0:
         return False, False, 0
@@ -131,13 +137,24 @@ def blob_signatures(image: np.ndarray, shape: str, dark_fraction: float) -> tupl
 
 def sample_model(model_dir: Path, count: int, steps: int | None, guidance: float | None, seed: int) -> tuple[np.ndarray, list[str]]:
     """`count` images of shapes captions from an export, through eval/fid_patch.py's sampler."""
+    captions = [ShapesDataset(count, seed=seed + 1)[i].caption for i in range(count)]
+    return sample_prompts(model_dir, captions, steps, guidance, seed), captions
+
+
+def sample_prompts(model_dir: Path, prompts: list[str], steps: int | None = None, guidance: float | None = None,
+                   seed: int = 0, batch_size: int = 64) -> np.ndarray:
+    """An export's uint8 images of `prompts` (default: its own steps and guidance), image i from the noise of
+    (seed, i), so the batch size changes nothing."""
+    from tqdm import tqdm
+
     from eval.generate import ExportSampler
 
     sampler = ExportSampler(model_dir)
-    captions = [ShapesDataset(count, seed=seed + 1)[i].caption for i in range(count)]
-    images = sampler.sample(captions, list(range(count)), steps or sampler.default_steps,
-                            sampler.default_guidance if guidance is None else guidance, seed)
-    return images, captions
+    steps = steps or sampler.default_steps
+    guidance = sampler.default_guidance if guidance is None else guidance
+    starts = tqdm(range(0, len(prompts), batch_size), desc=f"{Path(model_dir).name} {steps} steps", unit="batch")
+    return np.concatenate([sampler.sample(prompts[i:i + batch_size], list(range(i, min(i + batch_size, len(prompts)))),
+                                          steps, guidance, seed) for i in starts])
 
 
 def main(argv=None) -> int:

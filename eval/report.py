@@ -26,8 +26,7 @@ def _with_interval(row: dict, key: str) -> str:
 # the shapes reference only: pixel rules (eval/pixel_scores.py; several shapes: eval/scene_scores.py)
 FAILURE_COLUMNS = [("second_copy_rate", "second copy"), ("hollow_fill_rate", "hollow fill"),
                    ("missing_shape_rate", "missing shape"), ("misplaced_rate", "misplaced"),
-                   ("wrong_colour_rate", "wrong colour"),
-                   ("scene_match_rate", "scene as captioned"),
+                   ("wrong_colour_rate", "wrong colour"), ("scene_match_rate", "scene as captioned"),
                    ("second_copy_rate_position_free", "second copy, position-free prompts"),
                    ("background_grain", "background std /255")]
 

@@ -23,7 +23,7 @@ from itertools import permutations
 
 import numpy as np
 
-from eval.pixel_scores import DARK_FRACTION, SATURATION, blob_signatures
+from eval.pixel_scores import DARK_FRACTION, blob_signatures, shape_pixels
 from trainer.data.shapes import CORNERS, COLOURS, STRIPE_SHADE, parse_scene
 
 # A quadrant holds a shape when its largest blob of shape pixels covers this share of the image: every drawn
@@ -50,7 +50,7 @@ def quadrant(image: np.ndarray, corner: str) -> np.ndarray:
 
 
 def _nearest_colour(crop: np.ndarray) -> str | None:
-    mask = crop.max(-1) - crop.min(-1) > SATURATION
+    mask = shape_pixels(crop)
     if not mask.any():
         return None
     return COLOUR_NAMES[int(np.argmin(((COLOUR_HUES - hue(crop[mask]).mean(0)) ** 2).sum(1)))]

@@ -101,14 +101,14 @@ def failure_signatures(images: np.ndarray, captions: list[str], texture: str = "
     copies, hollow = np.zeros(len(images), bool), np.zeros(len(images), bool)
     dark_fraction = DARK_FRACTION * (STRIPE_SHADE if texture == "stripes" else 1.0)
     for i, (image, caption) in enumerate(zip(images.astype(int), captions)):
-        copies[i], hollow[i], _ = blob_signatures(image, parse_caption(caption)[0], dark_fraction)
+        copies[i], hollow[i], _ = blob_signatures(image, parse_caption(caption)[0] in FILLED, dark_fraction)
     return {"second_copy": copies, "hollow_fill": hollow}
 
 
-def blob_signatures(image: np.ndarray, shape: str, dark_fraction: float) -> tuple[bool, bool, int]:
+def blob_signatures(image: np.ndarray, filled: bool, dark_fraction: float) -> tuple[bool, bool, int]:
     """One shape's signatures in an image (int [H, W, 3]) that should hold only it, as `failure_signatures`
-    defines them: (second copy, hollow fill, the largest blob's pixel count; 0 and no signature where there
-    are no shape pixels)."""
+    defines them: (second copy, hollow fill (only for a filled shape), the largest blob's pixel count; 0 and no
+    signature where there are no shape pixels)."""
     from scipy import ndimage
 
     mask = shape_pixels(image)
@@ -126,7 +126,7 @@ def blob_signatures(image: np.ndarray, shape: str, dark_fraction: float) -> tupl
         oy, ox = np.nonzero(labels == other)
         copy |= not ((y0 <= oy.mean() <= y1) and (x0 <= ox.mean() <= x1))
     hollow = False
-    if shape in FILLED:
+    if filled:
         blob = labels == main
         filled = ndimage.binary_fill_holes(blob)
         brightness = image.max(-1)

@@ -23,7 +23,7 @@ from itertools import permutations
 
 import numpy as np
 
-from eval.pixel_scores import DARK_FRACTION, blob_signatures, shape_pixels
+from eval.pixel_scores import DARK_FRACTION, FILLED, blob_signatures, shape_pixels
 from trainer.data.shapes import CORNERS, COLOURS, STRIPE_SHADE, parse_scene
 
 # A quadrant holds a shape when its largest blob of shape pixels covers this share of the image: every drawn
@@ -77,11 +77,11 @@ def scene_signatures(images: np.ndarray, captions: list[str], texture: str = "no
     for i, (image, caption) in enumerate(zip(images.astype(int), captions)):
         objects = parse_scene(caption)
         min_pixels = MIN_SHAPE_AREA * image.shape[0] * image.shape[1]
-        found = {}  # corner -> (held, largest blob's pixels, nearest colour)
+        found, blobs = {}, {}  # corner -> (held, largest blob's pixels, nearest colour); (copy, hollow if filled)
         for corner in CORNERS:
             crop = quadrant(image, corner)
-            size = blob_signatures(crop, "", dark_fraction)[2]
-            found[corner] = (size >= min_pixels, size, _nearest_colour(crop))
+            copy, hollow, size = blob_signatures(crop, True, dark_fraction)
+            found[corner], blobs[corner] = (size >= min_pixels, size, _nearest_colour(crop)), (copy, hollow)
         held = {corner for corner, (h, _, _) in found.items() if h}
         placed = _placement(objects, found)
         out["second_copy"][i] = len(held) > len(objects)
@@ -90,9 +90,9 @@ def scene_signatures(images: np.ndarray, captions: list[str], texture: str = "no
         for (shape, colour, _), corner in zip(objects, placed):
             if corner not in held:
                 continue
-            copy, hollow, _ = blob_signatures(quadrant(image, corner), shape, dark_fraction)
+            copy, hollow = blobs[corner]
             out["second_copy"][i] |= copy
-            out["hollow_fill"][i] |= hollow
+            out["hollow_fill"][i] |= hollow and shape in FILLED
             out["wrong_colour"][i] |= found[corner][2] != colour
         out["scene_match"][i] = not any(out[key][i] for key in ("second_copy", "missing_shape", "misplaced",
                                                                   "wrong_colour"))

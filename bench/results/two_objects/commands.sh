@@ -122,3 +122,63 @@ OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --ob
   --teacher $RUN/exports/teacher --teacher-cache /tmp/ob/tcache --guidance 1.0 --lora none \
   --model /tmp/ob/full2/exports/stage4_2 --label full_unet_lr5e-6_3x_2step_seed0
 $PY bench/landing_gap.py --run /tmp/ob/full2 --count 128 --out $OUT/landing_gap_full_unet_stage4_2.md
+# --- eighteenth session (2026-12-07) ---
+# 16. the one-step stage's adversarial phase under the paper's objectives (the recipe's MSE phase kept): conditional
+#     only, unconditional only, conditional then unconditional, without the MSE term (the paper has none; w0) and
+#     with the recipe's weight 100; student lr 5e-6 as the recipe's
+ONLY="--set stages.4.objective=mse --set stages.4.mse_samples=0"
+one_step() { src=$1 dest=$2; shift 2; PY=$PY KEEP=stage5_1.0_mse bash bench/rerun_stage.sh $src $dest stage5_1 "$@"; }
+one_step $RUN /tmp/ob/cond_w0 $ONLY --set 'stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_cond}]' \
+  --set stages.4.mse_weight=0
+one_step $RUN /tmp/ob/uncond_w0 $ONLY --set 'stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_uncond}]' \
+  --set stages.4.mse_weight=0
+one_step $RUN /tmp/ob/both_w0 --set stages.4.objective=mse+adv_cond+adv_uncond --set stages.4.mse_weight=0
+one_step $RUN /tmp/ob/both_w100 --set stages.4.objective=mse+adv_cond+adv_uncond
+# 17. conditional only and unconditional only, w0, at a 10x higher student lr (5e-5)
+for kind in cond uncond; do
+  one_step $RUN /tmp/ob/${kind}_w0_lr5e-5 $ONLY --set "stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_$kind}]" \
+    --set stages.4.mse_weight=0 --set stages.4.optim.lr=5e-5
+done
+# 18. a D given more steps: alone for 1,600 samples, then 4 D steps per student step (the student's 150 steps
+#     kept: 11,200 samples in all), w0, student lr 5e-5; unconditional and conditional (19: 8 D steps, the
+#     paper's order cond then uncond, and the unconditional 4-step variant on seed 1)
+D="--set stages.4.disc.warmup_samples=1600 --set stages.4.mse_weight=0 --set stages.4.optim.lr=5e-5"
+for kind in cond uncond; do
+  one_step $RUN /tmp/ob/${kind}_d4 $ONLY --set "stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_$kind, samples: 11200}]" \
+    $D --set stages.4.disc.steps_per_student_step=4
+done
+one_step /tmp/ob/seed1 /tmp/ob/uncond_d4_seed1 --set run.seed=1 $ONLY \
+  --set 'stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_uncond, samples: 11200}]' $D --set stages.4.disc.steps_per_student_step=4
+one_step $RUN /tmp/ob/uncond_d8 $ONLY --set 'stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_uncond, samples: 20800}]' \
+  $D --set stages.4.disc.steps_per_student_step=8
+one_step $RUN /tmp/ob/both_d4 $ONLY \
+  --set 'stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_cond, samples: 11200}, {kind: adv_uncond, samples: 11200}]' \
+  $D --set stages.4.disc.steps_per_student_step=4
+# 20. which part of 18 counts: its warm-up and lr with 1 D step per student step; and 18 with the student's steps
+#     doubled (300: 20,800 samples)
+one_step $RUN /tmp/ob/uncond_d1 $ONLY --set 'stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_uncond, samples: 4000}]' $D
+for kind in uncond cond; do
+  one_step $RUN /tmp/ob/${kind}_d4_long $ONLY \
+    --set "stages.4.phases=[{kind: mse, samples: 4800}, {kind: adv_$kind, samples: 20800}]" $D --set stages.4.disc.steps_per_student_step=4
+done
+# all of them on 1,000 prompts (the teacher's samples from 13's cache)
+models=""
+for m in run:recipe_seed0 seed1:recipe_seed1 cond_w0:cond_w0 uncond_w0:uncond_w0 both_w0:cond_uncond_w0 \
+    both_w100:cond_uncond_w100 cond_w0_lr5e-5:cond_w0_lr5e-5 uncond_w0_lr5e-5:uncond_w0_lr5e-5 cond_d4:cond_d4 \
+    uncond_d4:uncond_d4 uncond_d4_seed1:uncond_d4_seed1 uncond_d8:uncond_d8 both_d4:cond_uncond_d4 uncond_d1:uncond_d1 \
+    uncond_d4_long:uncond_d4_long cond_d4_long:cond_d4_long; do
+  models="$models --model /tmp/ob/${m%%:*}/exports/stage5_1 --label ${m#*:}"
+done
+OMP_NUM_THREADS=2 $PY eval/fid_patch.py --reference shapes --backend shapes --objects 2 --position-in-caption 0.5 \
+  --texture stripes --dots 8 --count 1000 --bootstrap 200 --no-tensorboard --out $OUT/one_step_objectives \
+  --teacher $RUN/exports/teacher --teacher-cache /tmp/ob/tcache --guidance 1.0 --lora none $models
+$PY bench/d_curve.py --run cond_w0=/tmp/ob/cond_w0 --run uncond_w0=/tmp/ob/uncond_w0 --run cond_w0_lr5e-5=/tmp/ob/cond_w0_lr5e-5 \
+  --run uncond_w0_lr5e-5=/tmp/ob/uncond_w0_lr5e-5 --stage stage5_1 --window 400 --out $OUT/d_curve_stage5_1_objectives.md
+$PY bench/d_curve.py --run cond_d4=/tmp/ob/cond_d4 --run uncond_d4=/tmp/ob/uncond_d4 --run uncond_d4_seed1=/tmp/ob/uncond_d4_seed1 \
+  --run uncond_d1=/tmp/ob/uncond_d1 --stage stage5_1 --window 800 --out $OUT/d_curve_stage5_1_d_steps.md
+$PY bench/d_curve.py --run uncond_d4_long=/tmp/ob/uncond_d4_long --run cond_d4_long=/tmp/ob/cond_d4_long \
+  --run uncond_d8=/tmp/ob/uncond_d8 --stage stage5_1 --window 1600 --out $OUT/d_curve_stage5_1_d_steps_long.md
+for phase in 0 1; do
+  $PY bench/d_curve.py --run cond_uncond_d4=/tmp/ob/both_d4 --stage stage5_1 --phase $phase --window 1600 \
+    --out $OUT/d_curve_stage5_1_cond_uncond_d4_phase$phase.md
+done

@@ -50,3 +50,8 @@ def test_stage_logs_the_probe_and_stops_when_flat(smoke_run, tmp_path, ranks):
     assert [e.value for e in events] == pytest.approx([fid for _, fid in state["probe"]], rel=1e-5)
     assert all(v > 0 for v in (e.value for e in events)) and "stage1_32.0_mse/probe_samples" in acc.Tags()["images"]
     assert (job / "grids" / "probe-000000032.png").is_file()
+    # the toy's data: each probe also counts the one-shape pixel rules' failures on its images
+    for rule in ("second_copy", "hollow_fill"):
+        rates = acc.Scalars(f"stage1_32.0_mse/probe_{rule}")
+        assert [e.step for e in rates] == [0, 32] and all(0.0 <= e.value <= 1.0 for e in rates)
+    assert ", second_copy " in proc.stdout

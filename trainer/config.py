@@ -495,9 +495,10 @@ class ProbeConfig:
     """The stage-length probe: every `every_samples` samples of a stage phase, rank 0 samples the student on a
     fixed prompt set (the first `count` samples of the first shard, fixed noise) and logs the FID of those
     images against its teacher's samples of the same prompts and noise (TensorBoard `<phase>/probe_fid_vs_teacher`,
-    the images beside it). With `stop_when_flat`, a phase ends once the curve has flattened: `patience` probes in
-    a row that beat the best so far by less than `min_improvement` (relative). The paper states no stage
-    lengths; its recipe keeps the lengths (off)."""
+    the images beside it; on the toy's data also the pixel rules' rates, `<phase>/probe_<rule>`). With
+    `stop_when_flat`, a phase ends once the curve has flattened: `patience` probes in a row that beat the best
+    so far by less than `min_improvement` (relative). The paper states no stage lengths; its recipe keeps the
+    lengths (off)."""
     every_samples: int = 0  # 0 = off
     count: int = 256  # images per probe (FID on fewer is mostly noise)
     backend: str = "shapes"  # feature network (eval/features.py): shapes (the toy) | inception (needs `weights`)

@@ -331,11 +331,13 @@ def _probe(job: Job, tracker: Tracker, module: torch.nn.Module, ema: Optional[EM
 
     def measure() -> list:
         with exported_weights(module, ema):
-            fid, grid = job.probe.measure(module)
-        tracker.scalars({f"{job.name}/probe_fid_vs_teacher": fid}, samples)
+            fid, grid, failures = job.probe.measure(module)
+        tracker.scalars({f"{job.name}/probe_fid_vs_teacher": fid,
+                         **{f"{job.name}/probe_{rule}": rate for rule, rate in failures.items()}}, samples)
         tracker.image(f"{job.name}/probe_samples", grid, samples)
         save_png(grid, job.out_dir / "grids" / f"probe-{samples:09d}.png")
-        print(f"[{job.name}] probe at {samples} samples: FID {fid:.2f} against the teacher's samples", flush=True)
+        rates = "".join(f", {rule} {rate:.3f}" for rule, rate in failures.items())
+        print(f"[{job.name}] probe at {samples} samples: FID {fid:.2f} against the teacher's samples{rates}", flush=True)
         return state.get("probe", []) + [[samples, fid]]
 
     state["probe"] = collectives.on_main(f"[{job.name}] probe", measure, log=False)

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from trainer.config import Config, ConfigError, ProbeConfig
+from trainer.config import Config, ConfigError, ProbeConfig, ShapesDataConfig
 from trainer.data.loader import collate, first_samples
 from trainer.method.models import Conditioning, load_unet
 from trainer.method.sampling import make_grid, make_scheduler, sample_images
@@ -36,15 +36,27 @@ def flattened(history: list[float], patience: int, min_improvement: float) -> bo
     return all(value > best_before * (1 - min_improvement) for value in history[-patience:])
 
 
-def probe_conditioning(shard_dir: Path, count: int) -> Conditioning:
-    """The text conditioning of the first `count` samples of the shards, in index order (float32, CPU)."""
+def probe_prompts(shard_dir: Path, count: int) -> tuple[Conditioning, list[str]]:
+    """The text conditioning (float32, CPU) and captions of the first `count` samples of the shards, in index
+    order."""
     try:
         rows = first_samples(shard_dir, count)
     except ValueError as err:
         raise ValueError(f"probe: {err}") from None
     if len(rows) < count:
         raise ConfigError(f"probe.count: {count} images asked, the shards in {shard_dir} hold {len(rows)}")
-    return Conditioning.from_batch(collate(rows)).to(dtype=torch.float32)
+    return Conditioning.from_batch(collate(rows)).to(dtype=torch.float32), [row["caption"] for row in rows]
+
+
+def failure_rates(images: np.ndarray, captions: list[str], shapes: ShapesDataConfig) -> dict[str, float]:
+    """The share of the probe's images each pixel rule of the evaluation flags (eval/pixel_scores.py for one
+    shape per image, eval/scene_scores.py's quadrant rules for several): whether a phase draws fewer extra
+    shapes as it trains, which its FID does not say."""
+    if shapes.objects > 1:
+        from eval.scene_scores import scene_signatures as signatures
+    else:
+        from eval.pixel_scores import failure_signatures as signatures
+    return {rule: float(flags.mean()) for rule, flags in signatures(images, captions, shapes.texture).items()}
 
 
 def _feature_backend(cfg: ProbeConfig, dev: torch.device):
@@ -62,13 +74,15 @@ class Probe:
 
     def __init__(self, cfg: Config, base: Path):
         self.cfg, self.base = cfg, base
-        self._cond = self._noise = self._codec = self._backend = None
+        self._cond = self._captions = self._noise = self._codec = self._backend = None
+        # the toy's own data: its captions say what the pixel rules check
+        self.shapes = cfg.data.shapes if cfg.data.source == "shapes" else None
 
     def _load(self, dev: torch.device) -> None:
         if self._cond is None:
             from trainer.pipeline import latent_shape, load_codec
 
-            self._cond = probe_conditioning(self.cfg.shard_dir, self.cfg.probe.count)
+            self._cond, self._captions = probe_prompts(self.cfg.shard_dir, self.cfg.probe.count)
             gen = torch.Generator().manual_seed(PROBE_NOISE_SEED)
             self._noise = torch.randn([self.cfg.probe.count, *latent_shape(self.cfg)], generator=gen)
             self._codec = load_codec(self.base, dev)
@@ -84,6 +98,10 @@ class Probe:
     def features(self, images: np.ndarray) -> np.ndarray:
         return self._backend.whole_features(list(images))
 
+    def failure_rates(self, images: np.ndarray) -> dict[str, float]:
+        """The pixel rules' rates on the probe images (the toy's data only; empty otherwise)."""
+        return failure_rates(images, self._captions, self.shapes) if self.shapes is not None else {}
+
     def for_phase(self, stage_dir: Path, teacher_dir: Path, teacher_pred: str, teacher_steps: int,
                   guidance: float, student_steps: int, student_pred: str) -> "PhaseProbe":
         return PhaseProbe(self, stage_dir / "probe_teacher_features.npy", teacher_dir, teacher_pred, teacher_steps,
@@ -91,7 +109,8 @@ class Probe:
 
 
 class PhaseProbe:
-    """A phase's probe: `measure(student)` -> (FID against the teacher's samples, a grid of the student's)."""
+    """A phase's probe: `measure(student)` -> (FID against the teacher's samples, a grid of the student's, the
+    pixel rules' rates on them)."""
 
     def __init__(self, probe: Probe, teacher_cache: Path, teacher_dir: Path, teacher_pred: str, teacher_steps: int,
                  guidance: float, student_steps: int, student_pred: str):
@@ -120,11 +139,11 @@ class PhaseProbe:
         return self._teacher
 
     @torch.no_grad()
-    def measure(self, student: torch.nn.Module) -> tuple[float, np.ndarray]:
+    def measure(self, student: torch.nn.Module) -> tuple[float, np.ndarray, dict[str, float]]:
         from eval.fid import fid_of_features
 
         param = next(student.parameters())
         teacher = self.teacher_features(param.device, param.dtype)
         images = self.probe.images(student, self.student_steps, self.student_pred)
         fid = fid_of_features(self.probe.features(images), teacher)
-        return float(fid), make_grid(images[:GRID_IMAGES], ncols=8, scale=2)
+        return float(fid), make_grid(images[:GRID_IMAGES], ncols=8, scale=2), self.probe.failure_rates(images)

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.pixel_scores import sample_prompts  # noqa: E402
+from eval.pixel_scores import default_device, sample_prompts  # noqa: E402
 from eval.plot import labelled_grid  # noqa: E402
 from eval.reference import ReferenceSet  # noqa: E402
 from eval.scene_scores import SIGNATURES, scene_signatures  # noqa: E402
@@ -39,14 +39,15 @@ def main(argv=None) -> int:
     p.add_argument("--per-rule", type=int, default=10, help="flagged images shown per rule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--device", default=default_device())
     args = p.parse_args(argv)
     if args.objects < 2:
         raise SystemExit("--objects: the quadrant rules read several shapes per image (2..4)")
     options = ShapesOptions(args.position_in_caption, args.texture, args.dots, args.objects)
     prompts = ReferenceSet("shapes", args.count, options=options).prompts
     with torch.no_grad():
-        model = sample_prompts(args.model, prompts, seed=args.seed)
-        teacher = sample_prompts(args.teacher, prompts, seed=args.seed)
+        model = sample_prompts(args.model, prompts, seed=args.seed, device=args.device)
+        teacher = sample_prompts(args.teacher, prompts, seed=args.seed, device=args.device)
     flags = {"model": scene_signatures(model, prompts, args.texture),
              "teacher": scene_signatures(teacher, prompts, args.texture)}
     rows = []

@@ -135,26 +135,33 @@ def blob_signatures(image: np.ndarray, filled: bool, dark_fraction: float) -> tu
     return bool(copy), hollow, int(sizes[main - 1])
 
 
-def sample_model(model_dir: Path, count: int, steps: int | None, guidance: float | None, seed: int) -> tuple[np.ndarray, list[str]]:
+def sample_model(model_dir: Path, count: int, steps: int | None, guidance: float | None, seed: int,
+                 device: str = "cpu") -> tuple[np.ndarray, list[str]]:
     """`count` images of shapes captions from an export, through eval/fid_patch.py's sampler."""
     captions = [ShapesDataset(count, seed=seed + 1)[i].caption for i in range(count)]
-    return sample_prompts(model_dir, captions, steps, guidance, seed), captions
+    return sample_prompts(model_dir, captions, steps, guidance, seed, device=device), captions
 
 
 def sample_prompts(model_dir: Path, prompts: list[str], steps: int | None = None, guidance: float | None = None,
-                   seed: int = 0, batch_size: int = 64) -> np.ndarray:
+                   seed: int = 0, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
     """An export's uint8 images of `prompts` (default: its own steps and guidance), image i from the noise of
     (seed, i), so the batch size changes nothing."""
     from tqdm import tqdm
 
     from eval.generate import ExportSampler
 
-    sampler = ExportSampler(model_dir)
+    sampler = ExportSampler(model_dir, device=device)
     steps = steps or sampler.default_steps
     guidance = sampler.default_guidance if guidance is None else guidance
     starts = tqdm(range(0, len(prompts), batch_size), desc=f"{Path(model_dir).name} {steps} steps", unit="batch")
     return np.concatenate([sampler.sample(prompts[i:i + batch_size], list(range(i, min(i + batch_size, len(prompts)))),
                                           steps, guidance, seed) for i in starts])
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv=None) -> int:
@@ -164,8 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default: the export's steps")
     p.add_argument("--guidance", type=float, default=None, help="default: the export's guidance")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=default_device())
     args = p.parse_args(argv)
-    images, captions = sample_model(args.model, args.count, args.steps, args.guidance, args.seed)
+    images, captions = sample_model(args.model, args.count, args.steps, args.guidance, args.seed, args.device)
     failures = {f"{k}_rate": float(v.mean()) for k, v in failure_signatures(images, captions).items()}
     print(json.dumps({"model": str(args.model), **score_images(images, captions), **failures}, indent=1))
     return 0

@@ -128,10 +128,10 @@ def blob_signatures(image: np.ndarray, filled: bool, dark_fraction: float) -> tu
     hollow = False
     if filled:
         blob = labels == main
-        filled = ndimage.binary_fill_holes(blob)
+        solid = ndimage.binary_fill_holes(blob)
         brightness = image.max(-1)
-        dark = ndimage.binary_erosion(filled) & (brightness < dark_fraction * np.percentile(brightness[blob], 90))
-        hollow = bool(((filled & ~blob) | dark).sum() >= HOLE_FRACTION * filled.sum())
+        dark = ndimage.binary_erosion(solid) & (brightness < dark_fraction * np.percentile(brightness[blob], 90))
+        hollow = bool(((solid & ~blob) | dark).sum() >= HOLE_FRACTION * solid.sum())
     return bool(copy), hollow, int(sizes[main - 1])
 
 

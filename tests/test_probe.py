@@ -6,7 +6,7 @@ import pytest
 
 from conftest import latest_state, run_cli
 from test_training import _stage1_from
-from trainer.runtime.probe import flattened
+from trainer.runtime.probe import failure_rates, flattened
 
 
 @pytest.mark.parametrize("history, patience, flat", [
@@ -55,3 +55,24 @@ def test_stage_logs_the_probe_and_stops_when_flat(smoke_run, tmp_path, ranks):
         rates = acc.Scalars(f"stage1_32.0_mse/probe_{rule}")
         assert [e.step for e in rates] == [0, 32] and all(0.0 <= e.value <= 1.0 for e in rates)
     assert ", second_copy " in proc.stdout
+
+
+@pytest.mark.parametrize("objects", [1, 2])
+def test_failure_rates_read_the_data_s_options(objects):
+    """The probe's pixel-rule rates: the one-shape rules for one shape per image, the quadrant rules for several;
+    the data's own images are flagged by none, and a shape pasted into an empty corner is a second copy."""
+    from trainer.config import ShapesDataConfig
+    from trainer.data.shapes import ShapesDataset, ShapesOptions
+
+    shapes = ShapesDataConfig(objects=objects, texture="stripes")
+    data = ShapesDataset(32, seed=3, options=ShapesOptions(texture="stripes", objects=objects))
+    images = np.stack([data[i].image for i in range(32)])
+    captions = [data[i].caption for i in range(32)]
+    rates = failure_rates(images, captions, shapes)
+    expected = {"second_copy", "hollow_fill"} | ({"missing_shape", "misplaced", "wrong_colour", "scene_match"}
+                                                 if objects > 1 else set())
+    assert set(rates) == expected and rates["second_copy"] == rates["hollow_fill"] == 0.0
+    assert objects == 1 or rates["scene_match"] == 1.0
+    # the right half drawn again over the left: wherever a shape lay on the right it now has a copy apart from it
+    doubled = np.maximum(images, np.concatenate([images[:, :, 16:], images[:, :, 16:]], axis=2))
+    assert failure_rates(doubled, captions, shapes)["second_copy"] > 0.25

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.pixel_scores import default_device, sample_prompts  # noqa: E402
+from eval.pixel_scores import sample_prompts  # noqa: E402
 from eval.plot import labelled_grid  # noqa: E402
 from eval.reference import ReferenceSet  # noqa: E402
 from eval.scene_scores import SIGNATURES, scene_signatures  # noqa: E402
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-rule", type=int, default=10, help="flagged images shown per rule")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.objects < 2:
         raise SystemExit("--objects: the quadrant rules read several shapes per image (2..4)")

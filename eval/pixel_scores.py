@@ -158,20 +158,16 @@ def sample_prompts(model_dir: Path, prompts: list[str], steps: int | None = None
                                           steps, guidance, seed) for i in starts])
 
 
-def default_device() -> str:
+def main(argv=None) -> int:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, type=Path, help="an export folder (export.json, unet/, scheduler/)")
     p.add_argument("--count", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="default: the export's steps")
     p.add_argument("--guidance", type=float, default=None, help="default: the export's guidance")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=default_device())
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     images, captions = sample_model(args.model, args.count, args.steps, args.guidance, args.seed, args.device)
     failures = {f"{k}_rate": float(v.mean()) for k, v in failure_signatures(images, captions).items()}

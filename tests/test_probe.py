@@ -60,7 +60,8 @@ def test_stage_logs_the_probe_and_stops_when_flat(smoke_run, tmp_path, ranks):
 @pytest.mark.parametrize("objects", [1, 2])
 def test_failure_rates_read_the_data_s_options(objects):
     """The probe's pixel-rule rates: the one-shape rules for one shape per image, the quadrant rules for several;
-    the data's own images are flagged by none, and a shape pasted into an empty corner is a second copy."""
+    the data's own images are flagged by none, and shapes drawn a second time half an image away are second
+    copies."""
     from trainer.config import ShapesDataConfig
     from trainer.data.shapes import ShapesDataset, ShapesOptions
 
